@@ -1,0 +1,123 @@
+"""Neighbour graphs (matscipy) and batching of many structures into one disjoint graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from matscipy.neighbours import neighbour_list
+
+from gaq_calc.data.frames import Frames
+
+
+def neighbour_graph(
+    positions: np.ndarray,
+    cutoff: float,
+    cell: Optional[np.ndarray] = None,
+    pbc: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed edges j -> i with |r_j - r_i + shift| < cutoff.
+
+    Returns (receivers [E], senders [E], shifts [E, 3]); shifts are Cartesian cell offsets (Å), so the
+    edge vector is positions[senders] - positions[receivers] + shifts.
+    """
+    if pbc is not None and np.any(pbc):
+        i, j, s = neighbour_list("ijS", positions=positions, cutoff=cutoff, cell=cell, pbc=pbc)
+        shifts = s.astype(np.float64) @ np.asarray(cell, dtype=np.float64)
+    else:
+        if len(positions) < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
+        i, j = neighbour_list("ij", positions=positions, cutoff=cutoff)
+        shifts = np.zeros((len(i), 3))
+    return i.astype(np.int64), j.astype(np.int64), shifts
+
+
+@dataclass
+class GraphBatch:
+    """Several structures as one graph. Energies/forces are labels (absent at inference)."""
+
+    species: torch.Tensor  # [n_atoms] index into the model's species list
+    positions: torch.Tensor  # [n_atoms, 3]
+    receivers: torch.Tensor  # [n_edges]
+    senders: torch.Tensor  # [n_edges]
+    shifts: torch.Tensor  # [n_edges, 3]
+    batch: torch.Tensor  # [n_atoms] structure index of each atom
+    n_graphs: int
+    n_atoms_per_graph: torch.Tensor  # [n_graphs]
+    energy: Optional[torch.Tensor] = None  # [n_graphs] float64
+    forces: Optional[torch.Tensor] = None  # [n_atoms, 3]
+
+    def to(self, device, dtype) -> "GraphBatch":
+        def cast(x, float_dtype):
+            return None if x is None else x.to(device=device, dtype=float_dtype)
+
+        return GraphBatch(
+            species=self.species.to(device),
+            positions=cast(self.positions, dtype),
+            receivers=self.receivers.to(device),
+            senders=self.senders.to(device),
+            shifts=cast(self.shifts, dtype),
+            batch=self.batch.to(device),
+            n_graphs=self.n_graphs,
+            n_atoms_per_graph=self.n_atoms_per_graph.to(device),
+            energy=cast(self.energy, torch.float64),
+            forces=cast(self.forces, dtype),
+        )
+
+
+def species_index(numbers: np.ndarray, species: list[int]) -> np.ndarray:
+    """Map atomic numbers to indices into `species`; unknown elements raise a clear error."""
+    lookup = np.full(119, -1, dtype=np.int64)
+    lookup[np.asarray(species, dtype=np.int64)] = np.arange(len(species))
+    numbers = np.asarray(numbers, dtype=np.int64)
+    bad = (numbers < 0) | (numbers > 118)
+    index = np.where(bad, -1, lookup[np.clip(numbers, 0, 118)])
+    if np.any(index < 0):
+        unknown = sorted({int(z) for z in numbers[index < 0]})
+        from ase.data import chemical_symbols
+
+        names = [chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in unknown]
+        known = [chemical_symbols[z] for z in species]
+        raise ValueError(f"elements {names} are not known to this model (trained on {known})")
+    return index
+
+
+class GraphDataset:
+    """Frames with precomputed neighbour lists, batched on demand."""
+
+    def __init__(self, frames: Frames, species: list[int], cutoff: float):
+        self.frames = frames
+        self.species_idx = [species_index(n, species) for n in frames.numbers]
+        self.edges = [neighbour_graph(p, cutoff) for p in frames.positions]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def collate(self, index) -> GraphBatch:
+        f = self.frames
+        n_atoms = np.array([len(f.numbers[k]) for k in index])
+        offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+        receivers = np.concatenate([self.edges[k][0] + o for k, o in zip(index, offsets)])
+        senders = np.concatenate([self.edges[k][1] + o for k, o in zip(index, offsets)])
+        shifts = np.concatenate([self.edges[k][2] for k in index])
+        return GraphBatch(
+            species=torch.from_numpy(np.concatenate([self.species_idx[k] for k in index])),
+            positions=torch.from_numpy(np.concatenate([f.positions[k] for k in index])),
+            receivers=torch.from_numpy(receivers),
+            senders=torch.from_numpy(senders),
+            shifts=torch.from_numpy(shifts),
+            batch=torch.from_numpy(np.repeat(np.arange(len(index)), n_atoms)),
+            n_graphs=len(index),
+            n_atoms_per_graph=torch.from_numpy(n_atoms),
+            energy=torch.from_numpy(f.energies[np.asarray(index)]),
+            forces=torch.from_numpy(np.concatenate([f.forces[k] for k in index])),
+        )
+
+    def batches(self, batch_size: int, shuffle_seed: Optional[int] = None) -> Iterator[GraphBatch]:
+        """Batches in order, or shuffled by a seed (same seed, same order: resumable)."""
+        order = np.arange(len(self))
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(len(self))
+        for start in range(0, len(order), batch_size):
+            yield self.collate(order[start : start + batch_size])

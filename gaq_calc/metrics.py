@@ -1,0 +1,46 @@
+"""Error metrics shared by the trainer, gaq-eval and the tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+from gaq_calc.data.graphs import GraphDataset
+from gaq_calc.model.network import energy_and_forces
+from gaq_calc.units import MEV_PER_EV
+
+
+def predict(model, dataset: GraphDataset, batch_size: int = 32) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies [n_frames] (eV, float64) and per-frame forces (eV/Å) for every frame, in order."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    energies, forces = [], []
+    for batch in dataset.batches(batch_size):
+        batch = batch.to(device, dtype)
+        e, f = energy_and_forces(model, batch)
+        energies.append(e.detach().cpu().numpy())
+        f = f.detach().cpu().double().numpy()
+        forces.extend(np.split(f, np.cumsum(batch.n_atoms_per_graph.cpu().numpy())[:-1]))
+    return np.concatenate(energies), forces
+
+
+def error_metrics(model, dataset: GraphDataset, batch_size: int = 32) -> dict:
+    """MAE/RMSE of energies (meV) and of force components (meV/Å) over all frames and components."""
+    energies, forces = predict(model, dataset, batch_size)
+    frames = dataset.frames
+    de = energies - frames.energies
+    df = np.concatenate([p - t for p, t in zip(forces, frames.forces)])
+    n_atoms = np.array([len(n) for n in frames.numbers])
+    return {
+        "n_frames": len(frames),
+        "energy_mae_meV": float(np.mean(np.abs(de)) * MEV_PER_EV),
+        "energy_rmse_meV": float(np.sqrt(np.mean(de**2)) * MEV_PER_EV),
+        "energy_per_atom_mae_meV": float(np.mean(np.abs(de) / n_atoms) * MEV_PER_EV),
+        "force_mae_meV_per_A": float(np.mean(np.abs(df)) * MEV_PER_EV),
+        "force_rmse_meV_per_A": float(np.sqrt(np.mean(df**2)) * MEV_PER_EV),
+    }
+
+
+def force_rms(dataset_forces: list[np.ndarray]) -> float:
+    return float(np.sqrt(np.mean(np.concatenate([f.ravel() for f in dataset_forces]) ** 2)))
+
+

@@ -1,0 +1,100 @@
+"""The equivariant transformer potential: structure -> total energy (float64); forces by autograd."""
+from typing import List
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from gaq_calc.model.config import ModelConfig
+from gaq_calc.model.layers import EquivariantAttentionLayer, scatter_sum
+from gaq_calc.model.radial import BesselBasis, PolynomialEnvelope
+
+
+class GAQPotential(nn.Module):
+    """E = sum_i [scale * e_i(h_i) + E_ref(Z_i)], with E_ref and the sum in float64."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        F, L, H = config.num_features, config.num_layers, config.num_heads
+        self.cutoff = float(config.cutoff)
+        self.num_layers = L
+        self.num_features = F
+        self.num_heads = H
+        self.embedding = nn.Embedding(len(config.species), F)
+        self.rbf = BesselBasis(config.cutoff, config.num_rbf)
+        self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent)
+        out = L * (3 * F + H)  # per layer: three channel filters and one attention bias per head
+        if config.radial_hidden > 0:
+            self.radial = nn.Sequential(
+                nn.Linear(config.num_rbf, config.radial_hidden), nn.SiLU(),
+                nn.Linear(config.radial_hidden, out, bias=False),
+            )
+        else:
+            self.radial = nn.Sequential(nn.Linear(config.num_rbf, out, bias=False))
+        self.layers = nn.ModuleList(
+            [EquivariantAttentionLayer(F, H, config.tau_init) for _ in range(L)]
+        )
+        self.readout = nn.Sequential(nn.LayerNorm(F), nn.Linear(F, F), nn.SiLU(), nn.Linear(F, 1))
+        self.register_buffer("energy_scale", torch.tensor(1.0))
+        self.register_buffer("reference_energies", torch.zeros(len(config.species), dtype=torch.float64))
+        self.register_buffer("atomic_numbers", torch.tensor(config.species, dtype=torch.long))
+
+    def _apply(self, fn, recurse=True):
+        # reference energies stay float64 whatever dtype the network is cast to
+        ref = self.reference_energies
+        super()._apply(fn, recurse)
+        self.reference_energies = ref.to(device=self.energy_scale.device, dtype=torch.float64)
+        return self
+
+    def set_energy_reference(self, reference_energies, energy_scale: float) -> None:
+        ref = torch.as_tensor(reference_energies, dtype=torch.float64, device=self.energy_scale.device)
+        self.reference_energies.copy_(ref)
+        self.energy_scale.fill_(float(energy_scale))
+
+    def forward(
+        self,
+        species: torch.Tensor,  # [n_atoms]
+        positions: torch.Tensor,  # [n_atoms, 3]
+        receivers: torch.Tensor,  # [n_edges]
+        senders: torch.Tensor,  # [n_edges]
+        shifts: torch.Tensor,  # [n_edges, 3]
+        batch: torch.Tensor,  # [n_atoms]
+        n_graphs: int,
+    ) -> torch.Tensor:  # [n_graphs] float64
+        n = positions.shape[0]
+        F, L, H = self.num_features, self.num_layers, self.num_heads
+        vec = positions.index_select(0, senders) - positions.index_select(0, receivers) + shifts  # [E, 3]
+        r = torch.linalg.norm(vec, dim=-1)  # [E]
+        sph = o3.spherical_harmonics(1, vec, normalize=True, normalization="component")  # [E, 3]
+        sph4 = torch.cat([torch.zeros_like(sph[:, :1]), sph], dim=1)  # [E, 4]
+        envelope = self.envelope(r)  # [E]
+        # one matmul for all layers; unbind (not indexing) keeps the backward a single stack
+        radial = self.radial(self.rbf(r)).view(-1, L, 3 * F + H).unbind(1)  # L x [E, 3F + H]
+
+        h = self.embedding(species)  # [n, F]
+        v = torch.zeros((n, 3, F), dtype=h.dtype, device=h.device)  # [n, 3, F]
+        for i, layer in enumerate(self.layers):
+            filters, bias = radial[i].split([3 * F, H], dim=1)  # [E, 3F], [E, H]
+            attn_bias = -nn.functional.softplus(bias)
+            h, v = layer(h, v, filters, attn_bias, envelope, sph4, receivers, senders)
+
+        atomic = self.readout(h).squeeze(-1) * self.energy_scale  # [n]
+        atomic = atomic.to(torch.float64) + self.reference_energies.index_select(0, species)
+        return scatter_sum(atomic, batch, n_graphs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def energy_and_forces(model: GAQPotential, batch, training: bool = False):
+    """Total energies [n_graphs] (float64) and forces [n_atoms, 3] = -dE/dr (autograd)."""
+    positions = batch.positions
+    if not positions.requires_grad:
+        positions = positions.detach().requires_grad_(True)
+    with torch.enable_grad():
+        energy = model(
+            batch.species, positions, batch.receivers, batch.senders, batch.shifts, batch.batch, batch.n_graphs
+        )
+        (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=training)
+    return energy, -grad

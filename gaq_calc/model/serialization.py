@@ -1,0 +1,74 @@
+"""Model files: tensors and plain data only, loaded with weights_only=True (no arbitrary unpickling)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gaq_calc.model.config import ModelConfig
+from gaq_calc.model.network import GAQPotential
+
+MODEL_FORMAT = "gaq_calc.model"
+MODEL_FORMAT_VERSION = 1
+
+
+class ModelFileError(RuntimeError):
+    """A model file that is missing, corrupt, or not a gaq_calc model."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_model(path: str | Path, model: GAQPotential, metadata: dict | None = None) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "model_config": model.config.to_dict(),
+            "state_dict": state,
+            "metadata": metadata or {},
+        },
+        path,
+    )
+
+
+def read_model_file(path: str | Path) -> dict:
+    """The raw contents of a model file, validated; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelFileError(f"{path} is not a readable gaq_calc model file ({type(err).__name__}: {err})") from err
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a gaq_calc model file (no '{MODEL_FORMAT}' header)")
+    if data.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported model format version {data.get('format_version')}")
+    return data
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model in eval mode, metadata) from a model file."""
+    data = read_model_file(path)
+    try:
+        model = GAQPotential(ModelConfig.from_dict(data["model_config"]))
+        model.load_state_dict(data["state_dict"])
+    except Exception as err:
+        raise ModelFileError(f"{path}: model file does not match the network ({err})") from err
+    return model.to(device=device, dtype=dtype).eval(), data.get("metadata", {})

@@ -1,0 +1,221 @@
+"""FP32 training: energy + force loss, AdamW, warm-up + cosine/plateau LR, EMA, resumable checkpoints.
+
+Resuming reproduces the uninterrupted run: batch order is a pure function of (seed, epoch), the LR a
+pure function of the epoch (or of the saved plateau state), and optimizer, EMA and RNG states are saved.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
+from gaq_calc.metrics import error_metrics, force_rms
+from gaq_calc.model import GAQPotential, energy_and_forces
+from gaq_calc.model.serialization import atomic_save, save_model
+from gaq_calc.train.config import TrainConfig
+from gaq_calc.train.ema import EMA
+from gaq_calc.train.schedule import cosine_lr
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+FINAL = "final.pt"
+SNAPSHOT = "snapshot_{minutes:g}min.pt"
+
+
+def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
+    n_atoms = batch.n_atoms_per_graph.to(energy.dtype)
+    e_term = (((energy - batch.energy) / n_atoms) ** 2).mean()
+    f_term = ((forces - batch.forces) ** 2).mean()
+    return cfg.energy_weight * e_term.to(forces.dtype) + cfg.force_weight * f_term
+
+
+def build_model(cfg: TrainConfig, train_frames) -> GAQPotential:
+    torch.manual_seed(cfg.seed)
+    model = GAQPotential(cfg.model).to(getattr(torch, cfg.dtype))
+    ref = fit_reference_energies(train_frames, cfg.model.species)
+    model.set_energy_reference(ref, force_rms(train_frames.forces))
+    return model
+
+
+def _write_log(out: Path, history: list[dict]) -> None:
+    tmp = out / ".log.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "log.csv")
+    tmp = out / ".log.json.tmp"
+    tmp.write_text(json.dumps(history, indent=1))
+    os.replace(tmp, out / "log.json")
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].semilogy(epochs, [h["train_loss"] for h in history], label="train")
+    axes[0].semilogy(epochs, [h["val_loss"] for h in history], label="val (EMA)")
+    axes[0].set_ylabel("loss")
+    axes[1].semilogy(epochs, [h["val_energy_mae_meV"] for h in history])
+    axes[1].set_ylabel("val energy MAE (meV)")
+    axes[2].semilogy(epochs, [h["val_force_mae_meV_per_A"] for h in history])
+    axes[2].set_ylabel("val force MAE (meV/Å)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    command: str = "",
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_epochs: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train (or resume) into cfg.out_dir; returns the directory. `stop_after_epochs` ends this run early."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = read_frames(cfg.train_data, "train")
+    train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.seed)
+    train_frames, val_frames = frames.subset(train_idx), frames.subset(val_idx)
+    cfg.model.species = frames.species  # the model knows exactly the elements it was trained on
+    dtype = getattr(torch, cfg.dtype)
+    train_ds = GraphDataset(train_frames, cfg.model.species, cfg.model.cutoff)
+    val_ds = GraphDataset(val_frames, cfg.model.species, cfg.model.cutoff)
+
+    model = build_model(cfg, train_frames)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {
+        "epoch": 0, "train_seconds": 0.0, "history": [], "best_val_loss": math.inf,
+        "plateau_lr": cfg.lr, "plateau_best": math.inf, "plateau_bad": 0, "snapshot_done": False,
+        "commands": [],
+    }
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["config"] != cfg.to_dict():
+            raise ValueError(f"{ckpt_path} was written with a different config; use a new out_dir")
+        model.load_state_dict(ckpt["model"])
+        ema.model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = ckpt["state"]
+        log(f"resumed from {ckpt_path} at epoch {state['epoch']} ({state['train_seconds'] / 60:.1f} min trained)")
+    state["commands"].append(command)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def save_checkpoint() -> None:
+        atomic_save(
+            {
+                "config": cfg.to_dict(), "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+            },
+            ckpt_path,
+        )
+
+    def metadata() -> dict:
+        return {
+            "train_data": str(cfg.train_data), "n_train": len(train_frames), "n_val": len(val_frames),
+            "epochs": state["epoch"], "train_seconds": state["train_seconds"],
+            "commands": list(state["commands"]), "train_config": cfg.to_dict(),
+            "torch_version": torch.__version__,
+        }
+
+    run_start = time.perf_counter()
+    epochs_this_run = 0
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        t0 = time.perf_counter()
+        if cfg.schedule == "cosine":
+            lr = cosine_lr(epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        elif cfg.schedule == "plateau":
+            lr = state["plateau_lr"] * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
+        else:
+            raise ValueError(f"unknown schedule {cfg.schedule!r}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        model.train()
+        losses = []
+        batches = train_ds.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
+        n_batches = math.ceil(len(train_ds) / cfg.batch_size)
+        for batch in tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                          disable=not progress, leave=False):
+            batch = batch.to("cpu", dtype)
+            energy, forces = energy_and_forces(model, batch, training=True)
+            loss = loss_fn(energy, forces, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            ema.update(model)
+            losses.append(loss.item())
+        if not np.isfinite(losses).all():
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower the learning rate")
+
+        val = error_metrics(ema.model, val_ds)
+        # model selection on the validation frames only, same weighting as the training loss
+        val_loss = cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / np.mean(
+            [len(n) for n in val_frames.numbers])) ** 2 + cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2
+        state["epoch"] = epoch + 1
+        state["train_seconds"] += time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+            "val_energy_mae_meV": val["energy_mae_meV"], "val_force_mae_meV_per_A": val["force_mae_meV_per_A"],
+            "train_minutes": state["train_seconds"] / 60,
+        }
+        state["history"].append(row)
+        if cfg.schedule == "plateau":
+            if val_loss < state["plateau_best"]:
+                state["plateau_best"], state["plateau_bad"] = val_loss, 0
+            else:
+                state["plateau_bad"] += 1
+                if state["plateau_bad"] > cfg.plateau_patience:
+                    state["plateau_lr"] = max(cfg.min_lr, state["plateau_lr"] * cfg.plateau_factor)
+                    state["plateau_bad"] = 0
+        if val_loss < state["best_val_loss"]:
+            state["best_val_loss"] = val_loss
+            save_model(out / BEST, ema.model, {**metadata(), "selected_epoch": epoch + 1, "val": val})
+        if not state["snapshot_done"] and state["train_seconds"] >= cfg.snapshot_minutes * 60:
+            state["snapshot_done"] = True
+            save_model(out / SNAPSHOT.format(minutes=cfg.snapshot_minutes), ema.model,
+                       {**metadata(), "snapshot_minutes": cfg.snapshot_minutes, "val": val})
+        log(
+            f"epoch {epoch + 1}: lr {lr:.2e} loss {row['train_loss']:.3e} | val E {val['energy_mae_meV']:.2f} meV"
+            f" F {val['force_mae_meV_per_A']:.2f} meV/A | {state['train_seconds'] / 60:.1f} min"
+        )
+        epochs_this_run += 1
+        last = state["epoch"] >= cfg.epochs
+        out_of_time = cfg.max_minutes is not None and (time.perf_counter() - run_start) / 60 >= cfg.max_minutes
+        stop = last or out_of_time or (stop_after_epochs is not None and epochs_this_run >= stop_after_epochs)
+        if stop or state["epoch"] % cfg.checkpoint_every == 0:
+            save_checkpoint()
+            _write_log(out, state["history"])
+            plot_learning_curves(state["history"], out / "learning_curves.png")
+        if stop:
+            break
+    if state["epoch"] >= cfg.epochs:
+        save_model(out / FINAL, ema.model, metadata())
+    return out

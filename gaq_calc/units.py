@@ -1,0 +1,12 @@
+"""Unit conversions, in one place. Inside gaq_calc everything is in ASE units (eV, Å)."""
+from ase import units
+
+#: 1 kcal/mol in eV (ase.units: kcal / mol = 0.0433641...).
+KCAL_PER_MOL_TO_EV: float = units.kcal / units.mol
+#: meV per eV, for reporting.
+MEV_PER_EV: float = 1000.0
+
+
+def kcal_mol_to_ev(x):
+    """Energies in kcal/mol (or forces in kcal/mol/Å) to eV (eV/Å)."""
+    return x * KCAL_PER_MOL_TO_EV
