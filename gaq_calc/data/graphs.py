@@ -28,7 +28,10 @@ def neighbour_graph(
     else:
         if len(positions) < 2:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
-        i, j = neighbour_list("ij", positions=positions, cutoff=cutoff)
+        # explicit padded box: matscipy's own bounding box is singular for planar or linear molecules
+        shifted = positions - positions.min(axis=0)
+        box = np.diag(shifted.max(axis=0) + cutoff + 1.0)
+        i, j = neighbour_list("ij", positions=shifted, cutoff=cutoff, cell=box, pbc=np.zeros(3, bool))
         shifts = np.zeros((len(i), 3))
     return i.astype(np.int64), j.astype(np.int64), shifts
 

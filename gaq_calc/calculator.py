@@ -1,0 +1,83 @@
+"""A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
+from gaq_calc.model.network import energy_and_forces
+from gaq_calc.model.serialization import load_model
+from gaq_calc.models_dir import resolve_model
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class GAQCalculator(Calculator):
+    """ASE calculator over a gaq_calc model.
+
+    model: path of a model file, a model folder, or a shipped model name such as "azobenzene_fp32".
+    device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
+    energies and the total energy are always accumulated in float64).
+    min_distance: atoms closer than this (Å) are rejected as overlapping.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, **kwargs):
+        super().__init__(**kwargs)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+        self.model_path = resolve_model(model)
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.model, self.metadata = load_model(self.model_path, self.dtype, self.device)
+        self.cutoff = float(self.model.cutoff)
+        self.species = [int(z) for z in self.model.atomic_numbers.tolist()]
+        self.min_distance = float(min_distance)
+
+    def _graph(self, atoms) -> GraphBatch:
+        positions = np.asarray(atoms.positions, dtype=np.float64)
+        if not np.isfinite(positions).all():
+            raise ValueError("atoms have NaN or infinite positions")
+        species = species_index(atoms.numbers, self.species)
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        cell = np.asarray(atoms.cell.array, dtype=np.float64)
+        if pbc.any():
+            if not np.isfinite(cell).all() or abs(np.linalg.det(cell)) < 1e-6:
+                raise ValueError(
+                    f"periodic boundary conditions {pbc.tolist()} need a cell of non-zero volume; "
+                    "set pbc=False for a molecule in vacuum"
+                )
+        receivers, senders, shifts = neighbour_graph(positions, self.cutoff, cell, pbc)
+        if len(receivers):
+            dist = np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1)
+            k = int(np.argmin(dist))
+            if dist[k] < self.min_distance:
+                raise ValueError(
+                    f"atoms {receivers[k]} and {senders[k]} overlap ({dist[k]:.3g} Å apart, "
+                    f"below min_distance={self.min_distance} Å)"
+                )
+        n = len(atoms)
+        return GraphBatch(
+            species=torch.from_numpy(species),
+            positions=torch.from_numpy(positions),
+            receivers=torch.from_numpy(receivers),
+            senders=torch.from_numpy(senders),
+            shifts=torch.from_numpy(shifts),
+            batch=torch.zeros(n, dtype=torch.long),
+            n_graphs=1,
+            n_atoms_per_graph=torch.tensor([n]),
+        ).to(self.device, self.dtype)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if len(self.atoms) == 0:
+            self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3))}
+            return
+        energy, forces = energy_and_forces(self.model, self._graph(self.atoms))
+        energy = float(energy.detach().cpu()[0])
+        forces = forces.detach().cpu().double().numpy()
+        if not (np.isfinite(energy) and np.isfinite(forces).all()):
+            raise FloatingPointError("the model returned a non-finite energy or forces for this structure")
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}

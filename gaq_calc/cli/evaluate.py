@@ -1,0 +1,103 @@
+"""gaq-eval: test-set metrics of a model, written as its model card (JSON).
+
+    gaq-eval azobenzene_fp32                      # shipped model on its molecule's split-01 test set
+    gaq-eval runs/x/best.pt --data ethanol        # any model file, any dataset
+    gaq-eval models/NAME --snapshot models/NAME/snapshot_40min.pt --write-card   # writes models/NAME/card.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.metrics import error_metrics
+from gaq_calc.model.serialization import load_model
+from gaq_calc.models_dir import resolve_model
+
+
+def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype) -> tuple[dict, dict, object]:
+    model, metadata = load_model(path, dtype=dtype)
+    frames = read_frames(data, split)
+    dataset = GraphDataset(frames, [int(z) for z in model.atomic_numbers.tolist()], model.cutoff)
+    return error_metrics(model, dataset), metadata, model
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="gaq-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="shipped model name, model folder or model file")
+    parser.add_argument("--data", help="molecule name or data file (default: the model's training molecule)")
+    parser.add_argument("--split", default="test", help="split of a shipped molecule (default test)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--snapshot", help="model file saved after N minutes of training, evaluated too")
+    parser.add_argument("--card", help="write the model card (JSON) to this file")
+    parser.add_argument("--write-card", action="store_true", help="write card.json beside the model file")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    path = resolve_model(args.model)
+    t0 = time.perf_counter()
+    _, meta = load_model(path)
+    data = args.data or meta.get("train_data")
+    if data is None:
+        parser.error("the model records no training data; pass --data")
+    metrics, metadata, model = evaluate_file(path, data, args.split, dtype)
+    card = {
+        "model": path.parent.name if path.name == "model.pt" else path.stem,
+        "model_file": str(path),
+        "test_data": str(data),
+        "split": args.split,
+        "precision": "fp32" if dtype == torch.float32 else "fp64",
+        **metrics,
+        "n_parameters": model.num_parameters(),
+        "model_config": model.config.to_dict(),
+        "training": {
+            "commands": metadata.get("commands", []),
+            "epochs": metadata.get("epochs"),
+            "selected_epoch": metadata.get("selected_epoch"),
+            "train_minutes": round(metadata.get("train_seconds", float("nan")) / 60, 2),
+            "n_train": metadata.get("n_train"),
+            "n_val": metadata.get("n_val"),
+        },
+    }
+    if args.snapshot:
+        snap, snap_meta, _ = evaluate_file(Path(args.snapshot), data, args.split, dtype)
+        card["snapshot"] = {
+            "file": str(args.snapshot),
+            "train_minutes": round(snap_meta.get("train_seconds", float("nan")) / 60, 2),
+            "epochs": snap_meta.get("epochs"),
+            "energy_mae_meV": snap["energy_mae_meV"],
+            "force_mae_meV_per_A": snap["force_mae_meV_per_A"],
+        }
+    card["eval_command"] = "gaq-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    card["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    card["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+    print(f"{card['model']} on {data} ({args.split}, {metrics['n_frames']} frames): "
+          f"E MAE {metrics['energy_mae_meV']:.2f} meV, F MAE {metrics['force_mae_meV_per_A']:.2f} meV/Å")
+    if "snapshot" in card:
+        s = card["snapshot"]
+        print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV, "
+              f"F MAE {s['force_mae_meV_per_A']:.2f} meV/Å")
+    target = Path(args.card) if args.card else (path.parent / "card.json" if args.write_card else None)
+    if target is not None:
+        tmp = target.with_name("." + target.name + ".tmp")
+        tmp.write_text(json.dumps(card, indent=1) + "\n")
+        os.replace(tmp, target)
+        print(f"card written: {target}")
+
+
+if __name__ == "__main__":
+    main()

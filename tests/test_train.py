@@ -1,0 +1,92 @@
+"""Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gaq_calc.cli.train import parse_config
+from gaq_calc.train import TrainConfig, train
+from gaq_calc.train.schedule import cosine_lr
+
+from conftest import tiny_config
+
+
+def _config(tmp_path, name, data_file, **kw) -> TrainConfig:
+    cfg = TrainConfig(train_data=str(data_file), out_dir=str(tmp_path / name), n_val=4, epochs=3, batch_size=4,
+                      lr=3e-3, warmup_epochs=1, model=tiny_config(), snapshot_minutes=0.0)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """24 ethanol frames as an extxyz file (also exercises the ASE reader)."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from gaq_calc.data import read_frames
+
+    frames = read_frames("ethanol", "train").subset(np.arange(24))
+    images = []
+    for k in range(len(frames)):
+        atoms = Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
+        atoms.calc = SinglePointCalculator(atoms, energy=frames.energies[k], forces=frames.forces[k])
+        images.append(atoms)
+    path = tmp_path_factory.mktemp("data") / "ethanol24.extxyz"
+    write(path, images)
+    return path
+
+
+def test_training_lowers_the_loss(tmp_path, small_data):
+    out = train(_config(tmp_path, "run", small_data, epochs=4), progress=False, log=lambda s: None)
+    history = json.loads((out / "log.json").read_text())
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    for name in ("best.pt", "final.pt", "checkpoint.pt", "log.csv", "learning_curves.png", "snapshot_0min.pt"):
+        assert (out / name).exists(), name
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # plain data and tensors only
+    assert ckpt["state"]["epoch"] == 4
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, small_data):
+    straight = train(_config(tmp_path, "straight", small_data), progress=False, log=lambda s: None)
+    cfg = _config(tmp_path, "stopped", small_data)
+    train(cfg, progress=False, stop_after_epochs=1, log=lambda s: None)
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    resumed = train(_config(tmp_path, "stopped", small_data), progress=False, log=lambda s: None)
+    a = torch.load(straight / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "final.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    la = json.loads((straight / "log.json").read_text())
+    lb = json.loads((resumed / "log.json").read_text())
+    assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
+
+
+def test_resume_refuses_a_changed_config(tmp_path, small_data):
+    train(_config(tmp_path, "run", small_data, epochs=1), progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="different config"):
+        train(_config(tmp_path, "run", small_data, epochs=1, lr=1e-2), progress=False, log=lambda s: None)
+
+
+def test_cli_yaml_and_flags(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("epochs: 7\nlr: 0.002\nmodel:\n  num_layers: 3\n")
+    cfg, _ = parse_config(["--config", str(yaml_file), "--lr", "0.001", "--model-num-features", "32"])
+    assert (cfg.epochs, cfg.lr, cfg.model.num_layers, cfg.model.num_features) == (7, 0.001, 3, 32)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("epochz: 7\n")
+    with pytest.raises(ValueError, match="epochz"):
+        TrainConfig.from_yaml(yaml_file)
+
+
+def test_cosine_schedule_shape():
+    lrs = [cosine_lr(e, 1e-2, 1e-5, 2, 10) for e in range(10)]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
