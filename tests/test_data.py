@@ -109,3 +109,23 @@ def test_neighbour_graph_planar_and_linear_molecules():
     assert len(r) == 6
     linear = np.array([[0.0, 0, 0], [1.16, 0, 0], [-1.16, 0, 0]])
     assert len(neighbour_graph(linear, 2.0)[0]) == 4
+
+
+def test_periodic_training_frames_are_rejected(tmp_path):
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]], cell=[5, 5, 5], pbc=True)
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=np.zeros((2, 3)))
+    write(tmp_path / "pbc.extxyz", atoms)
+    with pytest.raises(ValueError, match="periodic"):
+        read_frames(tmp_path / "pbc.extxyz")
+
+
+def test_brute_force_and_matscipy_graphs_agree():
+    from gaq_calc.data import graphs
+
+    rng = np.random.default_rng(2)
+    pos = rng.uniform(0, 12, size=(600, 3))
+    r, s, _ = neighbour_graph(pos, 4.0)  # > BRUTE_FORCE_MAX_ATOMS: matscipy
+    r2, s2, _ = neighbour_graph(pos[:300], 4.0)  # brute force
+    keep = (r < 300) & (s < 300)
+    assert set(zip(r[keep].tolist(), s[keep].tolist())) == set(zip(r2.tolist(), s2.tolist()))
+    assert graphs.BRUTE_FORCE_MAX_ATOMS < 600

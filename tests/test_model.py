@@ -70,12 +70,18 @@ def test_energy_smooth_when_atom_crosses_cutoff(model64):
     from gaq_calc.data.frames import Frames
 
     def energy(x):
-        pos = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [x, 0.3, 0.0]])
+        pos = np.array([[0.0, 0.0, 0.0], [1.1, 0.3, 0.0], [x, 0.0, 0.0]])  # atom 2 on the x axis
         frames = Frames([np.array([6, 1, 8])], [pos], np.zeros(1), [np.zeros((3, 3))])
         return _ef(model64, frames, 0)
 
+    from gaq_calc.data import neighbour_graph
+
+    assert len(neighbour_graph(np.array([[0.0, 0, 0], [5.0 - 1e-7, 0, 0]]), 5.0)[0]) == 2  # the edge exists
+    assert len(neighbour_graph(np.array([[0.0, 0, 0], [5.0 + 1e-7, 0, 0]]), 5.0)[0]) == 0  # and then not
     inside, _ = energy(5.0 - 1e-7)
     outside, f_out = energy(5.0 + 1e-7)
+    far, _ = energy(5.5)
+    assert abs(far - outside) > 1e-6  # atom 2 still interacts with atom 1, so the check is not vacuous
     assert abs(inside - outside) < 1e-9
     _, f_in = energy(5.0 - 1e-4)
     np.testing.assert_allclose(f_in, f_out, atol=1e-6)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,13 +50,18 @@ def main(argv=None) -> None:
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     _, meta = load_model(path)
-    data = args.data or meta.get("train_data")
+    data = args.data
     if data is None:
-        parser.error("the model records no training data; pass --data")
+        trained_on = str(meta.get("train_data", ""))
+        if not trained_on or Path(trained_on).suffix or "/" in trained_on:
+            # a training *file* has no separate test split: never evaluate on training frames by default
+            parser.error("pass --data: the model was not trained on a shipped molecule with a test split")
+        data = trained_on
     metrics, metadata, model = evaluate_file(path, data, args.split, dtype)
     card = {
         "model": path.parent.name if path.name == "model.pt" else path.stem,
         "model_file": str(path),
+        "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "test_data": str(data),
         "split": args.split,
         "precision": "fp32" if dtype == torch.float32 else "fp64",
@@ -64,9 +70,10 @@ def main(argv=None) -> None:
         "model_config": model.config.to_dict(),
         "training": {
             "commands": metadata.get("commands", []),
-            "epochs": metadata.get("epochs"),
+            # best.pt records the epoch it was selected at and, once the run finished, the run's totals
+            "epochs": metadata.get("epochs_total", metadata.get("epochs")),
             "selected_epoch": metadata.get("selected_epoch"),
-            "train_minutes": round(metadata.get("train_seconds", float("nan")) / 60, 2),
+            "train_minutes": round(metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
             "n_train": metadata.get("n_train"),
             "n_val": metadata.get("n_val"),
         },

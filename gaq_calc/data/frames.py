@@ -75,6 +75,8 @@ def read_ase(path: str | Path, index: str = ":") -> Frames:
             frame_forces = atoms.get_forces()
         except Exception as err:  # ASE raises several types for missing labels
             raise ValueError(f"{path}: frame {k} has no energy/forces labels ({err})") from err
+        if atoms.pbc.any():
+            raise ValueError(f"{path}: frame {k} is periodic; training on periodic structures is not supported")
         numbers.append(atoms.numbers.astype(np.int64))
         positions.append(atoms.positions.astype(np.float64))
         energies.append(float(energy))

@@ -11,6 +11,12 @@ from matscipy.neighbours import neighbour_list
 from gaq_calc.data.frames import Frames
 
 
+#: below this many atoms (and without a cell) all pairs are checked directly
+BRUTE_FORCE_MAX_ATOMS = 512
+#: largest number of cutoff-sized bins matscipy is asked to allocate for an isolated structure
+MAX_BINS = 50_000_000
+
+
 def neighbour_graph(
     positions: np.ndarray,
     cutoff: float,
@@ -22,15 +28,26 @@ def neighbour_graph(
     Returns (receivers [E], senders [E], shifts [E, 3]); shifts are Cartesian cell offsets (Å), so the
     edge vector is positions[senders] - positions[receivers] + shifts.
     """
+    n = len(positions)
     if pbc is not None and np.any(pbc):
         i, j, s = neighbour_list("ijS", positions=positions, cutoff=cutoff, cell=cell, pbc=pbc)
         shifts = s.astype(np.float64) @ np.asarray(cell, dtype=np.float64)
+    elif n <= BRUTE_FORCE_MAX_ATOMS:
+        # small molecules: all pairs is cheaper than binning, and safe for any spread of coordinates
+        d2 = ((positions[:, None, :] - positions[None, :, :]) ** 2).sum(-1)  # [n, n]
+        np.fill_diagonal(d2, np.inf)
+        i, j = np.nonzero(d2 < cutoff * cutoff)
+        shifts = np.zeros((len(i), 3))
     else:
-        if len(positions) < 2:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
-        # explicit padded box: matscipy's own bounding box is singular for planar or linear molecules
         shifted = positions - positions.min(axis=0)
-        box = np.diag(shifted.max(axis=0) + cutoff + 1.0)
+        extent = shifted.max(axis=0) + cutoff + 1.0
+        if np.prod(np.ceil(extent / cutoff)) > MAX_BINS:
+            raise ValueError(
+                f"structure spans {shifted.max(axis=0).round(1).tolist()} Å, too sparse for a neighbour list "
+                "(have atoms flown apart?)"
+            )
+        # explicit padded box: matscipy's own bounding box is singular for planar or linear molecules
+        box = np.diag(extent)
         i, j = neighbour_list("ij", positions=shifted, cutoff=cutoff, cell=box, pbc=np.zeros(3, bool))
         shifts = np.zeros((len(i), 3))
     return i.astype(np.int64), j.astype(np.int64), shifts

@@ -12,7 +12,7 @@ from torch import nn
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """Sum rows of src into dim_size rows given by index (first dim)."""
-    out = torch.zeros((dim_size,) + src.shape[1:], dtype=src.dtype, device=src.device)
+    out = torch.zeros([dim_size] + src.shape[1:], dtype=src.dtype, device=src.device)
     return out.index_add(0, index, src)
 
 

@@ -1,5 +1,5 @@
 """The equivariant transformer potential: structure -> total energy (float64); forces by autograd."""
-from typing import List
+from typing import Tuple
 
 import torch
 from e3nn import o3
@@ -24,6 +24,7 @@ class GAQPotential(nn.Module):
         self.embedding = nn.Embedding(len(config.species), F)
         self.rbf = BesselBasis(config.cutoff, config.num_rbf)
         self.envelope = PolynomialEnvelope(config.cutoff, config.envelope_exponent)
+        self.sph = o3.SphericalHarmonics("1x1o", normalize=True, normalization="component")  # (x, y, z)
         out = L * (3 * F + H)  # per layer: three channel filters and one attention bias per head
         if config.radial_hidden > 0:
             self.radial = nn.Sequential(
@@ -66,7 +67,7 @@ class GAQPotential(nn.Module):
         F, L, H = self.num_features, self.num_layers, self.num_heads
         vec = positions.index_select(0, senders) - positions.index_select(0, receivers) + shifts  # [E, 3]
         r = torch.linalg.norm(vec, dim=-1)  # [E]
-        sph = o3.spherical_harmonics(1, vec, normalize=True, normalization="component")  # [E, 3]
+        sph = self.sph(vec)  # [E, 3]
         sph4 = torch.cat([torch.zeros_like(sph[:, :1]), sph], dim=1)  # [E, 4]
         envelope = self.envelope(r)  # [E]
         # one matmul for all layers; unbind (not indexing) keeps the backward a single stack
@@ -85,6 +86,31 @@ class GAQPotential(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class EnergyForces(nn.Module):
+    """Energy and forces in one call; scriptable (torch.jit.script) for deployment."""
+
+    def __init__(self, potential: GAQPotential):
+        super().__init__()
+        self.potential = potential
+
+    def forward(
+        self,
+        species: torch.Tensor,
+        positions: torch.Tensor,
+        receivers: torch.Tensor,
+        senders: torch.Tensor,
+        shifts: torch.Tensor,
+        batch: torch.Tensor,
+        n_graphs: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        positions = positions.detach().requires_grad_(True)
+        energy = self.potential(species, positions, receivers, senders, shifts, batch, n_graphs)
+        grad = torch.autograd.grad([energy.sum()], [positions], allow_unused=True)[0]
+        if grad is None:  # no atom has a neighbour: the energy does not depend on positions
+            grad = torch.zeros_like(positions)
+        return energy.detach(), -grad
 
 
 def energy_and_forces(model: GAQPotential, batch, training: bool = False):

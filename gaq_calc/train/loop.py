@@ -1,7 +1,8 @@
 """FP32 training: energy + force loss, AdamW, warm-up + cosine/plateau LR, EMA, resumable checkpoints.
 
 Resuming reproduces the uninterrupted run: batch order is a pure function of (seed, epoch), the LR a
-pure function of the epoch (or of the saved plateau state), and optimizer, EMA and RNG states are saved.
+pure function of the epoch (or of the saved plateau state), optimizer and EMA states are saved, and no
+random numbers are drawn after the seeded initialisation.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
 from gaq_calc.metrics import error_metrics, force_rms
 from gaq_calc.model import GAQPotential, energy_and_forces
-from gaq_calc.model.serialization import atomic_save, save_model
+from gaq_calc.model.serialization import atomic_save, read_model_file, save_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
 from gaq_calc.train.schedule import cosine_lr
@@ -39,8 +40,9 @@ def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
 
 
 def build_model(cfg: TrainConfig, train_frames) -> GAQPotential:
-    torch.manual_seed(cfg.seed)
-    model = GAQPotential(cfg.model).to(getattr(torch, cfg.dtype))
+    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = GAQPotential(cfg.model).to(getattr(torch, cfg.dtype))
     ref = fit_reference_energies(train_frames, cfg.model.species)
     model.set_energy_reference(ref, force_rms(train_frames.forces))
     return model
@@ -59,13 +61,13 @@ def _write_log(out: Path, history: list[dict]) -> None:
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     axes[0].semilogy(epochs, [h["train_loss"] for h in history], label="train")
     axes[0].semilogy(epochs, [h["val_loss"] for h in history], label="val (EMA)")
     axes[0].set_ylabel("loss")
@@ -80,8 +82,22 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
+
+
+# fields that only say where and for how long a run goes; a resumed run may change them
+RUN_CONTROL_FIELDS = ("out_dir", "max_minutes", "checkpoint_every")
+
+
+def _trajectory_fields(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_CONTROL_FIELDS}
+
+
+def _finalize_best(out: Path, totals: dict) -> None:
+    """Record the run's totals (epochs, minutes) in best.pt beside the epoch it was selected at."""
+    data = read_model_file(out / BEST)
+    data["metadata"].update(totals)
+    atomic_save(data, out / BEST)
 
 
 def train(
@@ -102,6 +118,7 @@ def train(
     dtype = getattr(torch, cfg.dtype)
     train_ds = GraphDataset(train_frames, cfg.model.species, cfg.model.cutoff)
     val_ds = GraphDataset(val_frames, cfg.model.species, cfg.model.cutoff)
+    mean_atoms = float(np.mean([len(n) for n in val_frames.numbers]))
 
     model = build_model(cfg, train_frames)
     ema = EMA(model, cfg.ema_decay)
@@ -114,12 +131,11 @@ def train(
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["config"] != cfg.to_dict():
+        if _trajectory_fields(ckpt["config"]) != _trajectory_fields(cfg.to_dict()):
             raise ValueError(f"{ckpt_path} was written with a different config; use a new out_dir")
         model.load_state_dict(ckpt["model"])
         ema.model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at epoch {state['epoch']} ({state['train_seconds'] / 60:.1f} min trained)")
     state["commands"].append(command)
@@ -129,7 +145,7 @@ def train(
         atomic_save(
             {
                 "config": cfg.to_dict(), "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+                "optimizer": optimizer.state_dict(), "state": state,
             },
             ckpt_path,
         )
@@ -177,8 +193,9 @@ def train(
 
         val = error_metrics(ema.model, val_ds)
         # model selection on the validation frames only, same weighting as the training loss
-        val_loss = cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / np.mean(
-            [len(n) for n in val_frames.numbers])) ** 2 + cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2
+        # (plain floats only: checkpoints must load with weights_only=True, which refuses numpy scalars)
+        val_loss = float(cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / mean_atoms) ** 2
+                         + cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2)
         state["epoch"] = epoch + 1
         state["train_seconds"] += time.perf_counter() - t0
         row = {
@@ -218,4 +235,5 @@ def train(
             break
     if state["epoch"] >= cfg.epochs:
         save_model(out / FINAL, ema.model, metadata())
+        _finalize_best(out, {"epochs_total": state["epoch"], "train_seconds_total": state["train_seconds"]})
     return out

@@ -1,0 +1,93 @@
+"""Per-call latency (energy + forces) and ASE MD steps/s for one molecule, variants side by side.
+
+    .venv/bin/python benchmarks/md_step.py --model azobenzene_fp32 --threads 1 2
+Prints a markdown table and writes it as JSON with --json. Not a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+from ase import Atoms, units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+
+from gaq_calc import GAQCalculator
+from gaq_calc.data import read_frames
+
+
+def time_calls(calc: GAQCalculator, atoms: Atoms, repeats: int) -> float:
+    """Median seconds of one fresh energy+forces evaluation (positions change every call)."""
+    rng = np.random.default_rng(0)
+    base = atoms.positions.copy()
+    times = []
+    for k in range(repeats + 5):
+        atoms.positions = base + rng.normal(scale=1e-3, size=base.shape)
+        t0 = time.perf_counter()
+        calc.calculate(atoms, ["energy", "forces"], ["positions"])
+        if k >= 5:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def md_steps_per_second(calc: GAQCalculator, atoms: Atoms, steps: int) -> float:
+    atoms = atoms.copy()
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    dyn.run(5)
+    t0 = time.perf_counter()
+    dyn.run(steps)
+    return steps / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="azobenzene_fp32")
+    parser.add_argument("--molecule", default="azobenzene")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--md-steps", type=int, default=100)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    frames = read_frames(args.molecule, "test")
+    atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
+    variants = {"eager": dict(jit=False), "torchscript": dict(jit=True)}
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
+        for name, kwargs in variants.items():
+            calc = GAQCalculator(args.model, **kwargs)
+            rows.append({
+                "variant": name, "threads": threads, "atoms": len(atoms),
+                "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
+                "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
+            })
+    base = {r["threads"]: r["ms_per_call"] for r in rows if r["variant"] == "eager"}
+    print(f"{args.model}, {len(atoms)} atoms, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print("| variant | threads | ms / call (E+F) | speed-up vs eager | ASE MD steps/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        r["speedup_vs_eager"] = base[r["threads"]] / r["ms_per_call"]
+        print(f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
+              f"{r['md_steps_per_s']:.0f} |")
+    if args.json:
+        import shlex
+        import sys
+
+        result = {"command": "python benchmarks/md_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+                  "atoms": len(atoms), "rows": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Quantization primitives: pure functions and autograd Functions, no model code.
+
+- symmetric linear quantization (2-8 bits) with a straight-through estimator and LSQ step-size grads;
+- spherical codebooks for unit directions, with their covering radius;
+- the Geometric STE: nearest codeword forward, tangent-plane projection (I - u u^T) g backward;
+- MDDQ: v -> Q_m(|v|) * Q_d(v / |v|), safe at v = 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed symmetric integer range: [-(2^(b-1) - 1), 2^(b-1) - 1] (the zero point stays exact)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must lie in [2, 8], not {bits}")
+    q = 2 ** (bits - 1) - 1
+    return -q, q
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Forward x, backward grad * scale (LSQ's step-size gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:
+    """Symmetric linear fake quantization: step * clamp(round(x / step)).
+
+    step broadcasts against x (per-tensor scalar or per-channel). With lsq=True the step receives the
+    LSQ gradient (Esser et al. 2020), scaled by 1 / sqrt(numel * qmax); x gets the clipped STE.
+    """
+    qmin, qmax = qrange(bits)
+    if lsq:
+        step = grad_scale(step, 1.0 / math.sqrt(x.numel() * qmax))
+    return round_ste(torch.clamp(x / step, qmin, qmax)) * step
+
+
+def quantize_int(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes of fake_quantize (int8 storage for every bit width up to 8)."""
+    qmin, qmax = qrange(bits)
+    return torch.clamp(torch.round(x / step), qmin, qmax).to(torch.int8)
+
+
+# ---- spherical codebooks ------------------------------------------------------------------------------
+
+def fibonacci_sphere(n: int) -> np.ndarray:
+    """n near-uniform unit vectors on the golden-angle spiral, [n, 3] float64.
+
+    Chosen because it exists for every n (so the codebook size can follow the bit width exactly,
+    n = 2^bits), is deterministic, and has a covering radius within a few percent of the best known
+    spherical codes, whereas regular polyhedra stop at 20 vertices.
+    """
+    if n < 4:
+        raise ValueError("a spherical codebook needs at least 4 points")
+    k = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * k / n
+    r = np.sqrt(1.0 - z * z)
+    phi = math.pi * (3.0 - math.sqrt(5.0)) * k
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def covering_radius(codebook: np.ndarray) -> float:
+    """Exact covering radius (radians): the largest angle from any direction to its nearest codeword.
+
+    The farthest points from a finite set on S^2 are vertices of its spherical Voronoi diagram.
+    """
+    from scipy.spatial import SphericalVoronoi
+
+    vertices = SphericalVoronoi(codebook, radius=1.0).vertices
+    cos = np.clip(vertices @ codebook.T, -1.0, 1.0).max(axis=1)
+    return float(np.arccos(cos).max())
+
+
+class GeometricSTE(torch.autograd.Function):
+    """Nearest codeword on the sphere; the backward pass projects onto the tangent plane at u."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        # u [..., 3] unit vectors, codebook [K, 3]
+        index = torch.argmax(u @ codebook.T, dim=-1)  # nearest in angle = largest cosine
+        ctx.save_for_backward(u)
+        return codebook[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (u,) = ctx.saved_tensors
+        radial = (grad * u).sum(-1, keepdim=True)
+        return grad - radial * u, None  # (I - u u^T) g
+
+
+def quantize_direction(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Q_d with the Geometric STE; u [..., 3] must be unit vectors."""
+    return GeometricSTE.apply(u, codebook)
+
+
+def mddq(
+    v: torch.Tensor,  # [..., 3] vectors (the component axis is the last one)
+    codebook: torch.Tensor,  # [K, 3]
+    magnitude_step: torch.Tensor,
+    magnitude_bits: int,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Magnitude-direction decoupled quantization: Q_m(|v|) * Q_d(v / |v|).
+
+    Q_m is an unsigned linear quantizer on [0, (2^b - 1) * step]; a zero vector maps to zero exactly
+    (its direction is irrelevant because its quantized magnitude is 0).
+    """
+    norm = torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)  # [..., 1], smooth at 0
+    levels = 2**magnitude_bits - 1
+    step = grad_scale(magnitude_step, 1.0 / math.sqrt(norm.numel() * levels))
+    magnitude = round_ste(torch.clamp(norm / step, 0, levels)) * step
+    return magnitude * quantize_direction(v / norm, codebook)

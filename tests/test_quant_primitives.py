@@ -1,0 +1,100 @@
+"""Quantization primitives: ranges, round trips, STE gradients, codebooks and MDDQ bounds."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gaq_calc.quant import (covering_radius, fake_quantize, fibonacci_sphere, mddq, qrange, quantize_direction,
+                            quantize_int)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_linear_quantizer_range_and_round_trip(bits):
+    qmin, qmax = qrange(bits)
+    assert (qmin, qmax) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    step = torch.tensor(0.1, dtype=torch.float64)
+    x = torch.linspace(-2, 2, 1001, dtype=torch.float64)
+    codes = quantize_int(x, step, bits)
+    assert codes.dtype == torch.int8 and codes.min() >= qmin and codes.max() <= qmax
+    xq = fake_quantize(x, step, bits)
+    torch.testing.assert_close(xq, codes.double() * step)
+    inside = x.abs() <= qmax * step
+    assert (xq - x)[inside].abs().max() <= step / 2 + 1e-12  # rounding error within half a step
+    torch.testing.assert_close(fake_quantize(xq, step, bits), xq)  # idempotent
+
+
+def test_bad_bit_width():
+    with pytest.raises(ValueError):
+        qrange(9)
+    with pytest.raises(ValueError):
+        qrange(1)
+
+
+def test_ste_passes_gradient_inside_range_and_lsq_step_gets_one():
+    x = torch.tensor([0.04, -0.5, 3.0], requires_grad=True)
+    step = torch.tensor(0.1, requires_grad=True)
+    fake_quantize(x, step, 4).sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 1.0, 0.0]))  # clipped outside [-0.7, 0.7]
+    assert step.grad is not None and step.grad.abs() > 0
+
+
+def test_per_channel_steps_broadcast():
+    w = torch.randn(8, 5)
+    step = w.abs().amax(dim=1, keepdim=True) / 7
+    codes = quantize_int(w, step, 4)
+    assert (codes.abs().amax(dim=1) == 7).all()  # each row uses its full range
+
+
+@pytest.mark.parametrize("n", [16, 64, 256])
+def test_codebook_unit_norm_and_covering_radius(n):
+    c = fibonacci_sphere(n)
+    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-12)
+    rho = covering_radius(c)
+    # a cap-area bound: n caps of angular radius rho must cover the sphere, so n * 2pi(1 - cos rho) >= 4pi
+    assert n * (1 - math.cos(rho)) >= 2.0
+    assert rho < 2.2 * math.acos(1 - 2.0 / n)  # and it is not far from that bound
+    # brute-force check: no random direction is farther than rho from its codeword
+    u = np.random.default_rng(0).normal(size=(20000, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    assert np.arccos(np.clip(u @ c.T, -1, 1).max(axis=1)).max() <= rho + 1e-9
+
+
+def test_direction_error_never_above_covering_radius():
+    c = torch.from_numpy(fibonacci_sphere(64))
+    rho = covering_radius(c.numpy())
+    u = torch.randn(50000, 3, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True)
+    q = quantize_direction(u, c)
+    angle = torch.arccos((q * u).sum(-1).clamp(-1, 1))
+    assert angle.max() <= rho + 1e-9
+    # the chosen codeword is the nearest one
+    assert torch.equal((u @ c.T).argmax(-1), (q @ c.T).argmax(-1))
+
+
+def test_geometric_ste_gradient_is_tangent():
+    c = torch.from_numpy(fibonacci_sphere(32))
+    u = torch.randn(1000, 3, dtype=torch.float64)
+    u = (u / u.norm(dim=-1, keepdim=True)).requires_grad_(True)
+    g = torch.randn(1000, 3, dtype=torch.float64)
+    (quantize_direction(u, c) * g).sum().backward()
+    radial = (u.grad * u.detach()).sum(-1)
+    assert radial.abs().max() < 1e-12  # <u, dL/du> = 0 (Prop. III.1)
+    expected = g - (g * u.detach()).sum(-1, keepdim=True) * u.detach()
+    torch.testing.assert_close(u.grad, expected)
+
+
+def test_mddq_magnitude_and_direction_errors_and_zero_vector():
+    c = torch.from_numpy(fibonacci_sphere(256))
+    rho = covering_radius(c.numpy())
+    step = torch.tensor(0.05, dtype=torch.float64)
+    v = torch.randn(5000, 3, dtype=torch.float64)
+    q = mddq(v, c, step, magnitude_bits=8)
+    assert ((q.norm(dim=-1) - v.norm(dim=-1)).abs() <= step / 2 + 1e-9).all()
+    cos = (q * v).sum(-1) / (q.norm(dim=-1) * v.norm(dim=-1))
+    assert torch.arccos(cos.clamp(-1, 1)).max() <= rho + 1e-9
+    zero = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    out = mddq(zero, c, step, magnitude_bits=8)
+    assert torch.equal(out.detach(), torch.zeros(4, 3, dtype=torch.float64))
+    out.sum().backward()
+    assert torch.isfinite(zero.grad).all()

@@ -1,0 +1,64 @@
+"""Shipped models: each card was written by gaq-eval for exactly this model file, and its numbers hold."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.metrics import error_metrics
+from gaq_calc.model.serialization import load_model
+from gaq_calc.models_dir import available_models, models_dir
+
+SHIPPED = ["azobenzene_fp32", "ethanol_fp32"]
+
+
+def test_expected_models_are_shipped():
+    assert set(SHIPPED) <= set(available_models())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_belongs_to_model_file(name):
+    folder = models_dir() / name
+    card = json.loads((folder / "card.json").read_text())
+    assert card["model_sha256"] == hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
+    assert card["n_frames"] == 1000 and card["split"] == "test"
+    assert card["eval_command"].startswith("gaq-eval")
+    assert card["training"]["commands"] and card["training"]["commands"][0].startswith("gaq-train")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_metrics_reproduce_on_a_test_subset(name):
+    """Re-evaluate 100 test frames: the card's MAEs (over 1,000 frames) must be of the same size."""
+    card = json.loads((models_dir() / name / "card.json").read_text())
+    model, meta = load_model(models_dir() / name / "model.pt")
+    frames = read_frames(meta["train_data"], "test").subset(np.arange(0, 1000, 10))
+    metrics = error_metrics(model, GraphDataset(frames, [int(z) for z in model.atomic_numbers], model.cutoff))
+    assert metrics["force_mae_meV_per_A"] == pytest.approx(card["force_mae_meV_per_A"], rel=0.25)
+    assert metrics["energy_mae_meV"] == pytest.approx(card["energy_mae_meV"], rel=0.5)
+
+
+@pytest.mark.slow
+def test_shipped_azobenzene_is_equivariant_in_float64():
+    from scipy.spatial.transform import Rotation
+
+    from gaq_calc.model import energy_and_forces
+
+    model, _ = load_model(models_dir() / "azobenzene_fp32" / "model.pt", dtype=torch.float64)
+    frames = read_frames("azobenzene", "test").subset([0])
+    rng = np.random.default_rng(0)
+
+    def ef(pos):
+        f = frames.subset([0])
+        f.positions = [pos]
+        b = GraphDataset(f, [int(z) for z in model.atomic_numbers], 5.0).collate([0]).to("cpu", torch.float64)
+        e, forces = energy_and_forces(model, b)
+        return e.item(), forces.detach().numpy()
+
+    e0, f0 = ef(frames.positions[0])
+    for _ in range(10):
+        R = Rotation.random(random_state=rng).as_matrix()
+        e1, f1 = ef(frames.positions[0] @ R.T)
+        assert abs(e1 - e0) < 1e-9
+        np.testing.assert_allclose(f1, f0 @ R.T, atol=1e-10)
