@@ -1,6 +1,8 @@
 """A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
@@ -41,7 +43,9 @@ class GAQCalculator(Calculator):
         self.min_distance = float(min_distance)
         self.energy_forces = EnergyForces(self.model)
         if jit:
-            self.energy_forces = torch.jit.script(self.energy_forces)
+            with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.energy_forces = torch.jit.script(self.energy_forces)
 
     def _graph(self, atoms) -> GraphBatch:
         positions = np.asarray(atoms.positions, dtype=np.float64)
@@ -82,9 +86,9 @@ class GAQCalculator(Calculator):
         if len(self.atoms) == 0:
             self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3))}
             return
-        g = self._graph(self.atoms)
         # forces need autograd even under a caller's no_grad/inference_mode; both are restored on exit
         with torch.inference_mode(False), torch.enable_grad():
+            g = self._graph(self.atoms)
             energy, forces = self.energy_forces(g.species, g.positions, g.receivers, g.senders, g.shifts, g.batch, 1)
         energy = float(energy.detach().cpu()[0])
         forces = forces.detach().cpu().double().numpy()

@@ -20,7 +20,7 @@ def _add_dataclass_flags(parser, cls, prefix: str = "") -> None:
             continue
         kind = hints[f.name]
         base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", type=base,
+        parser.add_argument("--" + f"{prefix}{f.name}".replace("_", "-"), dest=f"{prefix}{f.name}", type=base,
                             default=None, help=f"(default {f.default!r})")
 
 

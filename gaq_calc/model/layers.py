@@ -12,7 +12,9 @@ from torch import nn
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
     """Sum rows of src into dim_size rows given by index (first dim)."""
-    out = torch.zeros([dim_size] + src.shape[1:], dtype=src.dtype, device=src.device)
+    size = src.size()
+    shape = [dim_size] + [size[d] for d in range(1, len(size))]  # (same in eager and TorchScript)
+    out = torch.zeros(shape, dtype=src.dtype, device=src.device)
     return out.index_add(0, index, src)
 
 

@@ -155,7 +155,7 @@ def train(
             "train_data": str(cfg.train_data), "n_train": len(train_frames), "n_val": len(val_frames),
             "epochs": state["epoch"], "train_seconds": state["train_seconds"],
             "commands": list(state["commands"]), "train_config": cfg.to_dict(),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     run_start = time.perf_counter()
