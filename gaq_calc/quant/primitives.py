@@ -22,13 +22,14 @@ def qrange(bits: int) -> tuple[int, int]:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    """round() forward (bit-exact), identity backward."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Forward x, backward grad * scale (LSQ's step-size gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
+    """Forward x (bit-exact), backward grad * scale (LSQ's step-size gradient scaling)."""
+    scaled = x * scale
+    return x.detach() + (scaled - scaled.detach())
 
 
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""prepare (FP32 -> QAT) and convert (QAT -> integer weights) for a GAQPotential."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from gaq_calc.quant.config import QuantConfig
+from gaq_calc.quant.modules import IntLinear, QuantLinear
+
+#: Linear layers acting on l=1 features (the vector branch); every other Linear is scalar branch.
+VECTOR_LINEARS = ("vector_mix",)
+
+
+def branch_of(name: str) -> str:
+    return "vector" if name.split(".")[-1] in VECTOR_LINEARS else "scalar"
+
+
+def _swap(model: nn.Module, build) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            replacement = build(full, child)
+            if replacement is not None:
+                setattr(module, child_name, replacement)
+    return model
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """A copy of `model` with every nn.Linear replaced by a QuantLinear of its branch (QAT-ready)."""
+
+    def build(name, child):
+        if type(child) is not nn.Linear:
+            return None
+        branch = branch_of(name)
+        if branch == "vector":
+            return QuantLinear(child, "vector", config.vector_weight_bits, config.vector_act_bits,
+                               config.vector_method, config.directions)
+        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits)
+
+    prepared = _swap(copy.deepcopy(model), build)
+    prepared.quant_config = config
+    return prepared
+
+
+def set_vector_quantization(model: nn.Module, enabled: bool) -> None:
+    """Staged warm-up: switch the vector branch's quantizers off (first epochs) or on."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.branch == "vector":
+            module.quantize_weights = enabled
+            module.quantize_acts = enabled and module.act_bits is not None
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Integer-weight inference model from a prepared (QAT) model; same outputs for the same inputs."""
+    return _swap(copy.deepcopy(model), lambda name, child: IntLinear(child) if isinstance(child, QuantLinear) else None)

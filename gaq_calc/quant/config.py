@@ -1,0 +1,41 @@
+"""One config for quantizing a GAQPotential, with the presets of the paper and the baselines."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+
+@dataclass
+class QuantConfig:
+    scalar_weight_bits: int = 8  # Linear layers of the scalar (l=0) branch, radial net and readout
+    vector_weight_bits: int = 4  # channel-mixing Linear layers of the vector (l=1) branch
+    scalar_act_bits: Optional[int] = 8  # inputs of scalar-branch Linear layers; None = not quantized
+    vector_act_bits: Optional[int] = 8  # inputs of vector-branch Linear layers; None = not quantized
+    vector_method: str = "mddq"  # mddq | cartesian (component-wise linear, the naive baseline)
+    codebook_size: Optional[int] = None  # MDDQ directions; None = 2^vector_act_bits
+    warmup_epochs: int = 0  # QAT epochs with the vector branch unquantized (staged warm-up)
+    lee_weight: float = 0.0  # weight of the LEE regularizer on forces during QAT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def directions(self) -> int:
+        return self.codebook_size or 2 ** (self.vector_act_bits or 8)
+
+
+PRESETS = {
+    # GAQ: 4-bit weights on the equivariant branch, 8-bit elsewhere, 8-bit activations, MDDQ vectors
+    "w4a8": QuantConfig(),
+    "w8a8": QuantConfig(vector_weight_bits=8),
+    # naive INT8: 8-bit everywhere, vectors quantized per Cartesian component
+    "naive_int8": QuantConfig(vector_weight_bits=8, vector_method="cartesian"),
+    # weights only: exactly equivariant (channel mixing with quantized weights still commutes with R)
+    "w4_weights_only": QuantConfig(scalar_act_bits=None, vector_act_bits=None),
+}
+
+
+def preset(name: str) -> QuantConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown quantization preset {name!r}; known: {sorted(PRESETS)}")
+    return QuantConfig(**PRESETS[name].to_dict())
