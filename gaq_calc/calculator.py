@@ -9,7 +9,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
 from gaq_calc.model.network import EnergyForces
-from gaq_calc.model.serialization import load_model
+from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

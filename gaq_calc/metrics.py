@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-
+import torch
 
 from gaq_calc.data.graphs import GraphDataset
 from gaq_calc.model.network import energy_and_forces
@@ -44,3 +44,38 @@ def force_rms(dataset_forces: list[np.ndarray]) -> float:
     return float(np.sqrt(np.mean(np.concatenate([f.ravel() for f in dataset_forces]) ** 2)))
 
 
+
+
+def random_rotations(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """n uniformly random proper rotations [n, 3, 3] (QR of Gaussian matrices, sign-fixed)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, 3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    q[torch.det(q) < 0, :, 0] *= -1  # reflections -> rotations
+    return q.to(dtype)
+
+
+def rotated(batch, rotation: torch.Tensor):
+    """The same batch with positions and cell shifts rotated: x -> x R^T."""
+    from dataclasses import replace
+
+    r = rotation.to(batch.positions.dtype)
+    return replace(batch, positions=batch.positions @ r.T, shifts=batch.shifts @ r.T)
+
+
+def local_equivariance_error(model, dataset: GraphDataset, n_rotations: int = 4, seed: int = 0,
+                             batch_size: int = 32) -> dict:
+    """LEE in meV/Å: mean over frames, rotations R and atoms of |F_i(R x) - R F_i(x)|."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    rotations = random_rotations(n_rotations, seed)
+    errors = []
+    for batch in dataset.batches(batch_size):
+        batch = batch.to(device, dtype)
+        _, forces = energy_and_forces(model, batch)
+        for rot in rotations:
+            _, forces_rot = energy_and_forces(model, rotated(batch, rot.to(device)))
+            diff = forces_rot.detach().double() - forces.detach().double() @ rot.to(device).T
+            errors.append(torch.linalg.norm(diff, dim=-1).cpu())
+    return {"lee_meV_per_A": float(torch.cat(errors).mean()) * MEV_PER_EV, "lee_rotations": n_rotations,
+            "lee_frames": len(dataset)}

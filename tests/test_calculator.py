@@ -8,7 +8,7 @@ from ase.calculators.fd import calculate_numerical_forces
 from gaq_calc import GAQCalculator, ModelFileError
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.model import energy_and_forces
-from gaq_calc.model.serialization import load_model
+from gaq_calc.loading import load_model
 
 SHIPPED = "ethanol_fp32"
 

@@ -92,3 +92,38 @@ def test_cosine_schedule_shape():
     lrs = [cosine_lr(e, 1e-2, 1e-5, 2, 10) for e in range(10)]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path, small_data):
+    from gaq_calc.loading import load_model
+    from gaq_calc.quant import QuantLinear
+
+    fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
+                 progress=False, log=lambda s: None)
+    cfg = _config(tmp_path, "qat", small_data, epochs=2, init_from=str(fp32 / "final.pt"), quant="w4a8",
+                  quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
+    out = train(cfg, progress=False, log=lambda s: None)
+    model, meta = load_model(out / "final.pt")
+    vector = [m for n, m in model.named_modules() if n.endswith("vector_mix")]
+    assert vector and all(isinstance(m, QuantLinear) and m.weight_bits == 4 for m in vector)
+    assert all(bool(m.calibrated) for m in vector)
+    history = json.loads((out / "log.json").read_text())
+    assert all(np.isfinite(r["train_loss"]) for r in history)
+    # resuming a QAT run restores the prepared model too
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
+
+
+def test_lee_metric_is_float_noise_for_fp32_and_positive_for_w4a8(tmp_path, ethanol_frames):
+    from conftest import randomize
+    from gaq_calc.data import GraphDataset
+    from gaq_calc.metrics import local_equivariance_error
+    from gaq_calc.model import GAQPotential, energy_and_forces
+    from gaq_calc.quant import prepare, preset
+
+    torch.manual_seed(0)
+    fp = randomize(GAQPotential(tiny_config()), seed=2).double().eval()
+    ds = GraphDataset(ethanol_frames.subset([0, 1, 2]), [1, 6, 8], 5.0)
+    assert local_equivariance_error(fp, ds, n_rotations=2)["lee_meV_per_A"] < 1e-8
+    q = prepare(fp, preset("w4a8"))
+    energy_and_forces(q, ds.collate([0]).to("cpu", torch.float64))
+    assert local_equivariance_error(q, ds, n_rotations=2)["lee_meV_per_A"] > 1e-6

@@ -20,7 +20,7 @@ import torch
 
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.metrics import error_metrics
-from gaq_calc.model.serialization import load_model
+from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
 
 

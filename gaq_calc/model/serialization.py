@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from gaq_calc.model.config import ModelConfig
 from gaq_calc.model.network import GAQPotential
 
 MODEL_FORMAT = "gaq_calc.model"
@@ -34,17 +33,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def save_model(path: str | Path, model: GAQPotential, metadata: dict | None = None) -> None:
+    """Config, weights and metadata; a quantization-prepared model also records its quant config."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save(
-        {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "model_config": model.config.to_dict(),
-            "state_dict": state,
-            "metadata": metadata or {},
-        },
-        path,
-    )
+    data = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "model_config": model.config.to_dict(),
+        "state_dict": state,
+        "metadata": metadata or {},
+    }
+    quant_config = getattr(model, "quant_config", None)
+    if quant_config is not None:
+        data["quant_config"] = quant_config.to_dict()
+    atomic_save(data, path)
 
 
 def read_model_file(path: str | Path) -> dict:
@@ -61,14 +62,3 @@ def read_model_file(path: str | Path) -> dict:
     if data.get("format_version") != MODEL_FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model format version {data.get('format_version')}")
     return data
-
-
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model in eval mode, metadata) from a model file."""
-    data = read_model_file(path)
-    try:
-        model = GAQPotential(ModelConfig.from_dict(data["model_config"]))
-        model.load_state_dict(data["state_dict"])
-    except Exception as err:
-        raise ModelFileError(f"{path}: model file does not match the network ({err})") from err
-    return model.to(device=device, dtype=dtype).eval(), data.get("metadata", {})

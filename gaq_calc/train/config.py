@@ -33,6 +33,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs
     snapshot_minutes: float = 40.0  # save the EMA model once when training time first passes this
     max_minutes: Optional[float] = None  # stop (resumable) after this much wall time in this run
+    # quantization-aware training (QAT): fine-tune a trained FP32 model under a quantization preset
+    init_from: Optional[str] = None  # FP32 model to start from (file, folder or shipped name)
+    quant: Optional[str] = None  # preset name (w4a8, w8a8, naive_int8, ...); None = FP32 training
+    quant_warmup_epochs: int = 0  # epochs with the vector branch unquantized (staged warm-up)
+    lee_weight: float = 0.0  # weight of the LEE regularizer (mean |F(Rx) - R F(x)|, eV/Å)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
-from gaq_calc.metrics import error_metrics, force_rms
-from gaq_calc.model import GAQPotential, energy_and_forces
+from gaq_calc.metrics import error_metrics, force_rms, random_rotations, rotated
+from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
 from gaq_calc.model.serialization import atomic_save, read_model_file, save_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
@@ -39,13 +39,34 @@ def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
     return cfg.energy_weight * e_term.to(forces.dtype) + cfg.force_weight * f_term
 
 
-def build_model(cfg: TrainConfig, train_frames) -> GAQPotential:
-    with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
-        torch.manual_seed(cfg.seed)
-        model = GAQPotential(cfg.model).to(getattr(torch, cfg.dtype))
-    ref = fit_reference_energies(train_frames, cfg.model.species)
-    model.set_energy_reference(ref, force_rms(train_frames.forces))
+def build_model(cfg: TrainConfig, train_frames, first_batch) -> GAQPotential:
+    """FP32: a seeded fresh network with fitted references. QAT: the FP32 model, prepared and calibrated."""
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.init_from:
+        from gaq_calc.loading import load_model
+        from gaq_calc.models_dir import resolve_model
+
+        model, _ = load_model(resolve_model(cfg.init_from), dtype=dtype)
+        model.train()
+    else:
+        with torch.random.fork_rng():  # seeded init without touching the caller's global RNG
+            torch.manual_seed(cfg.seed)
+            model = GAQPotential(cfg.model).to(dtype)
+        ref = fit_reference_energies(train_frames, cfg.model.species)
+        model.set_energy_reference(ref, force_rms(train_frames.forces))
+    if cfg.quant:
+        from gaq_calc.quant import prepare, preset
+
+        model = prepare(model, preset(cfg.quant))
+        energy_and_forces(model, first_batch.to("cpu", dtype))  # calibrates activation ranges
     return model
+
+
+def lee_penalty(model, batch, forces, seed: int) -> torch.Tensor:
+    """Mean over atoms of |F(Rx) - R F(x)| for one random rotation per step (eV/Å)."""
+    rot = random_rotations(1, seed, dtype=forces.dtype)[0]
+    _, forces_rot = energy_and_forces(model, rotated(batch, rot), training=True)
+    return torch.linalg.norm(forces_rot - forces @ rot.T, dim=-1).mean()
 
 
 def _write_log(out: Path, history: list[dict]) -> None:
@@ -90,6 +111,8 @@ RUN_CONTROL_FIELDS = ("out_dir", "max_minutes", "checkpoint_every")
 
 
 def _trajectory_fields(config: dict) -> dict:
+    # through the dataclass, so fields added later (with defaults) compare equal to older checkpoints
+    config = TrainConfig.from_dict(config).to_dict()
     return {k: v for k, v in config.items() if k not in RUN_CONTROL_FIELDS}
 
 
@@ -114,13 +137,22 @@ def train(
     frames = read_frames(cfg.train_data, "train")
     train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.seed)
     train_frames, val_frames = frames.subset(train_idx), frames.subset(val_idx)
-    cfg.model.species = frames.species  # the model knows exactly the elements it was trained on
+    if cfg.init_from:  # fine-tuning keeps the network of the model it starts from
+        from gaq_calc.model.serialization import read_model_file
+        from gaq_calc.models_dir import resolve_model
+
+        cfg.model = ModelConfig.from_dict(read_model_file(resolve_model(cfg.init_from))["model_config"])
+        missing = set(frames.species) - set(cfg.model.species)
+        if missing:
+            raise ValueError(f"{cfg.init_from} does not know elements {sorted(missing)} of the training data")
+    else:
+        cfg.model.species = frames.species  # the model knows exactly the elements it was trained on
     dtype = getattr(torch, cfg.dtype)
     train_ds = GraphDataset(train_frames, cfg.model.species, cfg.model.cutoff)
     val_ds = GraphDataset(val_frames, cfg.model.species, cfg.model.cutoff)
     mean_atoms = float(np.mean([len(n) for n in val_frames.numbers]))
 
-    model = build_model(cfg, train_frames)
+    model = build_model(cfg, train_frames, train_ds.collate(np.arange(min(cfg.batch_size, len(train_ds)))))
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {
@@ -171,16 +203,24 @@ def train(
             raise ValueError(f"unknown schedule {cfg.schedule!r}")
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if cfg.quant:  # staged warm-up: the vector branch is quantized only after the warm-up epochs
+            from gaq_calc.quant import set_vector_quantization
+
+            for m in (model, ema.model):
+                set_vector_quantization(m, epoch >= cfg.quant_warmup_epochs)
 
         model.train()
         losses = []
         batches = train_ds.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
         n_batches = math.ceil(len(train_ds) / cfg.batch_size)
-        for batch in tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                          disable=not progress, leave=False):
+        for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                          disable=not progress, leave=False)):
             batch = batch.to("cpu", dtype)
             energy, forces = energy_and_forces(model, batch, training=True)
             loss = loss_fn(energy, forces, batch, cfg)
+            if cfg.lee_weight > 0:
+                loss = loss + cfg.lee_weight * lee_penalty(
+                    model, batch, forces, seed=cfg.seed * 1_000_003 + epoch * 10_007 + step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
