@@ -19,16 +19,22 @@ from pathlib import Path
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames
-from gaq_calc.metrics import error_metrics
+from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
 
 
-def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype) -> tuple[dict, dict, object]:
+def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
+                  lee_rotations: int = 4) -> tuple[dict, dict, object]:
     model, metadata = load_model(path, dtype=dtype)
     frames = read_frames(data, split)
-    dataset = GraphDataset(frames, [int(z) for z in model.atomic_numbers.tolist()], model.cutoff)
-    return error_metrics(model, dataset), metadata, model
+    species = [int(z) for z in model.atomic_numbers.tolist()]
+    dataset = GraphDataset(frames, species, model.cutoff)
+    metrics = error_metrics(model, dataset)
+    if lee_frames > 0:
+        subset = GraphDataset(frames.subset(range(min(lee_frames, len(frames)))), species, model.cutoff)
+        metrics.update(local_equivariance_error(model, subset, n_rotations=lee_rotations, seed=0))
+    return metrics, metadata, model
 
 
 def main(argv=None) -> None:
@@ -42,6 +48,8 @@ def main(argv=None) -> None:
     parser.add_argument("--card", help="write the model card (JSON) to this file")
     parser.add_argument("--write-card", action="store_true", help="write card.json beside the model file")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lee-frames", type=int, default=100, help="first N frames for LEE (0: skip LEE)")
+    parser.add_argument("--lee-rotations", type=int, default=4, help="random rotations per frame for LEE")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -57,7 +65,7 @@ def main(argv=None) -> None:
             # a training *file* has no separate test split: never evaluate on training frames by default
             parser.error("pass --data: the model was not trained on a shipped molecule with a test split")
         data = trained_on
-    metrics, metadata, model = evaluate_file(path, data, args.split, dtype)
+    metrics, metadata, model = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations)
     card = {
         "model": path.parent.name if path.name == "model.pt" else path.stem,
         "model_file": str(path),
@@ -93,7 +101,8 @@ def main(argv=None) -> None:
                            "machine": platform.machine(), "threads": torch.get_num_threads()}
 
     print(f"{card['model']} on {data} ({args.split}, {metrics['n_frames']} frames): "
-          f"E MAE {metrics['energy_mae_meV']:.2f} meV, F MAE {metrics['force_mae_meV_per_A']:.2f} meV/Å")
+          f"E MAE {metrics['energy_mae_meV']:.2f} meV, F MAE {metrics['force_mae_meV_per_A']:.2f} meV/Å"
+          + (f", LEE {metrics['lee_meV_per_A']:.2e} meV/Å" if "lee_meV_per_A" in metrics else ""))
     if "snapshot" in card:
         s = card["snapshot"]
         print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV, "

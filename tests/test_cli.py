@@ -1,0 +1,45 @@
+"""gaq-eval and gaq-report end to end on a tiny model file."""
+import json
+
+import pytest
+
+from gaq_calc.cli import evaluate, report
+
+
+def test_gaq_eval_writes_a_card(tmp_path, tiny_model_file, capsys):
+    card = tmp_path / "card.json"
+    evaluate.main([str(tiny_model_file), "--card", str(card), "--lee-frames", "3", "--lee-rotations", "2"])
+    data = json.loads(card.read_text())
+    assert data["n_frames"] == 1000 and data["split"] == "test" and data["test_data"] == "ethanol"
+    assert data["energy_mae_meV"] > 0 and data["force_mae_meV_per_A"] > 0
+    assert data["lee_frames"] == 3 and data["lee_rotations"] == 2
+    assert data["lee_meV_per_A"] < 1e-2  # FP32 in float32: rounding noise only
+    assert "E MAE" in capsys.readouterr().out
+
+
+def test_gaq_eval_refuses_to_default_to_a_training_file(tmp_path, tiny_model_file):
+    import torch
+
+    data = torch.load(tiny_model_file, weights_only=True)
+    data["metadata"]["train_data"] = "/some/where/train.extxyz"
+    path = tmp_path / "m.pt"
+    torch.save(data, path)
+    with pytest.raises(SystemExit):
+        evaluate.main([str(path)])
+
+
+def test_gaq_report_rewrites_only_the_generated_block(tmp_path, monkeypatch):
+    models = tmp_path / "models" / "m1"
+    models.mkdir(parents=True)
+    (models / "card.json").write_text(json.dumps({
+        "model": "m1", "test_data": "data/rmd17/rmd17_ethanol_test_01.npz", "split": "test", "n_frames": 1000,
+        "energy_mae_meV": 1.234, "force_mae_meV_per_A": 5.678, "n_parameters": 1000,
+        "training": {"epochs": 10, "selected_epoch": 9, "train_minutes": 3.0}}))
+    monkeypatch.setenv("GAQ_MODELS_DIR", str(tmp_path / "models"))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nmid\n"
+                      "<!-- speed:start -->\n<!-- speed:end -->\nend\n")
+    report.main(["--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end\n")
+    assert "| m1 |" in text and "1.23" in text and "5.68" in text and "old" not in text
