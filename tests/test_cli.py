@@ -43,3 +43,22 @@ def test_gaq_report_rewrites_only_the_generated_block(tmp_path, monkeypatch):
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end\n")
     assert "| m1 |" in text and "1.23" in text and "5.68" in text and "old" not in text
+
+
+def test_gaq_quantize_ptq_round_trip(tmp_path, tiny_model_file):
+    from gaq_calc.cli import quantize
+    from gaq_calc.loading import load_model
+    from gaq_calc.quant import QuantLinear
+
+    out = tmp_path / "naive" / "model.pt"
+    quantize.main([str(tiny_model_file), "--preset", "naive_int8", "-o", str(out), "--calib-frames", "8"])
+    model, meta = load_model(out)
+    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert q and all(bool(m.calibrated) for m in q)
+    steps = q[0].weight_step.detach().flatten()
+    assert (steps == steps[0]).all()  # naive: one step per tensor
+    assert meta["ptq"] and meta["commands"][-1].startswith("gaq-quantize")
+    card = tmp_path / "card.json"
+    evaluate.main([str(out), "--card", str(card), "--lee-frames", "2", "--lee-rotations", "2"])
+    data = json.loads(card.read_text())
+    assert data["lee_frames"] == 2 and data["lee_meV_per_A"] >= 0  # symmetry breaking: test_train

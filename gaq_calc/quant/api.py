@@ -35,8 +35,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         branch = branch_of(name)
         if branch == "vector":
             return QuantLinear(child, "vector", config.vector_weight_bits, config.vector_act_bits,
-                               config.vector_method, config.directions)
-        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits)
+                               config.vector_method, config.directions, config.per_channel_weights)
+        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits,
+                           per_channel=config.per_channel_weights)
 
     prepared = _swap(copy.deepcopy(model), build)
     prepared.quant_config = config
@@ -49,6 +50,22 @@ def set_vector_quantization(model: nn.Module, enabled: bool) -> None:
         if isinstance(module, QuantLinear) and module.branch == "vector":
             module.quantize_weights = enabled
             module.quantize_acts = enabled and module.act_bits is not None
+
+
+def calibrate(model: nn.Module, batches, run) -> nn.Module:
+    """Post-training calibration: activation ranges = min-max over all `batches`; run(model, batch)
+    does one forward pass (e.g. energy_and_forces)."""
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in quant:
+        m.calibrated.fill_(False)
+        m.observing = True
+    try:
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for m in quant:
+            m.observing = False
+    return model
 
 
 def convert(model: nn.Module) -> nn.Module:

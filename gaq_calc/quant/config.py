@@ -12,6 +12,7 @@ class QuantConfig:
     scalar_act_bits: Optional[int] = 8  # inputs of scalar-branch Linear layers; None = not quantized
     vector_act_bits: Optional[int] = 8  # inputs of vector-branch Linear layers; None = not quantized
     vector_method: str = "mddq"  # mddq | cartesian (component-wise linear, the naive baseline)
+    per_channel_weights: bool = True  # per-output-channel weight steps; False = one step per tensor
     codebook_size: Optional[int] = None  # MDDQ directions; None = 2^vector_act_bits
     warmup_epochs: int = 0  # QAT epochs with the vector branch unquantized (staged warm-up)
     lee_weight: float = 0.0  # weight of the LEE regularizer on forces during QAT
@@ -28,8 +29,8 @@ PRESETS = {
     # GAQ: 4-bit weights on the equivariant branch, 8-bit elsewhere, 8-bit activations, MDDQ vectors
     "w4a8": QuantConfig(),
     "w8a8": QuantConfig(vector_weight_bits=8),
-    # naive INT8: 8-bit everywhere, vectors quantized per Cartesian component
-    "naive_int8": QuantConfig(vector_weight_bits=8, vector_method="cartesian"),
+    # naive INT8: 8-bit everywhere, per-tensor min-max, vectors quantized per Cartesian component
+    "naive_int8": QuantConfig(vector_weight_bits=8, vector_method="cartesian", per_channel_weights=False),
     # weights only: exactly equivariant (channel mixing with quantized weights still commutes with R)
     "w4_weights_only": QuantConfig(scalar_act_bits=None, vector_act_bits=None),
 }

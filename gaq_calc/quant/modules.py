@@ -18,7 +18,7 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, branch: str, weight_bits: int, act_bits: Optional[int],
-                 vector_method: str = "mddq", directions: int = 256):
+                 vector_method: str = "mddq", directions: int = 256, per_channel: bool = True):
         super().__init__()
         if branch not in ("scalar", "vector"):
             raise ValueError(f"branch must be 'scalar' or 'vector', not {branch!r}")
@@ -29,30 +29,35 @@ class QuantLinear(nn.Module):
         self.weight = nn.Parameter(linear.weight.detach().clone())  # [out, in]
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         _, qmax = qrange(weight_bits)
-        w_max = self.weight.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
-        self.weight_step = nn.Parameter(w_max / qmax)  # [out, 1]
+        w_abs = self.weight.detach().abs()
+        w_max = w_abs.amax(dim=1, keepdim=True) if per_channel else w_abs.max().expand(w_abs.shape[0], 1)
+        self.weight_step = nn.Parameter(w_max.clamp_min(1e-8) / qmax)  # [out, 1] (all equal per tensor)
         self.act_step = nn.Parameter(torch.ones((), dtype=self.weight.dtype))
         self.register_buffer("codebook", torch.from_numpy(fibonacci_sphere(directions)).to(self.weight.dtype))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.quantize_weights = True
         self.quantize_acts = act_bits is not None
+        self.observing = False  # while True, every batch widens the activation range (calibration)
 
     @torch.no_grad()
-    def _calibrate(self, x: torch.Tensor) -> None:
-        """First batch sets the activation range: max |x| (or max |v|) over the batch."""
+    def _observe(self, x: torch.Tensor) -> None:
+        """Min-max range: the step covers max |x| (or max |v| for MDDQ) over the batches seen."""
         bits = int(self.act_bits)
         if self.branch == "vector" and self.vector_method == "mddq":
             peak, levels = x.norm(dim=-2).max(), 2**bits - 1  # magnitudes are unsigned
         else:
             peak, levels = x.abs().max(), qrange(bits)[1]
-        self.act_step.fill_(float(peak.clamp_min(1e-8)) / levels)
+        step = float(peak.clamp_min(1e-8)) / levels
+        if bool(self.calibrated):
+            step = max(step, float(self.act_step))
+        self.act_step.fill_(step)
         self.calibrated.fill_(True)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantize_acts or self.act_bits is None:
             return x
-        if not bool(self.calibrated):
-            self._calibrate(x)
+        if self.observing or not bool(self.calibrated):
+            self._observe(x)
         bits = int(self.act_bits)
         if self.branch == "vector" and self.vector_method == "mddq":
             v = x.transpose(-1, -2)  # [..., in, 3]
