@@ -46,6 +46,18 @@ def md_steps_per_second(calc: GAQCalculator, atoms: Atoms, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def keep_freed_memory() -> None:
+    """glibc: keep freed blocks for reuse instead of returning them to the OS after every op (this
+    process only; the same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 256 * 1024 * 1024)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="azobenzene_fp32")
@@ -60,18 +72,22 @@ def main(argv=None) -> None:
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
     variants = {"eager": dict(jit=False), "torchscript": dict(jit=True)}
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
-        for name, kwargs in variants.items():
-            calc = GAQCalculator(args.model, **kwargs)
-            rows.append({
-                "variant": name, "threads": threads, "atoms": len(atoms),
-                "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
-                "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
-            })
+    for malloc_tuned in (False, True):
+        if malloc_tuned:
+            keep_freed_memory()  # from here on; rows before it ran with glibc's defaults
+        for threads in args.threads:
+            torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
+            for name, kwargs in variants.items():
+                calc = GAQCalculator(args.model, **kwargs)
+                rows.append({
+                    "variant": name + (" + malloc" if malloc_tuned else ""), "threads": threads,
+                    "atoms": len(atoms), "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
+                    "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
+                })
     base = {r["threads"]: r["ms_per_call"] for r in rows if r["variant"] == "eager"}
     print(f"{args.model}, {len(atoms)} atoms, {platform.processor() or platform.machine()}, torch {torch.__version__}")
     print("| variant | threads | ms / call (E+F) | speed-up vs eager | ASE MD steps/s |")
+    print("(+ malloc: glibc keeps freed memory, see keep_freed_memory)")
     print("|---|---|---|---|---|")
     for r in rows:
         r["speedup_vs_eager"] = base[r["threads"]] / r["ms_per_call"]

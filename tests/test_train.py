@@ -127,3 +127,15 @@ def test_lee_metric_is_float_noise_for_fp32_and_positive_for_w4a8(tmp_path, etha
     q = prepare(fp, preset("w4a8"))
     energy_and_forces(q, ds.collate([0]).to("cpu", torch.float64))
     assert local_equivariance_error(q, ds, n_rotations=2)["lee_meV_per_A"] > 1e-6
+
+
+@pytest.mark.parametrize("name", ["azobenzene_fp32", "ethanol_fp32", "azobenzene_w4a8", "azobenzene_w8a8"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.model.num_features == 64 and cfg.model.num_layers == 6
+    if cfg.quant:
+        from gaq_calc.quant import preset
+
+        preset(cfg.quant)
