@@ -11,6 +11,7 @@ from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
+from gaq_calc.quant import QuantLinear
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -22,7 +23,8 @@ class GAQCalculator(Calculator):
     device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
     energies and the total energy are always accumulated in float64).
     min_distance: atoms closer than this (Å) are rejected as overlapping.
-    jit: run the network through TorchScript (same numbers, less Python overhead per call).
+    jit: run an FP32 network through TorchScript (same numbers, less overhead per call); quantized
+    (QAT/PTQ) model files always run eagerly, as their quantizers are not scriptable.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -42,7 +44,8 @@ class GAQCalculator(Calculator):
             raise ValueError(f"min_distance must be > 0 Å, not {min_distance}")
         self.min_distance = float(min_distance)
         self.energy_forces = EnergyForces(self.model)
-        if jit:
+        self.quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        if jit and not self.quantized:
             with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.energy_forces = torch.jit.script(self.energy_forces)

@@ -89,4 +89,23 @@ def test_qat_gradients_reach_weights_and_steps(fp_model, ethanol_frames):
     ((f - batch.forces) ** 2).mean().backward()
     vm = q.layers[1].vector_mix
     assert vm.weight.grad is not None and vm.weight.grad.abs().sum() > 0
-    assert vm.weight_step.grad is not None
+    assert vm.weight_step.grad.abs().sum() > 0
+    assert vm.act_step.grad is not None and vm.act_step.grad.abs() > 0  # MDDQ magnitude step learns
+
+
+def test_convert_refuses_uncalibrated_or_warming_up_models(fp_model, ethanol_frames):
+    q = prepare(fp_model, preset("w4a8"))
+    with pytest.raises(ValueError, match="calibrated"):
+        convert(q)
+    energy_and_forces(q, _batch(ethanol_frames, 0))
+    set_vector_quantization(q, False)
+    with pytest.raises(ValueError, match="switched on"):
+        convert(q)
+
+
+def test_converted_model_holds_integer_weights_only(fp_model, ethanol_frames):
+    q = prepare(fp_model, preset("w4a8"))
+    energy_and_forces(q, _batch(ethanol_frames, 0))
+    names = set(convert(q).state_dict())
+    assert "layers.0.vector_mix.weight_codes" in names
+    assert not any(n.endswith("vector_mix.weight") or n.endswith("act.weight") for n in names)

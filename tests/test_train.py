@@ -109,8 +109,29 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     assert all(bool(m.calibrated) for m in vector)
     history = json.loads((out / "log.json").read_text())
     assert all(np.isfinite(r["train_loss"]) for r in history)
-    # resuming a QAT run restores the prepared model too
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
+
+    # a QAT run stopped at the warm-up boundary and resumed equals the uninterrupted run
+    stopped = _config(tmp_path, "qat_stopped", small_data, epochs=2, init_from=str(fp32 / "final.pt"),
+                      quant="w4a8", quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
+    train(stopped, progress=False, stop_after_epochs=1, log=lambda s: None)
+    resumed = train(_config(tmp_path, "qat_stopped", small_data, epochs=2, init_from=str(fp32 / "final.pt"),
+                            quant="w4a8", quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0)),
+                    progress=False, log=lambda s: None)
+    a = torch.load(out / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "final.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_per_tensor_steps_stay_per_tensor_under_qat(tmp_path, small_data):
+    from gaq_calc.loading import load_model
+    from gaq_calc.quant import QuantLinear
+
+    fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1), progress=False, log=lambda s: None)
+    out = train(_config(tmp_path, "naive", small_data, epochs=1, init_from=str(fp32 / "final.pt"),
+                        quant="naive_int8"), progress=False, log=lambda s: None)
+    model, _ = load_model(out / "final.pt")
+    assert all(m.weight_step.numel() == 1 for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def test_lee_metric_is_float_noise_for_fp32_and_positive_for_w4a8(tmp_path, ethanol_frames):

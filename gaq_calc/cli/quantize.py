@@ -17,7 +17,7 @@ import torch
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.loading import load_model
 from gaq_calc.model import energy_and_forces
-from gaq_calc.model.serialization import save_model
+from gaq_calc.model.serialization import read_model_file, save_model
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.quant import PRESETS, calibrate, prepare, preset
 
@@ -33,6 +33,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     path = resolve_model(args.model)
+    if read_model_file(path).get("quant_config"):
+        parser.error(f"{path} is already quantized; start from an FP32 model")
     model, meta = load_model(path)
     data = args.data or meta.get("train_data")
     frames = read_frames(data, "train")

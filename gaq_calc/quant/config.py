@@ -1,4 +1,5 @@
-"""One config for quantizing a GAQPotential, with the presets of the paper and the baselines."""
+"""One config for quantizing a GAQPotential, with the presets of the paper and the baselines.
+(The QAT schedule, staged warm-up and LEE weight belong to the trainer: gaq_calc.train.TrainConfig.)"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -14,8 +15,6 @@ class QuantConfig:
     vector_method: str = "mddq"  # mddq | cartesian (component-wise linear, the naive baseline)
     per_channel_weights: bool = True  # per-output-channel weight steps; False = one step per tensor
     codebook_size: Optional[int] = None  # MDDQ directions; None = 2^vector_act_bits
-    warmup_epochs: int = 0  # QAT epochs with the vector branch unquantized (staged warm-up)
-    lee_weight: float = 0.0  # weight of the LEE regularizer on forces during QAT
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,12 +1,13 @@
 """QuantLinear: a Linear with fake-quantized weights and inputs (QAT), convertible to integer storage."""
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
-from gaq_calc.quant.primitives import fake_quantize, fibonacci_sphere, mddq, qrange, quantize_int
+from gaq_calc.quant.primitives import fake_quantize, fibonacci_sphere, mddq, positive, qrange, quantize_int
 
 
 class QuantLinear(nn.Module):
@@ -30,8 +31,8 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         _, qmax = qrange(weight_bits)
         w_abs = self.weight.detach().abs()
-        w_max = w_abs.amax(dim=1, keepdim=True) if per_channel else w_abs.max().expand(w_abs.shape[0], 1)
-        self.weight_step = nn.Parameter(w_max.clamp_min(1e-8) / qmax)  # [out, 1] (all equal per tensor)
+        w_max = w_abs.amax(dim=1, keepdim=True) if per_channel else w_abs.max().reshape(1, 1)
+        self.weight_step = nn.Parameter(w_max.clamp_min(1e-8) / qmax)  # [out, 1], or [1, 1] per tensor
         self.act_step = nn.Parameter(torch.ones((), dtype=self.weight.dtype))
         self.register_buffer("codebook", torch.from_numpy(fibonacci_sphere(directions)).to(self.weight.dtype))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
@@ -57,6 +58,8 @@ class QuantLinear(nn.Module):
         if not self.quantize_acts or self.act_bits is None:
             return x
         if self.observing or not bool(self.calibrated):
+            if not self.training and not self.observing:
+                raise RuntimeError("activation quantizer used uncalibrated in eval mode; calibrate first")
             self._observe(x)
         bits = int(self.act_bits)
         if self.branch == "vector" and self.vector_method == "mddq":
@@ -82,12 +85,20 @@ class IntLinear(nn.Module):
 
     def __init__(self, qat: QuantLinear):
         super().__init__()
-        step = qat.weight_step.detach().clone()
+        if not qat.quantize_weights or (qat.act_bits is not None and not qat.quantize_acts):
+            raise ValueError("convert needs every quantizer switched on (is a staged warm-up still running?)")
+        if qat.act_bits is not None and not bool(qat.calibrated):
+            raise ValueError("convert needs calibrated activation ranges: run the QAT model (or calibrate) first")
+        step = positive(qat.weight_step.detach()).clone()
         self.register_buffer("weight_codes", quantize_int(qat.weight.detach(), step, qat.weight_bits))
         self.register_buffer("weight_step", step)
         self.weight_bits = qat.weight_bits
         self.bias = None if qat.bias is None else nn.Parameter(qat.bias.detach().clone(), requires_grad=False)
-        self.act = qat  # keeps the calibrated activation quantizer (its float weight is not used)
+        # the activation quantizer, without the float weights
+        act = copy.deepcopy(qat)
+        for name in ("weight", "bias", "weight_step"):
+            act._parameters.pop(name, None)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight_codes.to(self.weight_step.dtype) * self.weight_step

@@ -32,22 +32,29 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.detach() + (scaled - scaled.detach())
 
 
+def positive(step: torch.Tensor) -> torch.Tensor:
+    """Learned steps are used by magnitude and never reach zero (x / step stays finite)."""
+    return step.abs().clamp_min(1e-12)
+
+
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:
     """Symmetric linear fake quantization: step * clamp(round(x / step)).
 
-    step broadcasts against x (per-tensor scalar or per-channel). With lsq=True the step receives the
-    LSQ gradient (Esser et al. 2020), scaled by 1 / sqrt(numel * qmax); x gets the clipped STE.
+    step broadcasts against x (per-tensor or per-channel). With lsq=True the step receives the LSQ
+    gradient (Esser et al. 2020) scaled by 1 / sqrt(N * qmax), N = elements sharing one step; x gets
+    the clipped straight-through estimator.
     """
     qmin, qmax = qrange(bits)
+    step = positive(step)
     if lsq:
-        step = grad_scale(step, 1.0 / math.sqrt(x.numel() * qmax))
+        step = grad_scale(step, 1.0 / math.sqrt(x.numel() / step.numel() * qmax))
     return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
 
 def quantize_int(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer codes of fake_quantize (int8 storage for every bit width up to 8)."""
     qmin, qmax = qrange(bits)
-    return torch.clamp(torch.round(x / step), qmin, qmax).to(torch.int8)
+    return torch.clamp(torch.round(x / positive(step)), qmin, qmax).to(torch.int8)
 
 
 # ---- spherical codebooks ------------------------------------------------------------------------------
@@ -116,6 +123,6 @@ def mddq(
     """
     norm = torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)  # [..., 1], smooth at 0
     levels = 2**magnitude_bits - 1
-    step = grad_scale(magnitude_step, 1.0 / math.sqrt(norm.numel() * levels))
+    step = grad_scale(positive(magnitude_step), 1.0 / math.sqrt(norm.numel() * levels))
     magnitude = round_ste(torch.clamp(norm / step, 0, levels)) * step
     return magnitude * quantize_direction(v / norm, codebook)

@@ -39,7 +39,7 @@ def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
     return cfg.energy_weight * e_term.to(forces.dtype) + cfg.force_weight * f_term
 
 
-def build_model(cfg: TrainConfig, train_frames, first_batch) -> GAQPotential:
+def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPotential:
     """FP32: a seeded fresh network with fitted references. QAT: the FP32 model, prepared and calibrated."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.init_from:
@@ -55,10 +55,10 @@ def build_model(cfg: TrainConfig, train_frames, first_batch) -> GAQPotential:
         ref = fit_reference_energies(train_frames, cfg.model.species)
         model.set_energy_reference(ref, force_rms(train_frames.forces))
     if cfg.quant:
-        from gaq_calc.quant import prepare, preset
+        from gaq_calc.quant import calibrate, prepare, preset
 
         model = prepare(model, preset(cfg.quant))
-        energy_and_forces(model, first_batch.to("cpu", dtype))  # calibrates activation ranges
+        calibrate(model, (b.to("cpu", dtype) for b in calibration_batches), energy_and_forces)
     return model
 
 
@@ -152,7 +152,8 @@ def train(
     val_ds = GraphDataset(val_frames, cfg.model.species, cfg.model.cutoff)
     mean_atoms = float(np.mean([len(n) for n in val_frames.numbers]))
 
-    model = build_model(cfg, train_frames, train_ds.collate(np.arange(min(cfg.batch_size, len(train_ds)))))
+    calibration = [train_ds.collate(np.arange(k, min(k + 16, len(train_ds)))) for k in range(0, min(64, len(train_ds)), 16)]
+    model = build_model(cfg, train_frames, calibration)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {
@@ -208,7 +209,8 @@ def train(
 
             for m in (model, ema.model):
                 set_vector_quantization(m, epoch >= cfg.quant_warmup_epochs)
-
+            if epoch == cfg.quant_warmup_epochs > 0:  # selection only among fully quantized epochs
+                state["best_val_loss"], state["plateau_best"] = math.inf, math.inf
         model.train()
         losses = []
         batches = train_ds.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
