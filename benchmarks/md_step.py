@@ -50,8 +50,11 @@ def keep_freed_memory() -> None:
     """glibc: keep freed blocks for reuse instead of returning them to the OS after every op (this
     process only; the same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_)."""
     import ctypes
+    import ctypes.util
 
-    libc = ctypes.CDLL("libc.so.6")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        raise SystemExit("mallopt is glibc-only; run without the malloc variant here")
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
     libc.mallopt(m_trim_threshold, 1 << 30)
@@ -66,28 +69,39 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--md-steps", type=int, default=100)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--worker", choices=["default", "malloc"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     frames = read_frames(args.molecule, "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
-    variants = {"eager": dict(jit=False), "torchscript": dict(jit=True)}
-    rows = []
-    for malloc_tuned in (False, True):
-        if malloc_tuned:
-            keep_freed_memory()  # from here on; rows before it ran with glibc's defaults
+    if args.worker:  # one allocator setting per process, so neither inherits the other's warm state
+        if args.worker == "malloc":
+            keep_freed_memory()
+        rows = []
         for threads in args.threads:
             torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
-            for name, kwargs in variants.items():
+            for name, kwargs in {"eager": dict(jit=False), "torchscript": dict(jit=True)}.items():
                 calc = GAQCalculator(args.model, **kwargs)
                 rows.append({
-                    "variant": name + (" + malloc" if malloc_tuned else ""), "threads": threads,
+                    "variant": name + (" + malloc" if args.worker == "malloc" else ""), "threads": threads,
                     "atoms": len(atoms), "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
                     "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
                 })
+        print(json.dumps(rows))
+        return
+    import subprocess
+    import sys
+
+    own = [a for a in (sys.argv[1:] if argv is None else argv)]
+    rows = []
+    for worker in ("default", "malloc"):
+        out = subprocess.run([sys.executable, __file__, *own, "--worker", worker], check=True,
+                             capture_output=True, text=True).stdout
+        rows.extend(json.loads(out.strip().splitlines()[-1]))
     base = {r["threads"]: r["ms_per_call"] for r in rows if r["variant"] == "eager"}
     print(f"{args.model}, {len(atoms)} atoms, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print("(+ malloc: glibc keeps freed memory, see keep_freed_memory; each setting in its own process)")
     print("| variant | threads | ms / call (E+F) | speed-up vs eager | ASE MD steps/s |")
-    print("(+ malloc: glibc keeps freed memory, see keep_freed_memory)")
     print("|---|---|---|---|---|")
     for r in rows:
         r["speedup_vs_eager"] = base[r["threads"]] / r["ms_per_call"]
@@ -95,9 +109,8 @@ def main(argv=None) -> None:
               f"{r['md_steps_per_s']:.0f} |")
     if args.json:
         import shlex
-        import sys
 
-        result = {"command": "python benchmarks/md_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        result = {"command": "python benchmarks/md_step.py " + " ".join(shlex.quote(a) for a in own),
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                   "atoms": len(atoms), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
