@@ -21,6 +21,7 @@ import torch
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
+from gaq_calc.model.serialization import read_model_file
 from gaq_calc.models_dir import resolve_model
 
 
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
-    _, meta = load_model(path)
+    meta = read_model_file(path).get("metadata", {})
     data = args.data
     if data is None:
         trained_on = str(meta.get("train_data", ""))

@@ -22,6 +22,7 @@ from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, tra
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
 from gaq_calc.model.serialization import atomic_save, read_model_file, save_model
+from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
 from gaq_calc.train.schedule import cosine_lr
@@ -44,7 +45,6 @@ def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPoten
     dtype = getattr(torch, cfg.dtype)
     if cfg.init_from:
         from gaq_calc.loading import load_model
-        from gaq_calc.models_dir import resolve_model
 
         model, _ = load_model(resolve_model(cfg.init_from), dtype=dtype)
         model.train()
@@ -138,9 +138,6 @@ def train(
     train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.seed)
     train_frames, val_frames = frames.subset(train_idx), frames.subset(val_idx)
     if cfg.init_from:  # fine-tuning keeps the network of the model it starts from
-        from gaq_calc.model.serialization import read_model_file
-        from gaq_calc.models_dir import resolve_model
-
         cfg.model = ModelConfig.from_dict(read_model_file(resolve_model(cfg.init_from))["model_config"])
         missing = set(frames.species) - set(cfg.model.species)
         if missing:
@@ -152,7 +149,9 @@ def train(
     val_ds = GraphDataset(val_frames, cfg.model.species, cfg.model.cutoff)
     mean_atoms = float(np.mean([len(n) for n in val_frames.numbers]))
 
-    calibration = [train_ds.collate(np.arange(k, min(k + 16, len(train_ds)))) for k in range(0, min(64, len(train_ds)), 16)]
+    # QAT only: activation ranges from the first 64 training frames, in batches of 16
+    calibration = [train_ds.collate(np.arange(k, min(k + 16, len(train_ds))))
+                   for k in range(0, min(64, len(train_ds)), 16)] if cfg.quant else []
     model = build_model(cfg, train_frames, calibration)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
