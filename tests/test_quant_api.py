@@ -7,7 +7,8 @@ from scipy.spatial.transform import Rotation
 from conftest import randomize, tiny_config
 from gaq_calc.data import GraphDataset
 from gaq_calc.model import GAQPotential, energy_and_forces
-from gaq_calc.quant import IntLinear, QuantLinear, convert, prepare, preset, set_vector_quantization
+from gaq_calc.quant import (PRESETS, IntLinear, QuantLinear, calibrate, convert, prepare, preset,
+                            set_vector_quantization)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,11 @@ def test_prepare_swaps_every_linear_by_branch(fp_model):
     assert all(type(m) is not QuantLinear for m in fp_model.modules())  # the FP32 model is untouched
 
 
-@pytest.mark.parametrize("name", ["w4a8", "w8a8", "naive_int8", "w4_weights_only"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
-    q = prepare(fp_model, preset(name))
-    energy_and_forces(q, _batch(ethanol_frames, 0))  # calibrates activation ranges
+    # (four frames: enough l=1 vectors for a 256-centroid k-means codebook)
+    q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, k) for k in (0, 3, 4, 5)],
+                  energy_and_forces)
     ints = convert(q)
     assert any(isinstance(m, IntLinear) for m in ints.modules())
     for k in (1, 2):
@@ -50,7 +52,7 @@ def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
 
 def test_int_weights_are_in_range(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8"))
-    energy_and_forces(q, _batch(ethanol_frames, 0))
+    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
     for name, m in convert(q).named_modules():
         if isinstance(m, IntLinear):
             lo, hi = (-7, 7) if m.weight_bits == 4 else (-127, 127)
@@ -84,20 +86,20 @@ def test_staged_warmup_switch(fp_model, ethanol_frames):
 def test_qat_gradients_reach_weights_and_steps(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8")).train()
     batch = _batch(ethanol_frames, 0)
-    energy_and_forces(q, batch)  # calibrate
+    calibrate(q, [batch], energy_and_forces)
     e, f = energy_and_forces(q, batch, training=True)
     ((f - batch.forces) ** 2).mean().backward()
     vm = q.layers[1].vector_mix
     assert vm.weight.grad is not None and vm.weight.grad.abs().sum() > 0
-    assert vm.weight_step.grad.abs().sum() > 0
-    assert vm.act_step.grad is not None and vm.act_step.grad.abs() > 0  # MDDQ magnitude step learns
+    assert vm.weight_log_step.grad.abs().sum() > 0
+    assert vm.act_log_step.grad is not None and vm.act_log_step.grad.abs() > 0  # MDDQ magnitude step learns
 
 
 def test_convert_refuses_uncalibrated_or_warming_up_models(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8"))
     with pytest.raises(ValueError, match="calibrated"):
         convert(q)
-    energy_and_forces(q, _batch(ethanol_frames, 0))
+    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
     set_vector_quantization(q, False)
     with pytest.raises(ValueError, match="switched on"):
         convert(q)
@@ -105,7 +107,75 @@ def test_convert_refuses_uncalibrated_or_warming_up_models(fp_model, ethanol_fra
 
 def test_converted_model_holds_integer_weights_only(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8"))
-    energy_and_forces(q, _batch(ethanol_frames, 0))
+    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
     names = set(convert(q).state_dict())
     assert "layers.0.vector_mix.weight_codes" in names
     assert not any(n.endswith("vector_mix.weight") or n.endswith("act.weight") for n in names)
+
+
+def _rotation_errors(model, frames, k=3, n=3):
+    """Max |E(Rx) - E(x)| and max |F(Rx) - R F(x)| over n random rotations (float64)."""
+    pos = frames.positions[k]
+    e0, f0 = energy_and_forces(model, _batch(frames, k))
+    rng = np.random.default_rng(1)
+    de, df = 0.0, 0.0
+    for _ in range(n):
+        R = Rotation.random(random_state=rng).as_matrix()
+        e1, f1 = energy_and_forces(model, _batch(frames, k, pos @ R.T))
+        de = max(de, abs(e1.item() - e0.item()))
+        df = max(df, float(np.abs(f1.detach().numpy() - f0.detach().numpy() @ R.T).max()))
+    return de, df
+
+
+def test_frame_quantized_activations_are_exactly_equivariant(fp_model, ethanol_frames):
+    """W4A8 with l=1 activations in the local frame: every activation rounded, still equivariant to
+    float64 noise, unlike MDDQ or Cartesian rounding of the same activations."""
+    errors = {}
+    for name in ("w4a8_frame", "w4a8", "lsq_w4a8"):
+        q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, 0)], energy_and_forces).eval()
+        errors[name] = _rotation_errors(q, ethanol_frames)
+    de, df = errors["w4a8_frame"]
+    assert de < 1e-10 and df < 1e-9, errors
+    assert errors["w4a8"][1] > 1e-4 and errors["lsq_w4a8"][1] > 1e-4, errors  # the others are not
+
+
+def test_qdrop_and_degree_quant_mask_only_in_training(fp_model, ethanol_frames):
+    batch = _batch(ethanol_frames, 0)
+    plain = calibrate(prepare(fp_model, preset("lsq_w4a8")), [batch], energy_and_forces).eval()
+    e_plain = energy_and_forces(plain, batch)[0].item()
+    for name in ("qdrop_w4a8", "degree_quant_w4a8"):
+        q = calibrate(prepare(fp_model, preset(name)), [batch], energy_and_forces)
+        for m in q.modules():
+            if isinstance(m, QuantLinear):
+                m.act_log_step.data.copy_(dict(plain.named_modules())[
+                    next(n for n, x in q.named_modules() if x is m)].act_log_step)
+        q.eval()
+        assert energy_and_forces(q, batch)[0].item() == e_plain  # eval: every activation quantized
+        q.train()
+        torch.manual_seed(0)
+        assert energy_and_forces(q, batch)[0].item() != e_plain  # training: some stay full precision
+    dq = [m for m in q.modules() if isinstance(m, QuantLinear)][0]
+    assert dq.node_degree is not None and int(dq.node_degree.sum()) == len(batch.receivers)
+
+
+def test_percentile_range_is_tighter_than_min_max(fp_model, ethanol_frames):
+    steps = {}
+    for name in ("lsq_w4a8", "degree_quant_w4a8"):
+        q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, k) for k in range(4)],
+                      energy_and_forces)
+        steps[name] = torch.tensor([m.act_step.item() for m in q.modules() if isinstance(m, QuantLinear)])
+    tighter, minmax = steps["degree_quant_w4a8"], steps["lsq_w4a8"]
+    assert (tighter <= minmax).all() and (tighter < 0.9 * minmax).any()
+
+
+def test_svq_kmeans_codebook_from_calibration_and_no_gradient(fp_model, ethanol_frames):
+    q = calibrate(prepare(fp_model, preset("svq_kmeans_w4a8")), [_batch(ethanol_frames, k) for k in range(4)],
+                  energy_and_forces)
+    vm = q.layers[1].vector_mix
+    assert vm.codebook.abs().sum() > 0 and vm.codebook.shape == (256, 3)
+    x = torch.randn(5, 3, vm.weight.shape[1], dtype=torch.float64, requires_grad=True)
+    out = vm.quantize_input(x)
+    assert not out.requires_grad  # hard assignment: no gradient approximation
+    rows = out.transpose(-1, -2).reshape(-1, 3)
+    gap = ((rows[:, None, :] - vm.codebook[None]) ** 2).sum(-1).min(-1).values
+    assert gap.max() == 0  # outputs are codewords

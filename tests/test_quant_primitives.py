@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.spatial.transform import Rotation
 
 from gaq_calc.quant import (covering_radius, fake_quantize, fibonacci_sphere, mddq, qrange, quantize_direction,
                             quantize_int)
@@ -103,3 +104,54 @@ def test_mddq_magnitude_and_direction_errors_and_zero_vector():
     assert torch.equal(out.detach(), torch.zeros(4, 3, dtype=torch.float64))
     out.sum().backward()
     assert torch.isfinite(zero.grad).all()
+
+
+def test_local_frame_is_orthonormal_right_handed_and_rotates_with_the_vectors():
+    from gaq_calc.quant.primitives import local_frame
+    torch.manual_seed(0)
+    v = torch.randn(20, 3, 16, dtype=torch.float64)
+    frame = local_frame(v)  # [20, 3, 3] rows e1, e2, e3
+    torch.testing.assert_close(frame @ frame.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand(20, 3, 3))
+    torch.testing.assert_close(torch.linalg.det(frame), torch.ones(20, dtype=torch.float64))
+    R = torch.as_tensor(Rotation.random(random_state=3).as_matrix())
+    torch.testing.assert_close(local_frame(R @ v), frame @ R.T, rtol=0, atol=1e-12)
+
+
+def test_frame_quantize_commutes_with_rotations_and_stays_within_half_a_step():
+    from gaq_calc.quant.primitives import frame_quantize
+    torch.manual_seed(1)
+    v = torch.randn(30, 3, 8, dtype=torch.float64)
+    step = torch.tensor(0.05, dtype=torch.float64)
+    q = frame_quantize(v, step, 8)
+    for seed in range(3):
+        R = torch.as_tensor(Rotation.random(random_state=seed).as_matrix())
+        torch.testing.assert_close(frame_quantize(R @ v, step, 8), R @ q, rtol=0, atol=1e-12)
+    # error per frame component <= step / 2, so |error| <= sqrt(3) step / 2
+    assert (q - v).norm(dim=-2).max() <= 3**0.5 * 0.025 + 1e-12
+    # straight-through: the gradient w.r.t. v is the identity inside the range
+    x = v.clone().requires_grad_(True)
+    frame_quantize(x, step, 8).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(v))
+
+
+def test_frame_quantize_degenerate_inputs():
+    from gaq_calc.quant.primitives import frame_quantize
+    step = torch.tensor(0.1, dtype=torch.float64)
+    zero = torch.zeros(2, 3, 4, dtype=torch.float64)
+    assert torch.equal(frame_quantize(zero, step, 8), zero)
+    axis = torch.tensor([0.3, -0.2, 0.9], dtype=torch.float64)
+    collinear = axis[None, :, None] * torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)  # [1, 3, 4]
+    q = frame_quantize(collinear, step, 8)
+    assert torch.isfinite(q).all()
+    cross = torch.linalg.cross(q.transpose(-1, -2), axis.expand(1, 4, 3))
+    assert cross.abs().max() < 1e-12  # stays on the common axis
+
+
+def test_kmeans_centroids_find_separated_clusters():
+    from gaq_calc.quant.primitives import kmeans_centroids, nearest_centroid
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, 0, 0]], dtype=torch.float64)
+    data = (centres[:, None, :] + 0.01 * torch.randn(4, 50, 3, generator=gen, dtype=torch.float64)).reshape(-1, 3)
+    codebook = kmeans_centroids(data, 4, seed=0)
+    assert torch.cdist(centres, codebook).min(-1).values.max() < 0.05
+    assert torch.equal(nearest_centroid(centres, codebook), codebook[torch.cdist(centres, codebook).argmin(-1)])

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from torch import nn
 
 from gaq_calc.quant.config import QuantConfig
@@ -22,6 +24,7 @@ def _swap(model: nn.Module, build) -> nn.Module:
             full = f"{name}.{child_name}" if name else child_name
             replacement = build(full, child)
             if replacement is not None:
+                replacement.train(child.training)  # keep the model's train/eval mode
                 setattr(module, child_name, replacement)
     return model
 
@@ -32,16 +35,27 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     def build(name, child):
         if type(child) is not nn.Linear:
             return None
-        branch = branch_of(name)
-        if branch == "vector":
+        options = dict(per_channel=config.per_channel_weights, drop_prob=config.drop_prob,
+                       protect_prob=config.protect_prob, range_percentile=config.range_percentile)
+        if branch_of(name) == "vector":
             return QuantLinear(child, "vector", config.vector_weight_bits, config.vector_act_bits,
-                               config.vector_method, config.directions, config.per_channel_weights)
-        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits,
-                           per_channel=config.per_channel_weights)
+                               config.vector_method, config.directions, **options)
+        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits, **options)
 
     prepared = _swap(copy.deepcopy(model), build)
     prepared.quant_config = config
+    if config.protect_prob > 0:
+        prepared.register_forward_pre_hook(_record_in_degrees)
     return prepared
+
+
+def _record_in_degrees(model: nn.Module, args) -> None:
+    """Degree-Quant needs each node's in-degree: GAQPotential.forward(species, positions, receivers, ...)."""
+    positions, receivers = args[1], args[2]
+    degree = torch.bincount(receivers, minlength=positions.shape[0])  # [n_atoms]
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.node_degree = degree
 
 
 def set_vector_quantization(model: nn.Module, enabled: bool) -> None:
@@ -65,6 +79,8 @@ def calibrate(model: nn.Module, batches, run) -> nn.Module:
     finally:
         for m in quant:
             m.observing = False
+    for m in quant:
+        m.finish_calibration()
     return model
 
 

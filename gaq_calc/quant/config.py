@@ -12,9 +12,14 @@ class QuantConfig:
     vector_weight_bits: int = 4  # channel-mixing Linear layers of the vector (l=1) branch
     scalar_act_bits: Optional[int] = 8  # inputs of scalar-branch Linear layers; None = not quantized
     vector_act_bits: Optional[int] = 8  # inputs of vector-branch Linear layers; None = not quantized
-    vector_method: str = "mddq"  # mddq | cartesian (component-wise linear, the naive baseline)
+    # mddq (GAQ) | frame (linear in an equivariant local frame) | cartesian (component-wise, naive)
+    # | kmeans (SVQ-KMeans: hard assignment to k-means centroids)
+    vector_method: str = "mddq"
     per_channel_weights: bool = True  # per-output-channel weight steps; False = one step per tensor
-    codebook_size: Optional[int] = None  # MDDQ directions; None = 2^vector_act_bits
+    codebook_size: Optional[int] = None  # MDDQ directions / k-means centroids; None = 2^vector_act_bits
+    drop_prob: float = 0.0  # QDrop: probability that an activation element skips quantization (training)
+    protect_prob: float = 0.0  # Degree-Quant: max probability that a node row skips quantization (training)
+    range_percentile: Optional[float] = None  # Degree-Quant: activation range from this percentile of |x|
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -24,12 +29,22 @@ class QuantConfig:
         return self.codebook_size or 2 ** (self.vector_act_bits or 8)
 
 
+_W4A8_CARTESIAN = dict(vector_method="cartesian")
+
 PRESETS = {
     # GAQ: 4-bit weights on the equivariant branch, 8-bit elsewhere, 8-bit activations, MDDQ vectors
     "w4a8": QuantConfig(),
     "w8a8": QuantConfig(vector_weight_bits=8),
     # naive INT8: 8-bit everywhere, per-tensor min-max, vectors quantized per Cartesian component
     "naive_int8": QuantConfig(vector_weight_bits=8, vector_method="cartesian", per_channel_weights=False),
+    # beyond the paper: 8-bit l=1 activations in an equivariant local frame (exactly equivariant)
+    "w4a8_frame": QuantConfig(vector_method="frame"),
+    "w8a8_frame": QuantConfig(vector_weight_bits=8, vector_method="frame"),
+    # published baselines at the same W4A8 bit widths, vectors quantized per Cartesian component
+    "lsq_w4a8": QuantConfig(**_W4A8_CARTESIAN),
+    "qdrop_w4a8": QuantConfig(**_W4A8_CARTESIAN, drop_prob=0.5),
+    "degree_quant_w4a8": QuantConfig(**_W4A8_CARTESIAN, protect_prob=0.2, range_percentile=99.9),
+    "svq_kmeans_w4a8": QuantConfig(vector_method="kmeans"),
     # weights only: exactly equivariant (channel mixing with quantized weights still commutes with R)
     "w4_weights_only": QuantConfig(scalar_act_bits=None, vector_act_bits=None),
 }

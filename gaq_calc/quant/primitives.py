@@ -126,3 +126,75 @@ def mddq(
     step = grad_scale(positive(magnitude_step), 1.0 / math.sqrt(norm.numel() * levels))
     magnitude = round_ste(torch.clamp(norm / step, 0, levels)) * step
     return magnitude * quantize_direction(v / norm, codebook)
+
+
+# ---- equivariant local frames (beyond the paper) ------------------------------------------------------
+
+def local_frame(v: torch.Tensor, rel_tol: float = 1e-3) -> torch.Tensor:
+    """A right-handed orthonormal frame per feature set, built from the vectors themselves.
+
+    v [..., 3, C] (C channels of l=1 vectors) -> frame [..., 3, 3] whose rows are e1, e2, e3:
+    e1 = the channel of largest norm, e2 = the channel with the largest component orthogonal to e1
+    (Gram-Schmidt), e3 = e1 x e2. Channel choice depends on invariants only (norms), so the frame of
+    R v is R's image of the frame of v: components in it are rotation invariant.
+    Degenerate sets fall back harmlessly: all-zero -> identity (every component is 0 anyway);
+    collinear -> any e2 perpendicular to e1 (components along e2, e3 are 0 anyway).
+    """
+    norms = v.norm(dim=-2)  # [..., C]
+    first = torch.gather(v, -1, norms.argmax(-1, keepdim=True)[..., None, :].expand(*v.shape[:-1], 1))[..., 0]
+    first_norm = first.norm(dim=-1, keepdim=True)  # [..., 1]
+    eye = torch.eye(3, dtype=v.dtype, device=v.device)
+    e1 = torch.where(first_norm > 0, first / first_norm.clamp_min(1e-30), eye[0].expand_as(first))  # [..., 3]
+    perp = v - e1[..., :, None] * (e1[..., :, None] * v).sum(-2, keepdim=True)  # [..., 3, C]
+    perp_norms = perp.norm(dim=-2)  # [..., C]
+    second = torch.gather(perp, -1, perp_norms.argmax(-1, keepdim=True)[..., None, :].expand(*v.shape[:-1], 1))[..., 0]
+    second_norm = second.norm(dim=-1, keepdim=True)
+    # fallback e2: perpendicular to e1 and to the Cartesian axis least aligned with it
+    axis = eye[e1.abs().argmin(-1)]  # [..., 3]
+    fallback = torch.linalg.cross(e1, axis)
+    fallback = fallback / fallback.norm(dim=-1, keepdim=True)
+    usable = second_norm > rel_tol * first_norm
+    e2 = torch.where(usable, second / second_norm.clamp_min(1e-30), fallback)
+    e3 = torch.linalg.cross(e1, e2)
+    return torch.stack([e1, e2, e3], dim=-2)  # [..., 3, 3]
+
+
+def frame_quantize(v: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rotation-equivariant linear quantization of l=1 features v [..., 3, C].
+
+    Components are taken in the local frame of v (rotation invariant), fake-quantized linearly, and
+    rotated back: Q(R v) = R Q(v) for every rotation R, up to float rounding in building the frame.
+    The frame is a constant for autograd, so the straight-through gradient w.r.t. v is the identity
+    (inside the clipping range) and the step gets its LSQ gradient.
+    """
+    frame = local_frame(v.detach())  # [..., 3, 3]
+    components = frame @ v  # [..., 3, C] invariant
+    return frame.transpose(-1, -2) @ fake_quantize(components, step, bits)
+
+
+# ---- k-means vector codebook (the SVQ-KMeans baseline) --------------------------------------------------
+
+def kmeans_centroids(data: torch.Tensor, k: int, seed: int = 0, iterations: int = 25) -> torch.Tensor:
+    """Lloyd's k-means on data [n, d], seeded by k-means++ (D^2 sampling)."""
+    gen = torch.Generator().manual_seed(seed)
+    if len(data) < k:
+        raise ValueError(f"k-means needs at least {k} samples, got {len(data)}")
+    chosen = [int(torch.randint(len(data), (1,), generator=gen))]
+    dist2 = ((data - data[chosen[0]]) ** 2).sum(-1)  # [n]
+    for _ in range(k - 1):
+        weights = dist2 if float(dist2.sum()) > 0 else torch.ones_like(dist2)
+        chosen.append(int(torch.multinomial(weights, 1, generator=gen)))
+        dist2 = torch.minimum(dist2, ((data - data[chosen[-1]]) ** 2).sum(-1))
+    centroids = data[chosen].clone()  # [k, d]
+    for _ in range(iterations):
+        assign = torch.cdist(data, centroids).argmin(-1)  # [n]
+        sums = torch.zeros_like(centroids).index_add_(0, assign, data)
+        counts = torch.bincount(assign, minlength=k).to(data.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
+
+
+def nearest_centroid(v: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Hard assignment of v [..., 3] to its nearest codeword: no gradient flows through it."""
+    flat = v.detach().reshape(-1, v.shape[-1])
+    return codebook[torch.cdist(flat, codebook).argmin(-1)].reshape(v.shape)
