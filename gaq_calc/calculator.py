@@ -11,7 +11,9 @@ from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.quant import QuantLinear
+from gaq_calc.export import is_artifact, load_artifact, set_mode
+from gaq_calc.export.artifact import MODES
+from gaq_calc.quant import QuantLinear, set_quant_mode
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -19,32 +21,53 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class GAQCalculator(Calculator):
     """ASE calculator over a gaq_calc model.
 
-    model: path of a model file, a model folder, or a shipped model name such as "azobenzene_fp32".
+    model: a deployable artifact (`gaq-export`, e.g. "azobenzene_w4a8.pt"), a model checkpoint file or
+    folder, or a shipped name such as "azobenzene_fp32" (names resolve in models/).
     device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
-    energies and the total energy are always accumulated in float64).
+    energies and the total energy are always accumulated in float64). Artifacts are float32.
     min_distance: atoms closer than this (Å) are rejected as overlapping.
-    jit: run an FP32 network through TorchScript (same numbers, less overhead per call); quantized
-    (QAT/PTQ) model files always run eagerly, as their quantizers are not scriptable.
+    jit: run an FP32 checkpoint through TorchScript (same numbers, less overhead per call); quantized
+    checkpoints run eagerly; artifacts are TorchScript already.
+    mode (quantized models): "conservative" (default) keeps the quantized weights but does not round
+    activations, so forces are exact gradients of the reported energy and NVE conserves energy;
+    "quantized" rounds activations to 8 bits as in training (the model card's numbers), and its forces
+    are the straight-through gradient of a piecewise-constant energy, not its exact derivative.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, jit=True,
-                 **kwargs):
+                 mode="conservative", **kwargs):
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
-        self.model_path = resolve_model(model)
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
-        self.model, self.metadata = load_model(self.model_path, self.dtype, self.device)
-        self.cutoff = float(self.model.cutoff)
-        self.species = [int(z) for z in self.model.atomic_numbers.tolist()]
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if not min_distance > 0:
             raise ValueError(f"min_distance must be > 0 Å, not {min_distance}")
         self.min_distance = float(min_distance)
-        self.energy_forces = EnergyForces(self.model)
+        self.model_path = resolve_model(model)
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.mode = mode
+        if is_artifact(self.model_path):
+            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device)
+            if self.dtype != getattr(torch, self.metadata["dtype"]):
+                raise ValueError(f"{self.model_path.name} is a {self.metadata['dtype']} artifact; "
+                                 f"dtype={dtype!r} needs the checkpoint it was exported from")
+            self.cutoff = float(self.metadata["cutoff"])
+            self.species = [int(z) for z in self.metadata["species"]]
+            self.quantized = bool(self.metadata.get("quantization"))
+            if self.quantized:
+                set_mode(self.energy_forces, mode)
+            return
+        self.model, self.metadata = load_model(self.model_path, self.dtype, self.device)
+        self.cutoff = float(self.model.cutoff)
+        self.species = [int(z) for z in self.model.atomic_numbers.tolist()]
         self.quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        if self.quantized:
+            set_quant_mode(self.model, mode)
+        self.energy_forces = EnergyForces(self.model)
         if jit and not self.quantized:
             with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
                 warnings.simplefilter("ignore", DeprecationWarning)

@@ -23,18 +23,51 @@ from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
 from gaq_calc.models_dir import resolve_model
+from gaq_calc.export import is_artifact, load_artifact, set_mode
+from gaq_calc.quant.api import set_quant_mode, storage_bytes
+
+
+def _quantization(path: Path, metadata: dict) -> dict | None:
+    """What the card says about quantization: the config, the preset, and PTQ or QAT."""
+    config = metadata.get("quantization") if is_artifact(path) else read_model_file(path).get("quant_config")
+    if not config:
+        return None
+    train_config = metadata.get("train_config") or {}
+    preset = metadata.get("ptq_preset") or (train_config.get("quant") if isinstance(train_config, dict) else None)
+    return {"preset": preset, "mode": "PTQ" if metadata.get("ptq") else "QAT", "config": config}
+
+
+def _load(path: Path, dtype: torch.dtype, mode: str | None):
+    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact."""
+    if is_artifact(path):
+        if dtype != torch.float32:
+            raise SystemExit(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
+        module, metadata = load_artifact(path)
+        if metadata.get("quantization"):
+            set_mode(module, mode or "quantized")
+        return module.potential, metadata, metadata.get("quantization")
+    model, metadata = load_model(path, dtype=dtype)
+    if mode is not None and read_model_file(path).get("quant_config"):
+        set_quant_mode(model, mode)
+    return model, metadata, read_model_file(path).get("quant_config")
 
 
 def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
-                  lee_rotations: int = 4) -> tuple[dict, dict, object]:
-    model, metadata = load_model(path, dtype=dtype)
+                  lee_rotations: int = 4, mode: str | None = None) -> tuple[dict, dict, object]:
+    model, metadata, _ = _load(path, dtype, mode)
     frames = read_frames(data, split)
     species = [int(z) for z in model.atomic_numbers.tolist()]
-    dataset = GraphDataset(frames, species, model.cutoff)
+    dataset = GraphDataset(frames, species, float(model.cutoff))
     metrics = error_metrics(model, dataset)
     if lee_frames > 0:
-        subset = GraphDataset(frames.subset(range(min(lee_frames, len(frames)))), species, model.cutoff)
+        subset = GraphDataset(frames.subset(range(min(lee_frames, len(frames)))), species, float(model.cutoff))
         metrics.update(local_equivariance_error(model, subset, n_rotations=lee_rotations, seed=0))
+        if dtype != torch.float64 and not is_artifact(path):
+            # the same network evaluated in float64: separates symmetry breaking by the method from
+            # float32 rounding (which flips rounding decisions of quantized activations)
+            model64, _, _ = _load(path, torch.float64, mode)
+            lee64 = local_equivariance_error(model64, subset, n_rotations=lee_rotations, seed=0)
+            metrics["lee_float64_meV_per_A"] = lee64["lee_meV_per_A"]
     return metrics, metadata, model
 
 
@@ -51,6 +84,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lee-frames", type=int, default=100, help="first N frames for LEE (0: skip LEE)")
     parser.add_argument("--lee-rotations", type=int, default=4, help="random rotations per frame for LEE")
+    parser.add_argument("--mode", choices=["quantized", "conservative"], default=None,
+                        help="quantized models: round activations (quantized, the default here) or not "
+                             "(conservative: exact forces)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,7 +94,7 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
-    meta = read_model_file(path).get("metadata", {})
+    meta = load_artifact(path)[1] if is_artifact(path) else read_model_file(path).get("metadata", {})
     data = args.data
     if data is None:
         trained_on = str(meta.get("train_data", ""))
@@ -66,7 +102,9 @@ def main(argv=None) -> None:
             # a training *file* has no separate test split: never evaluate on training frames by default
             parser.error("pass --data: the model was not trained on a shipped molecule with a test split")
         data = trained_on
-    metrics, metadata, model = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations)
+    metrics, metadata, model = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations,
+                                             args.mode)
+    artifact = is_artifact(path)
     card = {
         "model": path.parent.name if path.name == "model.pt" else path.stem,
         "model_file": str(path),
@@ -75,8 +113,12 @@ def main(argv=None) -> None:
         "split": args.split,
         "precision": "fp32" if dtype == torch.float32 else "fp64",
         **metrics,
-        "n_parameters": model.num_parameters(),
-        "model_config": model.config.to_dict(),
+        "n_parameters": sum(p.numel() for p in model.parameters()) if artifact else model.num_parameters(),
+        "quantization": _quantization(path, metadata),
+        "mode": (args.mode or "quantized") if _quantization(path, metadata) else None,
+        "artifact": artifact,
+        "size": {"file_bytes": path.stat().st_size, **({} if artifact else storage_bytes(model))},
+        "model_config": metadata["model_config"] if artifact else model.config.to_dict(),
         "training": {
             "commands": metadata.get("commands", []),
             # best.pt records the epoch it was selected at and, once the run finished, the run's totals

@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     calibrate(quantized, (b.to("cpu", torch.float32) for b in dataset.batches(16)), energy_and_forces)
     command = "gaq-quantize " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     save_model(args.out, quantized.eval(), {
-        **meta, "commands": list(meta.get("commands", [])) + [command], "ptq": True,
+        **meta, "commands": list(meta.get("commands", [])) + [command], "ptq": True, "ptq_preset": args.preset,
         "ptq_source": str(path), "calib_frames": len(dataset),
     })
     print(f"{args.preset} PTQ of {path} -> {args.out}")

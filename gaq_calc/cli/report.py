@@ -1,5 +1,6 @@
-"""gaq-report: regenerate README's tables from the model cards (models/*/card.json) and the benchmark
-results (benchmarks/results/md_step.json)."""
+"""gaq-report: regenerate README's tables from the model cards (models/*/card.json), the quantization
+baselines' cards (results/quant_baselines/*/card.json, written by scripts/baseline.sh) and the benchmark
+results (benchmarks/results/md_step.json). Also writes results/quant_table.md and .json."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from pathlib import Path
 from gaq_calc.models_dir import models_dir
 
 RESULTS = ("<!-- results:start -->", "<!-- results:end -->")
+QUANT = ("<!-- quant:start -->", "<!-- quant:end -->")
 SPEED = ("<!-- speed:start -->", "<!-- speed:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +33,88 @@ def results_table(root: Path) -> str:
             f"{t.get('epochs')} (best {t.get('selected_epoch')}) | {t.get('train_minutes', 0):.0f} min | {snap_txt} |"
         )
     return "\n".join(rows)
+
+
+def _converged(log_csv: Path) -> str:
+    """QAT runs: "yes" when every logged validation error is finite and the last epoch's validation
+    F-MAE lies within 25% of the run's best; "no" otherwise. PTQ has no training: "–"."""
+    import csv
+    import math
+
+    if not log_csv.exists():
+        return "–"
+    rows = list(csv.DictReader(log_csv.open()))
+    f = [float(r["val_force_mae_meV_per_A"]) for r in rows if r.get("val_force_mae_meV_per_A")]
+    e = [float(r["val_energy_mae_meV"]) for r in rows if r.get("val_energy_mae_meV")]
+    if not f or not all(math.isfinite(x) for x in f + e):
+        return "no (diverged)"
+    return "yes" if f[-1] <= 1.25 * min(f) else f"no (last {f[-1]:.1f} vs best {min(f):.1f})"
+
+
+def _bits(card: dict) -> str:
+    q = (card.get("quantization") or {}).get("config")
+    if not q:
+        return "FP32"
+    acts = lambda b: "FP" if b is None else str(b)
+    return (f"W{q['vector_weight_bits']}/{q['scalar_weight_bits']} "
+            f"A{acts(q['scalar_act_bits'])}/{acts(q['vector_act_bits'])}")
+
+
+def quant_cards(models: Path, baselines: Path, molecule: str = "azobenzene") -> list[tuple[dict, Path]]:
+    cards = []
+    for card_path in sorted(models.glob("*/card.json")) + sorted(baselines.glob("*/card.json")):
+        card = json.loads(card_path.read_text())
+        if card.get("test_data") == molecule:
+            cards.append((card, card_path.parent))
+    return cards
+
+
+def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
+    """Markdown and JSON rows of the quantization results table."""
+    fp32 = next((c for c, _ in cards if not c.get("quantization")), None)
+    fp_bytes = fp32["size"]["packed_bytes"] if fp32 and "size" in fp32 else None
+    rows, records = [
+        "| model | method | mode | bits W(vec/scal) A(scal/vec) | l=1 activations | E MAE (meV) | F MAE (meV/Å) | "
+        "LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | vs FP32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ], []
+    for card, folder in cards:
+        q = card.get("quantization") or {}
+        config = q.get("config") or {}
+        size = card.get("size", {}).get("packed_bytes")
+        record = {
+            "model": card["model"] if folder.parent.name == "models" else folder.name,
+            "method": q.get("preset") or "fp32",
+            "mode": q.get("mode", "FP32 training"),
+            "bits": _bits(card),
+            "vector_activations": (config.get("vector_method") if config.get("vector_act_bits") else "FP") if q else "FP",
+            "energy_mae_meV": card["energy_mae_meV"],
+            "force_mae_meV_per_A": card["force_mae_meV_per_A"],
+            "lee_meV_per_A": card.get("lee_meV_per_A"),
+            "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
+            "converged": _converged(folder / "log.csv") if q.get("mode") != "PTQ" else "– (PTQ)",
+            "epochs": (card.get("training") or {}).get("epochs") if q.get("mode") != "PTQ" else 0,
+            "packed_bytes": size,
+            "size_ratio_vs_fp32": (fp_bytes / size) if (fp_bytes and size) else None,
+            "card": str(folder / "card.json"),
+        }
+        records.append(record)
+        fmt = lambda x, f: "–" if x is None else format(x, f)
+        rows.append(
+            f"| {record['model']} | {record['method']} | {record['mode']} | {record['bits']} | "
+            f"{record['vector_activations']} | {record['energy_mae_meV']:.2f} | {record['force_mae_meV_per_A']:.2f} | "
+            f"{fmt(record['lee_meV_per_A'], '.3g')} | {fmt(record['lee_float64_meV_per_A'], '.1e')} | "
+            f"{record['converged']} | {record['epochs']} | {fmt(size and size / 1024, '.0f')} | "
+            f"{fmt(record['size_ratio_vs_fp32'], '.2f')}x |")
+    return "\n".join(rows), records
+
+
+def write_quant_table(results: Path, markdown: str, records: list[dict]) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    for name, text in (("quant_table.md", markdown + "\n"), ("quant_table.json", json.dumps(records, indent=1) + "\n")):
+        tmp = results / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, results / name)
 
 
 def speed_table(path: Path) -> str:
@@ -55,8 +139,9 @@ def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -
     return f"{head}{start}\n<!-- generated by gaq-report from {source}; do not edit -->\n{body}\n{end}{tail}"
 
 
-def update_readme(readme: Path, table: str, speed: str) -> None:
+def update_readme(readme: Path, table: str, speed: str, quant: str) -> None:
     text = replace_block(readme.read_text(), RESULTS, table, "models/*/card.json")
+    text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
     tmp = readme.with_name("." + readme.name + ".tmp")
     tmp.write_text(text)
@@ -66,15 +151,21 @@ def update_readme(readme: Path, table: str, speed: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-report", description=__doc__)
     parser.add_argument("--readme", default=str(REPO / "README.md"))
-    parser.add_argument("--print", action="store_true", help="print the table instead of editing README")
+    parser.add_argument("--results", default=str(REPO / "results"),
+                        help="folder of quant_baselines/*/card.json; quant_table.md/.json are written here")
+    parser.add_argument("--molecule", default="azobenzene", help="test set of the quantization table")
+    parser.add_argument("--print", action="store_true", help="print the tables instead of writing files")
     args = parser.parse_args(argv)
     table = results_table(models_dir())
+    results = Path(args.results)
+    quant, records = quant_table(quant_cards(models_dir(), results / "quant_baselines", args.molecule))
     speed = speed_table(REPO / "benchmarks" / "results" / "md_step.json")
     if args.print:
-        print(table + "\n\n" + speed)
+        print(table + "\n\n" + quant + "\n\n" + speed)
     else:
-        update_readme(Path(args.readme), table, speed)
-        print(f"updated {args.readme}")
+        write_quant_table(results, quant, records)
+        update_readme(Path(args.readme), table, speed, quant)
+        print(f"updated {args.readme}, {results / 'quant_table.md'} and {results / 'quant_table.json'}")
 
 
 if __name__ == "__main__":

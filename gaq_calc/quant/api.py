@@ -66,6 +66,17 @@ def set_vector_quantization(model: nn.Module, enabled: bool) -> None:
             module.quantize_acts = enabled and module.act_bits is not None
 
 
+def set_quant_mode(model: nn.Module, mode: str) -> None:
+    """Inference modes of a quantized model: "quantized" rounds activations (as trained);
+    "conservative" leaves activations unrounded (weights stay quantized), so forces are exact
+    gradients of the energy. The exported artifact offers the same two modes."""
+    if mode not in ("quantized", "conservative"):
+        raise ValueError(f"mode must be 'quantized' or 'conservative', not {mode!r}")
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.quantize_acts = mode == "quantized" and module.act_bits is not None
+
+
 def calibrate(model: nn.Module, batches, run) -> nn.Module:
     """Post-training calibration: activation ranges = min-max over all `batches`; run(model, batch)
     does one forward pass (e.g. energy_and_forces)."""
@@ -87,3 +98,25 @@ def calibrate(model: nn.Module, batches, run) -> nn.Module:
 def convert(model: nn.Module) -> nn.Module:
     """Integer-weight inference model from a prepared (QAT) model; same outputs for the same inputs."""
     return _swap(copy.deepcopy(model), lambda name, child: IntLinear(child) if isinstance(child, QuantLinear) else None)
+
+
+def storage_bytes(model: nn.Module) -> dict:
+    """Bytes the model's parameters need when stored packed: quantized weights at their bit width
+    (two 4-bit codes per byte) plus one float32 step per channel; everything else at its own dtype
+    (float32 network, float64 reference energies). Also the count of weights at each bit width."""
+    total, by_bits = 0.0, {}
+    skip = set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.quantize_weights:
+            n = module.weight.numel()
+            by_bits[module.weight_bits] = by_bits.get(module.weight_bits, 0) + n
+            total += n * module.weight_bits / 8 + module.weight_step.numel() * 4
+            skip.update({id(module.weight), id(module.weight_log_step)})
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in skip or tensor.dtype == torch.bool:
+            continue
+        itemsize = 8 if tensor.dtype == torch.float64 else 4
+        total += tensor.numel() * itemsize
+        if tensor.is_floating_point() and tensor.requires_grad:
+            by_bits[32] = by_bits.get(32, 0) + tensor.numel()
+    return {"packed_bytes": int(round(total)), "weights_by_bits": {str(k): v for k, v in sorted(by_bits.items())}}

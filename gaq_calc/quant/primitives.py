@@ -139,24 +139,26 @@ def local_frame(v: torch.Tensor, rel_tol: float = 1e-3) -> torch.Tensor:
     R v is R's image of the frame of v: components in it are rotation invariant.
     Degenerate sets fall back harmlessly: all-zero -> identity (every component is 0 anyway);
     collinear -> any e2 perpendicular to e1 (components along e2, e3 are 0 anyway).
+    TorchScript-compatible (the exported artifact calls it).
     """
-    norms = v.norm(dim=-2)  # [..., C]
-    first = torch.gather(v, -1, norms.argmax(-1, keepdim=True)[..., None, :].expand(*v.shape[:-1], 1))[..., 0]
-    first_norm = first.norm(dim=-1, keepdim=True)  # [..., 1]
+    lead = v.shape[:-2]
+    flat = v.reshape(-1, 3, v.shape[-1])  # [m, 3, C]
+    m = flat.shape[0]
+    norms = torch.linalg.vector_norm(flat, dim=1)  # [m, C]
+    first = flat.gather(2, norms.argmax(1).view(m, 1, 1).expand(m, 3, 1)).squeeze(2)  # [m, 3]
+    first_norm = torch.linalg.vector_norm(first, dim=1, keepdim=True)  # [m, 1]
     eye = torch.eye(3, dtype=v.dtype, device=v.device)
-    e1 = torch.where(first_norm > 0, first / first_norm.clamp_min(1e-30), eye[0].expand_as(first))  # [..., 3]
-    perp = v - e1[..., :, None] * (e1[..., :, None] * v).sum(-2, keepdim=True)  # [..., 3, C]
-    perp_norms = perp.norm(dim=-2)  # [..., C]
-    second = torch.gather(perp, -1, perp_norms.argmax(-1, keepdim=True)[..., None, :].expand(*v.shape[:-1], 1))[..., 0]
-    second_norm = second.norm(dim=-1, keepdim=True)
+    e1 = torch.where(first_norm > 0, first / first_norm.clamp_min(1e-30), eye[0].expand(m, 3))  # [m, 3]
+    perp = flat - e1.unsqueeze(2) * (e1.unsqueeze(2) * flat).sum(1, keepdim=True)  # [m, 3, C]
+    second = perp.gather(2, torch.linalg.vector_norm(perp, dim=1).argmax(1).view(m, 1, 1).expand(m, 3, 1)).squeeze(2)  # [m, 3]
+    second_norm = torch.linalg.vector_norm(second, dim=1, keepdim=True)
     # fallback e2: perpendicular to e1 and to the Cartesian axis least aligned with it
-    axis = eye[e1.abs().argmin(-1)]  # [..., 3]
-    fallback = torch.linalg.cross(e1, axis)
-    fallback = fallback / fallback.norm(dim=-1, keepdim=True)
-    usable = second_norm > rel_tol * first_norm
-    e2 = torch.where(usable, second / second_norm.clamp_min(1e-30), fallback)
+    fallback = torch.linalg.cross(e1, eye.index_select(0, e1.abs().argmin(1)))
+    fallback = fallback / torch.linalg.vector_norm(fallback, dim=1, keepdim=True)
+    e2 = torch.where(second_norm > rel_tol * first_norm, second / second_norm.clamp_min(1e-30), fallback)
     e3 = torch.linalg.cross(e1, e2)
-    return torch.stack([e1, e2, e3], dim=-2)  # [..., 3, 3]
+    shape: list[int] = list(lead) + [3, 3]
+    return torch.stack([e1, e2, e3], dim=1).reshape(shape)  # [..., 3, 3]
 
 
 def frame_quantize(v: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:

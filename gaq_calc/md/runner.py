@@ -1,0 +1,322 @@
+"""The MD loop: integrate, log every K steps to HDF5, check for blow-ups, checkpoint, summarise.
+
+One call of `run_phase` runs one integrator (one ensemble) from step 0 or from its checkpoint to
+`settings.n_steps`. The loop drives `dyn.step()` itself (not `dyn.run`) so that logging, checks and
+flushes happen only at logged steps and their cost can be measured separately from the calculator's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+
+from gaq_calc.md.analysis import plot_energies, summarize_trajectory
+from gaq_calc.md.dynamics import make_dynamics, set_thermostat_state, thermostat_state
+from gaq_calc.md.stability import BlowUp, StabilityMonitor
+from gaq_calc.md.trajectory import (
+    RestartError, TrajectoryWriter, load_checkpoint, read_attrs, read_trajectory, save_checkpoint, write_json_atomic,
+)
+
+#: Settings that must not change between a run and its restart (n_steps may grow: extend a run).
+RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "log_every", "seed",
+                     "friction_per_fs", "taut_fs", "tchain")
+
+
+@dataclass
+class MDSettings:
+    """One MD phase. Times in fs (friction in 1/fs), temperatures in K, lengths in Å."""
+
+    ensemble: str = "nve"  # "nve" | "nvt"
+    thermostat: str | None = None  # NVT: "langevin" | "bussi" | "nose-hoover"
+    temperature_K: float = 300.0  # NVT target; NVE: temperature of the initial velocities
+    timestep_fs: float = 0.5
+    n_steps: int = 2_000_000  # 1 ns at 0.5 fs
+    log_every: int = 20  # steps between logged frames (and blow-up checks)
+    seed: int = 0
+    friction_per_fs: float = 0.01  # Langevin
+    taut_fs: float = 100.0  # Bussi time constant / Nose-Hoover damping time
+    tchain: int = 3  # Nose-Hoover chain length
+    max_temperature_K: float | None = None  # None: max(5 x temperature_K, 2000 K)
+    bond_tolerance_A: float = 0.5
+    flush_every: int = 50  # logged frames between HDF5 flushes (+ checkpoint)
+    flush_seconds: float = 30.0  # ... or at most this long between flushes
+
+    def __post_init__(self):
+        if self.ensemble not in ("nve", "nvt"):
+            raise ValueError(f"ensemble must be 'nve' or 'nvt', not {self.ensemble!r}")
+        if self.ensemble == "nve":
+            self.thermostat = None
+        if not (self.timestep_fs > 0 and self.temperature_K >= 0 and self.n_steps >= 0):
+            raise ValueError("need timestep_fs > 0, temperature_K >= 0 and n_steps >= 0")
+        if self.log_every < 1 or self.flush_every < 1:
+            raise ValueError("log_every and flush_every must be >= 1")
+
+    @property
+    def temperature_limit_K(self) -> float:
+        if self.max_temperature_K is not None:
+            return float(self.max_temperature_K)
+        return max(5.0 * self.temperature_K, 2000.0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class CalculatorTimer:
+    """Accumulates wall time spent in `calc.calculate`, to measure the protocol's overhead honestly.
+
+    Installed as an instance attribute that shadows the class method (ASE's Calculator calls
+    self.calculate), and removed again by `uninstall`; the calculator class is not touched.
+    """
+
+    def __init__(self, calc):
+        self.calc = calc
+        self.seconds = 0.0
+        self.calls = 0
+        self._shadowed = calc.__dict__.get("calculate")  # an instance-level wrapper already there, if any
+        inner = calc.calculate
+
+        def timed_calculate(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        calc.calculate = timed_calculate
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+    def uninstall(self) -> None:
+        if self._shadowed is None:
+            self.calc.__dict__.pop("calculate", None)
+        else:
+            self.calc.calculate = self._shadowed
+
+
+@contextmanager
+def _timed_calculator(calc):
+    timer = CalculatorTimer(calc)
+    try:
+        yield timer
+    finally:
+        timer.uninstall()
+
+
+def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
+                mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
+
+
+def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """Files of one phase: 'trajectory' -> trajectory.h5, checkpoint.json; 'equilibration' ->
+    equilibration.h5, equilibration_checkpoint.json."""
+    out = Path(out_dir)
+    prefix = "" if name == "trajectory" else f"{name}_"
+    return {"h5": out / f"{name}.h5", "checkpoint": out / f"{prefix}checkpoint.json"}
+
+
+def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, name: str = "trajectory",
+              restart: bool = False, progress: bool = True, metadata: dict | None = None,
+              summary_path: str | os.PathLike | None = None, plot_path: str | os.PathLike | None = None,
+              summary_extra: dict | None = None, reference: Atoms | None = None) -> dict:
+    """Run (or resume) one MD phase on `atoms` (calculator attached, momenta set) and return its summary.
+
+    atoms: modified in place; on return it holds the last state reached (the last good one on a blow-up).
+    restart: resume from `<name>` checkpoint in out_dir when there is one (else start fresh); without it,
+        an existing trajectory is an error rather than silently overwritten.
+    metadata: stored as HDF5 attributes and copied into the summary (model name, structure, ...).
+    reference: structure whose bonds the blow-up check watches (default: atoms as given); kept in the
+        file so that a restart watches the same bonds.
+    Raises whatever interrupted the run (KeyboardInterrupt, SystemExit from a SIGTERM handler) after
+    flushing frames, checkpoint and an "interrupted" summary; a blow-up is not raised, it is reported
+    in summary["status"].
+    """
+    paths = phase_paths(out_dir, name)
+    metadata = dict(metadata or {})
+    calc = atoms.calc
+    if calc is None:
+        raise ValueError("atoms need a calculator")
+    masses = atoms.get_masses()  # [N] amu
+    n_atoms = len(atoms)
+
+    ckpt = None
+    if restart and paths["checkpoint"].exists():
+        ckpt = load_checkpoint(paths["checkpoint"])
+        _check_restart_settings(ckpt["settings"], settings)
+        if not paths["h5"].exists():
+            raise RestartError(f"{paths['checkpoint']} has no trajectory {paths['h5']} to continue")
+    elif paths["h5"].exists():
+        if not restart:
+            raise FileExistsError(f"{paths['h5']} exists; pass restart=True (--restart) to continue it, "
+                                  "or choose another output folder")
+        # killed between creating the file and its first checkpoint: nothing worth keeping
+        paths["h5"].unlink()
+
+    rng = np.random.default_rng([settings.seed, 1 if name == "trajectory" else 2])
+    if ckpt is not None:
+        atoms.set_positions(ckpt["positions"], apply_constraint=False)
+        atoms.set_momenta(ckpt["momenta"], apply_constraint=False)
+        rng.bit_generator.state = ckpt["rng"]
+        start = int(ckpt["step"])
+        ref_positions = np.asarray(read_attrs(paths["h5"])["reference_positions"], dtype=np.float64)
+        reference = atoms.copy()
+        reference.set_positions(ref_positions)
+    else:
+        start = 0
+        reference = (reference if reference is not None else atoms).copy()
+
+    dyn = make_dynamics(atoms, settings.ensemble, settings.timestep_fs, temperature_K=settings.temperature_K,
+                        thermostat=settings.thermostat, friction_per_fs=settings.friction_per_fs,
+                        taut_fs=settings.taut_fs, tchain=settings.tchain, rng=rng)
+    if ckpt is not None:
+        set_thermostat_state(dyn, ckpt.get("thermostat", {}))
+    dyn.nsteps = start
+    monitor = StabilityMonitor(reference, settings.temperature_limit_K, settings.bond_tolerance_A)
+    dt_fs = settings.timestep_fs
+
+    attrs = {
+        "numbers": atoms.numbers, "masses": masses, "timestep_fs": dt_fs, "seed": settings.seed,
+        "settings": json.dumps(settings.to_dict()), "reference_positions": reference.positions,
+        "cell": np.asarray(atoms.cell.array), "pbc": np.asarray(atoms.pbc),
+        **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in metadata.items()
+           if v is not None},
+    }
+    writer = TrajectoryWriter(paths["h5"], n_atoms, attrs, resume_step=start if ckpt is not None else None)
+
+    def snapshot(step: int) -> dict:
+        """The state at a logged step: appended to the trajectory; also the next checkpoint."""
+        positions = atoms.get_positions()  # [N, 3] Å, copy
+        momenta = atoms.get_momenta()  # [N, 3] amu·Å/(ASE time), copy
+        epot = float(atoms.get_potential_energy())  # cached by the calculator
+        ekin = float(atoms.get_kinetic_energy())
+        temperature = float(atoms.get_temperature())
+        velocities = momenta / masses[:, None] * units.fs  # Å/fs
+        writer.append(step=step, time_ps=step * dt_fs / 1000.0, positions=positions, velocities=velocities,
+                      potential_energy=epot, kinetic_energy=ekin, total_energy=epot + ekin,
+                      temperature=temperature)
+        monitor.check(step, positions, velocities, (epot, ekin), temperature)
+        return {"step": step, "temperature": temperature, "positions": positions, "momenta": momenta,
+                "rng": rng.bit_generator.state, "thermostat": thermostat_state(dyn),
+                "settings": settings.to_dict()}
+
+    status = "completed"
+    completed = start  # last step integrated without error
+    good = None  # latest checkpointable state; written only after its frame has been flushed
+    t_loop = None
+    t_step = t_protocol = 0.0
+    bar = _progress_bar(settings.n_steps, start, desc=f"{name} ({_ensemble_label(settings)})", enabled=progress)
+    with _timed_calculator(calc) as timer:
+        try:
+            if ckpt is None:
+                try:
+                    good = snapshot(0)
+                except (ValueError, FloatingPointError) as err:
+                    raise BlowUp(f"calculator failed on the starting structure: {err}") from err
+                writer.flush()
+                save_checkpoint(paths["checkpoint"], good)
+            timer.reset()
+            t_loop = last_flush = time.perf_counter()
+            for step in range(start + 1, settings.n_steps + 1):
+                t0 = time.perf_counter()
+                try:
+                    dyn.step()
+                except (ValueError, FloatingPointError) as err:  # NaN positions, overlapping atoms, NaN forces
+                    raise BlowUp(f"calculator failed at step {step}: {err}") from err
+                completed = step
+                t1 = time.perf_counter()
+                t_step += t1 - t0
+                if step % settings.log_every == 0 or step == settings.n_steps:
+                    state = snapshot(step)  # raises BlowUp after appending the frame
+                    good = state
+                    if writer.pending >= settings.flush_every or t1 - last_flush >= settings.flush_seconds:
+                        writer.flush()
+                        save_checkpoint(paths["checkpoint"], good)
+                        last_flush = time.perf_counter()
+                    ns_day = (step - start) * dt_fs * 1e-6 / max(t1 - t_loop, 1e-9) * 86400.0
+                    bar.update(step - bar.n)
+                    bar.set_postfix_str(f"{ns_day:.3g} ns/day, T={state['temperature']:.0f} K", refresh=False)
+                t_protocol += time.perf_counter() - t1
+        except BlowUp as err:
+            status = f"blow-up: {err}"
+            print(f"MD stopped, {status}", file=sys.stderr, flush=True)
+        except BaseException as err:
+            status = f"interrupted: {type(err).__name__}"
+            raise
+        finally:
+            wall = time.perf_counter() - t_loop if t_loop is not None else 0.0
+            bar.close()
+            writer.close()  # flushes everything appended, including a blown-up frame (for diagnosis)
+            if good is not None:
+                save_checkpoint(paths["checkpoint"], good)
+                # leave atoms at the last good logged state (a blow-up or an interrupt may leave a
+                # half-updated or unphysical one)
+                atoms.set_positions(good["positions"], apply_constraint=False)
+                atoms.set_momenta(good["momenta"], apply_constraint=False)
+            timing = {"wall_s": wall, "calculator_s": timer.seconds, "calculator_calls": timer.calls,
+                      "integrator_s": t_step - timer.seconds, "protocol_s": t_protocol}
+            summary = _summary(paths["h5"], masses, settings, status, metadata, timing, completed, start,
+                               summary_extra)
+            if summary_path is not None:
+                write_json_atomic(summary_path, summary)
+            if plot_path is not None:
+                data, _ = read_trajectory(paths["h5"])
+                plot_energies(data, n_atoms, plot_path, title=f"{metadata.get('model', '')} "
+                              f"{_ensemble_label(settings)} {settings.temperature_K:g} K, dt {dt_fs:g} fs; {status}")
+    return summary
+
+
+def _ensemble_label(settings: MDSettings) -> str:
+    return "NVE" if settings.ensemble == "nve" else f"NVT/{settings.thermostat}"
+
+
+def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
+    new = settings.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in RESTART_INVARIANT if saved.get(k) != new[k]]
+    if changed:
+        raise RestartError("cannot restart with different settings (" + "; ".join(changed) + ")")
+
+
+def _summary(h5_path, masses, settings: MDSettings, status: str, metadata: dict, timing: dict,
+             completed: int, start: int, extra: dict | None) -> dict:
+    data, _ = read_trajectory(h5_path)
+    physics = summarize_trajectory(data, masses)
+    calc_s = timing["calculator_s"]
+    wall = timing["wall_s"]
+    steps_done = completed - start
+    steps_per_s = steps_done / wall if wall > 0 and steps_done else None
+    out = {
+        "status": status,
+        "protocol": _ensemble_label(settings),
+        **{k: v for k, v in metadata.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        "n_steps": completed,  # steps integrated, over all sessions of a restarted run
+        "target_steps": settings.n_steps,
+        **physics,
+        "steps_this_session": steps_done,
+        "steps_per_second": steps_per_s,
+        "ns_per_day": steps_per_s * settings.timestep_fs * 1e-6 * 86400.0 if steps_per_s else None,
+        # the protocol's own cost (logging, checks, HDF5, checkpoints, progress bar) per calculator second
+        "overhead_fraction": timing["protocol_s"] / calc_s if calc_s > 0 else None,
+        # ASE's integrator arithmetic and atoms bookkeeping, per calculator second (not ours to cut)
+        "integrator_overhead_fraction": timing["integrator_s"] / calc_s if calc_s > 0 else None,
+        "timing": timing,
+        "settings": settings.to_dict(),
+        "units": {"energy": "eV (summary: meV/atom)", "time": "ps", "temperature": "K",
+                  "linear_momentum": "amu·Å/fs", "angular_momentum": "amu·Å²/fs (about the centre of mass)",
+                  "drift": "meV/atom/ps, least-squares slope of total energy per atom vs time"},
+    }
+    if extra:
+        out.update(extra)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}

@@ -1,0 +1,167 @@
+"""HDF5 trajectories that survive a kill, the restart checkpoint, and atomic JSON writes.
+
+Why the file survives a kill: frames are buffered in memory and appended in batches, each batch
+followed by `h5py.File.flush()`. Between batches nothing touches the file, so a process killed at any
+moment leaves the file as it was after the last flush (HDF5 is only at risk while a write is under way).
+The checkpoint (exact float64 positions and momenta, RNG and thermostat state) is written atomically
+*after* the frames it refers to were flushed, so the trajectory always reaches at least the
+checkpoint's step; a restart truncates any frame after it, and nothing is lost or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+#: Per-frame datasets: name -> (shape after the frame axis given n_atoms, dtype).
+FRAME_FIELDS = {
+    "step": (lambda n: (), np.int64),
+    "time_ps": (lambda n: (), np.float64),
+    "positions": (lambda n: (n, 3), np.float64),  # Å
+    "velocities": (lambda n: (n, 3), np.float64),  # Å/fs
+    "potential_energy": (lambda n: (), np.float64),  # eV
+    "kinetic_energy": (lambda n: (), np.float64),  # eV
+    "total_energy": (lambda n: (), np.float64),  # eV
+    "temperature": (lambda n: (), np.float64),  # K, ASE's definition (3N minus constrained DOF)
+}
+
+UNITS = {
+    "step": "MD steps", "time_ps": "ps", "positions": "Å", "velocities": "Å/fs",
+    "potential_energy": "eV", "kinetic_energy": "eV", "total_energy": "eV", "temperature": "K",
+}
+
+
+class RestartError(RuntimeError):
+    """A restart that cannot continue the saved run consistently (changed settings, missing frames)."""
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then os.replace: readers (and a
+    restart after a kill) see either the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=True)  # floats round-trip exactly through repr
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike):
+    with open(path) as f:
+        return json.load(f)
+
+
+class TrajectoryWriter:
+    """Appends frames to resizable datasets of an HDF5 file, in batches.
+
+    `append` only buffers; `flush` writes the buffer and flushes the file. The caller decides when
+    (every K frames or every few seconds) and writes its checkpoint after `flush` returns.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_atoms: int, attrs: dict | None = None, *,
+                 resume_step: int | None = None):
+        """Create `path` (resume_step None; refuses to overwrite) or reopen it for a restart, keeping
+        only frames with step <= resume_step (later frames were written after the last checkpoint)."""
+        self.path = Path(path)
+        self.n_atoms = int(n_atoms)
+        self._frames: list[dict] = []  # one append per frame: a signal cannot leave half a frame
+        if resume_step is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = h5py.File(self.path, "w-")
+            chunk_frames = max(1, min(256, 2**20 // max(1, 24 * self.n_atoms)))  # ~1 MiB chunks
+            for name, (shape, dtype) in FRAME_FIELDS.items():
+                s = shape(self.n_atoms)
+                self.file.create_dataset(name, shape=(0, *s), maxshape=(None, *s), dtype=dtype,
+                                         chunks=(chunk_frames if s else 4096, *s))
+                self.file[name].attrs["units"] = UNITS[name]
+            for key, value in (attrs or {}).items():
+                self.file.attrs[key] = value
+            self.file.flush()
+        else:
+            self.file = h5py.File(self.path, "r+")
+            steps = self.file["step"][:]
+            keep = int(np.searchsorted(steps, resume_step, side="right"))
+            if keep == 0 or steps[keep - 1] != resume_step:
+                raise RestartError(f"{self.path}: no frame at the checkpoint's step {resume_step} "
+                                   f"(last steps {steps[-3:].tolist()}); cannot restart consistently")
+            short = [name for name in FRAME_FIELDS if self.file[name].shape[0] < keep]
+            if short:
+                raise RestartError(f"{self.path}: datasets {short} are shorter than 'step'; the file was "
+                                   "cut off during a write and cannot be continued")
+            for name in FRAME_FIELDS:
+                self.file[name].resize(keep, axis=0)
+            self.file.flush()
+        self._n_written = int(self.file["step"].shape[0])
+
+    def __len__(self) -> int:
+        return self._n_written + self.pending
+
+    def append(self, **frame) -> None:
+        missing = set(FRAME_FIELDS) - set(frame)
+        if missing:
+            raise KeyError(f"frame lacks {sorted(missing)}")
+        self._frames.append(frame)
+
+    @property
+    def pending(self) -> int:
+        return len(self._frames)
+
+    def flush(self) -> None:
+        """Write the buffered frames and flush the file. Idempotent if interrupted part-way (an
+        exception raised by a signal handler between two datasets): the buffer is cleared only after
+        every dataset holds the frames, and a repeated call rewrites the same slices."""
+        k = self.pending
+        if k:
+            n0, n1 = self._n_written, self._n_written + k
+            for name, (shape, dtype) in FRAME_FIELDS.items():
+                ds = self.file[name]
+                if ds.shape[0] != n1:
+                    ds.resize(n1, axis=0)
+                ds[n0:n1] = np.asarray([frame[name] for frame in self._frames], dtype=dtype)
+            self._n_written = n1
+            self._frames = []
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.flush()
+            self.file.close()
+
+
+def read_trajectory(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """All datasets (arrays over frames) and the file attributes of a trajectory."""
+    with h5py.File(path, "r") as f:
+        data = {name: f[name][:] for name in f.keys()}
+    return data, read_attrs(path)
+
+
+def read_attrs(path: str | os.PathLike) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+
+
+# ---- checkpoint: exact state at a logged step -------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """state: {'step', 'positions' [N,3] Å, 'momenta' [N,3] ASE units, 'rng', 'thermostat', ...};
+    arrays are stored as nested lists of Python floats, which JSON round-trips bit-exactly."""
+    data = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    write_json_atomic(path, data)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    data = read_json(path)
+    for key in ("positions", "momenta"):
+        data[key] = np.asarray(data[key], dtype=np.float64)
+    return data
