@@ -48,13 +48,13 @@ def test_gaq_report_rewrites_only_the_generated_block(tmp_path, monkeypatch):
     monkeypatch.setenv("GAQ_MODELS_DIR", str(tmp_path / "models"))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nmid\n"
-                      "<!-- quant:start -->\n<!-- quant:end -->\n"
+                      "<!-- quant:start -->\n<!-- quant:end -->\n<!-- md:start -->\n<!-- md:end -->\n"
                       "<!-- speed:start -->\n<!-- speed:end -->\nend\n")
     report.main(["--readme", str(readme), "--results", str(tmp_path / "results")])
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end\n")
     assert "| m1 |" in text and "1.23" in text and "5.68" in text and "old" not in text
-    assert "| lsq_w4a8 | lsq_w4a8 | QAT | W4/8 A8/8 | cartesian | 9.87 | 6.54 | 3.21 |" in text
+    assert "| lsq_w4a8 | lsq_w4a8 | QAT | quantized | W4/8 A8/8 | cartesian | 9.87 | 6.54 | 3.21 |" in text
     rows = json.loads((tmp_path / "results" / "quant_table.json").read_text())
     assert rows[0]["converged"] == "yes" and rows[0]["epochs"] == 12
     assert (tmp_path / "results" / "quant_table.md").read_text().strip() in text
