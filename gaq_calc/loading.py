@@ -7,7 +7,7 @@ import torch
 
 from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.model.serialization import ModelFileError, read_model_file
-from gaq_calc.quant import QuantConfig, prepare
+from gaq_calc.quant import QuantConfig, prepare, set_quant_mode
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -15,9 +15,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     data = read_model_file(path)
     try:
         model = GAQPotential(ModelConfig.from_dict(data["model_config"]))
+        state = data["state_dict"]
         if data.get("quant_config"):
             model = prepare(model, QuantConfig(**data["quant_config"]))
-        model.load_state_dict(data["state_dict"])
+            # files written before per-mode reference energies existed: both modes use the FP32 ones
+            state = dict(state)
+            for key in ("quantized_reference_energies", "conservative_reference_energies"):
+                state.setdefault(key, state["reference_energies"])
+        model.load_state_dict(state)
+        if data.get("quant_config"):
+            set_quant_mode(model, "quantized")
     except Exception as err:
         raise ModelFileError(f"{path}: model file does not match the network ({err})") from err
     return model.to(device=device, dtype=dtype).eval(), data.get("metadata", {})

@@ -179,3 +179,30 @@ def test_svq_kmeans_codebook_from_calibration_and_no_gradient(fp_model, ethanol_
     rows = out.transpose(-1, -2).reshape(-1, 3)
     gap = ((rows[:, None, :] - vm.codebook[None]) ** 2).sum(-1).min(-1).values
     assert gap.max() == 0  # outputs are codewords
+
+
+def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mode(fp_model, ethanol_frames,
+                                                                                 tmp_path):
+    from gaq_calc.loading import load_model
+    from gaq_calc.model.serialization import save_model
+    from gaq_calc.quant import fit_conservative_reference, set_quant_mode
+
+    batches = [_batch(ethanol_frames, k) for k in range(6)]
+    q = calibrate(prepare(fp_model, preset("w4a8_frame")), batches, energy_and_forces)
+    before = q.reference_energies.clone()
+    correction = fit_conservative_reference(q, batches, lambda m, b: energy_and_forces(m, b)[0])
+    assert torch.equal(q.reference_energies, before)  # back in quantized mode, references untouched
+    set_quant_mode(q, "conservative")
+    assert all(not m.quantize_acts for m in q.modules() if isinstance(m, QuantLinear))
+    torch.testing.assert_close(q.reference_energies, before + correction)
+    errors = [(b.energy - energy_and_forces(q, b)[0].detach()).item() for b in batches]
+    assert abs(np.mean(errors)) < 1e-9  # least squares with a fixed composition: zero mean residual
+    # a saved file restores both modes, starting in the quantized one
+    path = tmp_path / "q.pt"
+    save_model(path, q)
+    loaded, _ = load_model(path, dtype=torch.float64)
+    torch.testing.assert_close(loaded.reference_energies, before)
+    set_quant_mode(loaded, "conservative")
+    torch.testing.assert_close(loaded.reference_energies, before + correction)
+    with pytest.raises(ValueError, match="mode"):
+        set_quant_mode(loaded, "fast")

@@ -135,3 +135,7 @@ def set_mode(module, mode: str) -> None:
     for _, sub in module.named_modules():
         if hasattr(sub, "round_activations"):
             sub.round_activations = mode == "quantized"
+    potential = module.potential
+    if hasattr(potential, f"{mode}_reference_energies"):  # each mode's fitted reference energies
+        with torch.no_grad():
+            potential.reference_energies.copy_(getattr(potential, f"{mode}_reference_energies"))

@@ -44,6 +44,10 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
 
     prepared = _swap(copy.deepcopy(model), build)
     prepared.quant_config = config
+    # reference energies per inference mode (see set_quant_mode); both start as the FP32 model's
+    if hasattr(prepared, "reference_energies"):
+        prepared.register_buffer("quantized_reference_energies", prepared.reference_energies.clone())
+        prepared.register_buffer("conservative_reference_energies", prepared.reference_energies.clone())
     if config.protect_prob > 0:
         prepared.register_forward_pre_hook(_record_in_degrees)
     return prepared
@@ -75,6 +79,38 @@ def set_quant_mode(model: nn.Module, mode: str) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.quantize_acts = mode == "quantized" and module.act_bits is not None
+    references = getattr(model, f"{mode}_reference_energies", None)
+    if references is not None:
+        with torch.no_grad():
+            model.reference_energies.copy_(references)
+
+
+def fit_conservative_reference(model: nn.Module, batches, run) -> torch.Tensor:
+    """Bias correction of the conservative mode: QAT adapts the network to rounded activations, and
+    leaving them unrounded shifts every atomic energy by a near-constant amount (W4A8 azobenzene:
+    -62 meV per molecule on average, 1.9 meV MAE once that mean is removed; measured on training frames).
+    Per-element corrections are fitted by least squares on `batches` (training frames; minimum-norm
+    when the composition is fixed) and stored in model.conservative_reference_energies.
+    run(model, batch) -> energies [n_graphs]. Returns the correction (eV per element)."""
+    import numpy as np
+
+    set_quant_mode(model, "conservative")
+    n_species = model.reference_energies.shape[0]
+    counts, errors = [], []
+    with torch.no_grad():
+        model.reference_energies.copy_(model.quantized_reference_energies)
+    for batch in batches:
+        energies = run(model, batch).detach().double().cpu().numpy()
+        one_hot = torch.nn.functional.one_hot(batch.species, n_species).double()
+        counts.append(torch.zeros(batch.n_graphs, n_species, dtype=torch.float64).index_add_(
+            0, batch.batch, one_hot).numpy())
+        errors.append(batch.energy.double().cpu().numpy() - energies)
+    correction, *_ = np.linalg.lstsq(np.concatenate(counts), np.concatenate(errors), rcond=None)
+    correction = torch.as_tensor(correction, dtype=torch.float64, device=model.reference_energies.device)
+    with torch.no_grad():
+        model.conservative_reference_energies.copy_(model.quantized_reference_energies + correction)
+    set_quant_mode(model, "quantized")
+    return correction
 
 
 def calibrate(model: nn.Module, batches, run) -> nn.Module:
