@@ -33,7 +33,8 @@ def _quantization(path: Path, metadata: dict) -> dict | None:
     if not config:
         return None
     train_config = metadata.get("train_config") or {}
-    preset = metadata.get("ptq_preset") or (train_config.get("quant") if isinstance(train_config, dict) else None)
+    preset = (metadata.get("quant_preset") or metadata.get("ptq_preset")
+              or (train_config.get("quant") if isinstance(train_config, dict) else None))
     return {"preset": preset, "mode": "PTQ" if metadata.get("ptq") else "QAT", "config": config}
 
 

@@ -39,7 +39,7 @@ def results_table(root: Path) -> str:
 
 def _converged(log_csv: Path) -> str:
     """QAT runs: "yes" when every logged validation error is finite and the last epoch's validation
-    F-MAE lies within 25% of the run's best; "no" otherwise. PTQ has no training: "–"."""
+    F-MAE lies within 25% of the best after the run's first fifth; "no" otherwise. PTQ: "–"."""
     import csv
     import math
 
@@ -50,7 +50,8 @@ def _converged(log_csv: Path) -> str:
     e = [float(r["val_energy_mae_meV"]) for r in rows if r.get("val_energy_mae_meV")]
     if not f or not all(math.isfinite(x) for x in f + e):
         return "no (diverged)"
-    return "yes" if f[-1] <= 1.25 * min(f) else f"no (last {f[-1]:.1f} vs best {min(f):.1f})"
+    late = f[max(1, -(-len(f) // 5)):]  # after the first fifth: staged warm-up epochs come first
+    return "yes" if f[-1] <= 1.25 * min(late) else f"no (last {f[-1]:.1f} vs best {min(late):.1f})"
 
 
 def _bits(card: dict) -> str:
@@ -89,14 +90,15 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
             "inference": card.get("mode") or ("–" if not q else "quantized"),
             "method": q.get("preset") or "fp32",
             "mode": q.get("mode", "FP32 training"),
-            "bits": _bits(card),
-            "vector_activations": (config.get("vector_method") if config.get("vector_act_bits") else "FP") if q else "FP",
+            "bits": _bits(card) if card.get("mode") != "conservative" else _bits(card).split(" A")[0] + " A unrounded",
+            "vector_activations": ("unrounded" if card.get("mode") == "conservative" else
+                                   (config.get("vector_method") if config.get("vector_act_bits") else "FP")) if q else "FP",
             "energy_mae_meV": card["energy_mae_meV"],
             "force_mae_meV_per_A": card["force_mae_meV_per_A"],
             "lee_meV_per_A": card.get("lee_meV_per_A"),
             "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
             "converged": _converged(folder / "log.csv") if q.get("mode") != "PTQ" else "– (PTQ)",
-            "epochs": (card.get("training") or {}).get("epochs") if q.get("mode") != "PTQ" else 0,
+            "epochs": ((card.get("training") or {}).get("epochs") or "–") if q.get("mode") != "PTQ" else 0,
             "packed_bytes": size,
             "size_ratio_vs_fp32": (fp_bytes / size) if (fp_bytes and size) else None,
             "card": str(folder / "card.json"),
@@ -108,7 +110,7 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
             f"{record['vector_activations']} | {record['energy_mae_meV']:.2f} | {record['force_mae_meV_per_A']:.2f} | "
             f"{fmt(record['lee_meV_per_A'], '.3g')} | {fmt(record['lee_float64_meV_per_A'], '.1e')} | "
             f"{record['converged']} | {record['epochs']} | {fmt(size and size / 1024, '.0f')} | "
-            f"{fmt(record['size_ratio_vs_fp32'], '.2f')}x |")
+            f"{fmt(record['size_ratio_vs_fp32'], '.2f')}{'x' if record['size_ratio_vs_fp32'] else ''} |")
     return "\n".join(rows), records
 
 

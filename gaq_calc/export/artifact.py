@@ -79,6 +79,7 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
         "reference_energies_eV": [float(e) for e in model.reference_energies.tolist()],
         "model_config": raw["model_config"],
         "quantization": raw.get("quant_config"),
+        "quant_preset": meta.get("ptq_preset") or (meta.get("train_config") or {}).get("quant"),
         "modes": list(MODES) if raw.get("quant_config") else ["fp32"],
         "source_file": str(model_path),
         "source_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
