@@ -137,7 +137,7 @@ def md_table(root: Path) -> str:
             f"| {path.parent.name} | {s.get('model')} | {s.get('mode') or '–'} | {s.get('status')} | "
             f"{fmt(s.get('simulated_ps'), '.1f')} | {fmt(s.get('energy_drift_meV_per_atom_per_ps'), '.2g')} | "
             f"{fmt(s.get('total_energy_std_meV_per_atom'), '.3f')} | {fmt(s.get('mean_temperature_K'), '.0f')} | "
-            f"{fmt(s.get('steps_per_s'), '.1f')} | {fmt(s.get('ns_per_day'), '.3f')} | "
+            f"{fmt(s.get('steps_per_second'), '.1f')} | {fmt(s.get('ns_per_day'), '.3f')} | "
             f"{fmt(s.get('overhead_fraction') and 100 * s['overhead_fraction'], '.1f')}% |")
     return "\n".join(rows)
 
