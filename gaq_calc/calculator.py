@@ -31,7 +31,8 @@ class GAQCalculator(Calculator):
     mode (quantized models): "conservative" (default) keeps the quantized weights but does not round
     activations, so forces are exact gradients of the reported energy and NVE conserves energy;
     "quantized" rounds activations to 8 bits as in training (the model card's numbers), and its forces
-    are the straight-through gradient of a piecewise-constant energy, not its exact derivative.
+    are the straight-through gradient of an energy that jumps where rounding decisions flip, not its
+    exact derivative.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]

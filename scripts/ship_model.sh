@@ -15,9 +15,16 @@ if ls runs/${name}/snapshot_*min.pt >/dev/null 2>&1; then
   snap=(--snapshot "models/${name}/$(basename "$s")")
 fi
 cp "runs/${name}/learning_curves.png" "runs/${name}/log.csv" "models/${name}/"
-if .venv/bin/python -c "import sys; from gaq_calc.model.serialization import read_model_file as r; sys.exit(0 if r(sys.argv[1]).get('quant_config') else 1)" "models/${name}/model.pt"; then
+quantized=$(.venv/bin/python -c "import sys; from gaq_calc.model.serialization import read_model_file as r; print('yes' if r(sys.argv[1]).get('quant_config') else 'no')" "models/${name}/model.pt")
+if [ "$quantized" = yes ]; then
   # quantized: fit the conservative mode's reference energies on training frames (bias correction)
   .venv/bin/gaq-quantize "models/${name}/model.pt" --conservative-reference --calib-frames 300 -o "models/${name}/model.pt"
 fi
 .venv/bin/gaq-eval "models/${name}" "${snap[@]}" --write-card
+# the deployable artifact (models/NAME.pt), and for quantized models its conservative-mode card
+.venv/bin/gaq-export "models/${name}" -o "models/${name}.pt"
+if [ "$quantized" = yes ]; then
+  data=$(.venv/bin/python -c "import sys; from gaq_calc.model.serialization import read_model_file as r; print(r(sys.argv[1])['metadata']['train_data'])" "models/${name}/model.pt")
+  .venv/bin/gaq-eval "models/${name}.pt" --data "$data" --mode conservative --card "models/${name}/card_conservative.json"
+fi
 .venv/bin/gaq-report

@@ -206,3 +206,7 @@ def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mod
     torch.testing.assert_close(loaded.reference_energies, before + correction)
     with pytest.raises(ValueError, match="mode"):
         set_quant_mode(loaded, "fast")
+    loaded32, _ = load_model(path)  # a float32 network keeps every reference set in float64
+    for name in ("reference_energies", "quantized_reference_energies", "conservative_reference_energies"):
+        assert getattr(loaded32, name).dtype == torch.float64
+    torch.testing.assert_close(loaded32.conservative_reference_energies, before + correction, rtol=0, atol=0)

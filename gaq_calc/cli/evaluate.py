@@ -22,6 +22,7 @@ from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
+from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.export import is_artifact, load_artifact, set_mode
 from gaq_calc.quant.api import set_quant_mode, storage_bytes
@@ -114,7 +115,8 @@ def main(argv=None) -> None:
         "split": args.split,
         "precision": "fp32" if dtype == torch.float32 else "fp64",
         **metrics,
-        "n_parameters": sum(p.numel() for p in model.parameters()) if artifact else model.num_parameters(),
+        "n_parameters": (GAQPotential(ModelConfig.from_dict(metadata["model_config"])).num_parameters()
+                         if artifact else model.num_parameters()),
         "quantization": _quantization(path, metadata),
         "mode": (args.mode or "quantized") if _quantization(path, metadata) else None,
         "artifact": artifact,
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
         },
     }
     if args.snapshot:
-        snap, snap_meta, _ = evaluate_file(Path(args.snapshot), data, args.split, dtype)
+        snap, snap_meta, _ = evaluate_file(Path(args.snapshot), data, args.split, dtype, mode=args.mode)
         card["snapshot"] = {
             "file": str(args.snapshot),
             "train_minutes": round(snap_meta.get("train_seconds", float("nan")) / 60, 2),

@@ -50,7 +50,7 @@ def _converged(log_csv: Path) -> str:
     e = [float(r["val_energy_mae_meV"]) for r in rows if r.get("val_energy_mae_meV")]
     if not f or not all(math.isfinite(x) for x in f + e):
         return "no (diverged)"
-    late = f[max(1, -(-len(f) // 5)):]  # after the first fifth: staged warm-up epochs come first
+    late = f[max(1, -(-len(f) // 5)):] or f  # after the first fifth: staged warm-up epochs come first
     return "yes" if f[-1] <= 1.25 * min(late) else f"no (last {f[-1]:.1f} vs best {min(late):.1f})"
 
 
@@ -68,6 +68,7 @@ def quant_cards(models: Path, baselines: Path, molecule: str = "azobenzene") -> 
     for card_path in sorted(models.glob("*/card*.json")) + sorted(baselines.glob("*/card.json")):
         card = json.loads(card_path.read_text())
         if card.get("test_data") == molecule:
+            card["_card_file"] = str(card_path)
             cards.append((card, card_path.parent))
     return cards
 
@@ -82,11 +83,14 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ], []
     for card, folder in cards:
+        card_file = card.pop("_card_file", str(folder / "card.json"))
         q = card.get("quantization") or {}
         config = q.get("config") or {}
-        size = card.get("size", {}).get("packed_bytes")
+        size = card.get("size", {}).get("packed_bytes") or (card.get("size", {}).get("file_bytes")
+                                                             if card.get("artifact") else None)
         record = {
-            "model": card["model"] if card.get("artifact") or folder.parent.name != "quant_baselines" else folder.name,
+            "model": (Path(card["model_file"]).name if card.get("artifact")
+                      else card["model"] if folder.parent.name != "quant_baselines" else folder.name),
             "inference": card.get("mode") or ("–" if not q else "quantized"),
             "method": q.get("preset") or "fp32",
             "mode": q.get("mode", "FP32 training"),
@@ -101,7 +105,7 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
             "epochs": ((card.get("training") or {}).get("epochs") or "–") if q.get("mode") != "PTQ" else 0,
             "packed_bytes": size,
             "size_ratio_vs_fp32": (fp_bytes / size) if (fp_bytes and size) else None,
-            "card": str(folder / "card.json"),
+            "card": card_file,
         }
         records.append(record)
         fmt = lambda x, f: "–" if x is None else format(x, f)

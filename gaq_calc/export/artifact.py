@@ -67,6 +67,7 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
     raw = read_model_file(model_path)
     model, meta = load_model(model_path, dtype=torch.float32)
     model = _swap_packed(model).eval()
+    model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
     with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(EnergyForces(model))
@@ -77,6 +78,9 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
         "species": [int(z) for z in model.atomic_numbers.tolist()],
         "dtype": "float32",
         "reference_energies_eV": [float(e) for e in model.reference_energies.tolist()],
+        "conservative_reference_energies_eV": ([float(e) for e in model.conservative_reference_energies.tolist()]
+                                               if hasattr(model, "conservative_reference_energies") else None),
+        "ptq": bool(meta.get("ptq")),
         "model_config": raw["model_config"],
         "quantization": raw.get("quant_config"),
         "quant_preset": meta.get("ptq_preset") or (meta.get("train_config") or {}).get("quant"),
@@ -125,6 +129,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
         raise ModelFileError(f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)")
     if metadata.get("format_version") != ARTIFACT_VERSION:
         raise ModelFileError(f"{path}: unsupported artifact version {metadata.get('format_version')}")
+    with torch.inference_mode(False), torch.no_grad():  # dequantize once, as ordinary tensors
+        for _, sub in module.named_modules():
+            if hasattr(sub, "round_activations"):
+                sub.dequantized_weight()
     return module.eval(), metadata
 
 

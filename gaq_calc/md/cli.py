@@ -32,7 +32,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", default="conservative", choices=["conservative", "quantized"],
                    help="quantized models: conservative (default; activations not rounded, forces exact "
                         "gradients, energy conserved) or quantized (8-bit activations as trained; forces are "
-                        "straight-through gradients of a piecewise-constant energy)")
+                        "straight-through gradients of an energy with jumps)")
     g = parser.add_argument_group("dynamics")
     g.add_argument("--temperature", type=float, default=300.0, help="temperature in K (default 300)")
     g.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
@@ -100,7 +100,8 @@ def setup(args, protocol: str):
     atoms.calc = calc
     model_path = Path(calc.model_path)
     model_name = model_path.parent.name if model_path.name == "model.pt" else model_path.stem
-    out = Path(args.out) if args.out else Path("runs") / "md" / f"{protocol}_{model_name}"
+    suffix = f"_{args.mode}" if calc.quantized else ""
+    out = Path(args.out) if args.out else Path("runs") / "md" / f"{protocol}_{model_name}{suffix}"
     metadata = {
         "model": str(args.model), "model_path": str(model_path), "structure": str(args.structure or "azobenzene"),
         "frame": args.frame, "device": args.device, "dtype": args.dtype,

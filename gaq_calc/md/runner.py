@@ -27,6 +27,7 @@ from gaq_calc.md.trajectory import (
 )
 
 #: Settings that must not change between a run and its restart (n_steps may grow: extend a run).
+RESTART_SAME_MODEL = ("model_path", "mode", "dtype")  # metadata that a restart must not change
 RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "log_every", "seed",
                      "friction_per_fs", "taut_fs", "tchain")
 
@@ -158,6 +159,11 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         _check_restart_settings(ckpt["settings"], settings)
         if not paths["h5"].exists():
             raise RestartError(f"{paths['checkpoint']} has no trajectory {paths['h5']} to continue")
+        saved = read_attrs(paths["h5"])
+        changed = [f"{k}: {saved.get(k)!r} -> {metadata.get(k)!r}" for k in RESTART_SAME_MODEL
+                   if k in saved and k in metadata and str(saved.get(k)) != str(metadata.get(k))]
+        if changed:
+            raise RestartError("cannot restart with a different model setup (" + "; ".join(changed) + ")")
     elif paths["h5"].exists():
         if not restart:
             raise FileExistsError(f"{paths['h5']} exists; pass restart=True (--restart) to continue it, "

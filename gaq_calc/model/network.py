@@ -42,10 +42,12 @@ class GAQPotential(nn.Module):
         self.register_buffer("atomic_numbers", torch.tensor(config.species, dtype=torch.long))
 
     def _apply(self, fn, recurse=True):
-        # reference energies stay float64 whatever dtype the network is cast to
-        ref = self.reference_energies
+        # reference energies (and the per-mode ones of quantized models) stay float64 whatever dtype
+        # the network is cast to
+        refs = {name: buf for name, buf in self._buffers.items() if name.endswith("reference_energies")}
         super()._apply(fn, recurse)
-        self.reference_energies = ref.to(device=self.energy_scale.device, dtype=torch.float64)
+        for name, buf in refs.items():
+            setattr(self, name, buf.to(device=self.energy_scale.device, dtype=torch.float64))
         return self
 
     def set_energy_reference(self, reference_energies, energy_scale: float) -> None:

@@ -130,15 +130,16 @@ def mddq(
 
 # ---- equivariant local frames (beyond the paper) ------------------------------------------------------
 
-def local_frame(v: torch.Tensor, rel_tol: float = 1e-3) -> torch.Tensor:
+def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     """A right-handed orthonormal frame per feature set, built from the vectors themselves.
 
     v [..., 3, C] (C channels of l=1 vectors) -> frame [..., 3, 3] whose rows are e1, e2, e3:
     e1 = the channel of largest norm, e2 = the channel with the largest component orthogonal to e1
     (Gram-Schmidt), e3 = e1 x e2. Channel choice depends on invariants only (norms), so the frame of
     R v is R's image of the frame of v: components in it are rotation invariant.
-    Degenerate sets fall back harmlessly: all-zero -> identity (every component is 0 anyway);
-    collinear -> any e2 perpendicular to e1 (components along e2, e3 are 0 anyway).
+    Degenerate sets fall back: all-zero -> identity (every component is 0 anyway); collinear to within
+    rel_tol -> any e2 perpendicular to e1 (the components along e2, e3 are below rel_tol |v| and round
+    to 0 inside the calibrated range; only this case is not exactly equivariant).
     TorchScript-compatible (the exported artifact calls it).
     """
     lead = v.shape[:-2]
