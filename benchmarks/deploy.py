@@ -31,12 +31,11 @@ VARIANTS = [("fp32", "fp32"), ("w8a8", "quantized"), ("w8a8", "conservative"), (
 def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batch: int) -> dict:
     import numpy as np
     import torch
-    from ase import Atoms, units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from ase.md.verlet import VelocityVerlet
+    from ase import Atoms
 
     from gaq_calc import GAQCalculator
     from gaq_calc.data import GraphDataset, read_frames
+    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
@@ -44,23 +43,8 @@ def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batc
     calc = GAQCalculator(str(path), **kwargs)
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
-    rng = np.random.default_rng(0)
-    base = atoms.positions.copy()
-    times = []
-    for k in range(repeats + 5):
-        atoms.positions = base + rng.normal(scale=1e-3, size=base.shape)
-        t0 = time.perf_counter()
-        calc.calculate(atoms, ["energy", "forces"], ["positions"])
-        if k >= 5:
-            times.append(time.perf_counter() - t0)
-    md_atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
-    md_atoms.calc = calc
-    MaxwellBoltzmannDistribution(md_atoms, temperature_K=300, rng=np.random.default_rng(0))
-    dyn = VelocityVerlet(md_atoms, timestep=0.5 * units.fs)
-    dyn.run(3)
-    t0 = time.perf_counter()
-    dyn.run(md_steps)
-    steps_per_s = md_steps / (time.perf_counter() - t0)
+    seconds_per_call = time_calls(calc, atoms, repeats)
+    steps_per_s = md_steps_per_second(calc, atoms, md_steps)
     # large workload: `batch` molecules in one graph through the scripted module
     ds = GraphDataset(frames.subset(np.arange(batch) % len(frames)), calc.species, calc.cutoff)
     b = ds.collate(list(range(batch))).to("cpu", torch.float32)
@@ -72,7 +56,7 @@ def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batc
         batch_s = time.perf_counter() - t0
     return {
         "model": f"azobenzene_{name}", "mode": mode, "threads": threads,
-        "ms_per_call": 1e3 * float(np.median(times)), "md_steps_per_s": steps_per_s,
+        "ms_per_call": 1e3 * seconds_per_call, "md_steps_per_s": steps_per_s,
         "batch_molecules": batch, "batch_atoms": int(len(b.species)),
         "molecules_per_s": batch / batch_s, "file_bytes": path.stat().st_size,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -28,9 +28,8 @@ from gaq_calc.export import is_artifact, load_artifact, set_mode
 from gaq_calc.quant.api import set_quant_mode, storage_bytes
 
 
-def _quantization(path: Path, metadata: dict) -> dict | None:
+def _quantization(config: dict | None, metadata: dict) -> dict | None:
     """What the card says about quantization: the config, the preset, and PTQ or QAT."""
-    config = metadata.get("quantization") if is_artifact(path) else read_model_file(path).get("quant_config")
     if not config:
         return None
     train_config = metadata.get("train_config") or {}
@@ -49,14 +48,16 @@ def _load(path: Path, dtype: torch.dtype, mode: str | None):
             set_mode(module, mode or "quantized")
         return module.potential, metadata, metadata.get("quantization")
     model, metadata = load_model(path, dtype=dtype)
-    if mode is not None and read_model_file(path).get("quant_config"):
+    config = read_model_file(path).get("quant_config")
+    if mode is not None and config:
         set_quant_mode(model, mode)
-    return model, metadata, read_model_file(path).get("quant_config")
+    return model, metadata, config
 
 
 def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
-                  lee_rotations: int = 4, mode: str | None = None) -> tuple[dict, dict, object]:
-    model, metadata, _ = _load(path, dtype, mode)
+                  lee_rotations: int = 4, mode: str | None = None) -> tuple[dict, dict, object, dict | None]:
+    """(metrics, metadata, model, quant config or None)."""
+    model, metadata, config = _load(path, dtype, mode)
     frames = read_frames(data, split)
     species = [int(z) for z in model.atomic_numbers.tolist()]
     dataset = GraphDataset(frames, species, float(model.cutoff))
@@ -70,7 +71,7 @@ def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_fra
             model64, _, _ = _load(path, torch.float64, mode)
             lee64 = local_equivariance_error(model64, subset, n_rotations=lee_rotations, seed=0)
             metrics["lee_float64_meV_per_A"] = lee64["lee_meV_per_A"]
-    return metrics, metadata, model
+    return metrics, metadata, model, config
 
 
 def main(argv=None) -> None:
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
             # a training *file* has no separate test split: never evaluate on training frames by default
             parser.error("pass --data: the model was not trained on a shipped molecule with a test split")
         data = trained_on
-    metrics, metadata, model = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations,
+    metrics, metadata, model, config = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations,
                                              args.mode)
     artifact = is_artifact(path)
     card = {
@@ -117,8 +118,8 @@ def main(argv=None) -> None:
         **metrics,
         "n_parameters": (GAQPotential(ModelConfig.from_dict(metadata["model_config"])).num_parameters()
                          if artifact else model.num_parameters()),
-        "quantization": _quantization(path, metadata),
-        "mode": (args.mode or "quantized") if _quantization(path, metadata) else None,
+        "quantization": _quantization(config, metadata),
+        "mode": (args.mode or "quantized") if config else None,
         "artifact": artifact,
         "size": {"file_bytes": path.stat().st_size, **({} if artifact else storage_bytes(model))},
         "model_config": metadata["model_config"] if artifact else model.config.to_dict(),
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         },
     }
     if args.snapshot:
-        snap, snap_meta, _ = evaluate_file(Path(args.snapshot), data, args.split, dtype, mode=args.mode)
+        snap, snap_meta, _, _ = evaluate_file(Path(args.snapshot), data, args.split, dtype, mode=args.mode)
         card["snapshot"] = {
             "file": str(args.snapshot),
             "train_minutes": round(snap_meta.get("train_seconds", float("nan")) / 60, 2),

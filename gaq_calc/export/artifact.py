@@ -28,10 +28,9 @@ def _packed(qat) -> PackedLinear:
     """PackedLinear with the same weights, steps and activation quantizer as a QAT QuantLinear."""
     from gaq_calc.quant.primitives import quantize_int
 
-    if not qat.quantize_weights or (qat.act_bits is not None and not qat.quantize_acts):
-        raise ValueError("export needs every quantizer switched on (is a staged warm-up still running?)")
-    if qat.act_bits is not None and not bool(qat.calibrated):
-        raise ValueError("export needs calibrated activation ranges")
+    from gaq_calc.quant.modules import require_inference_ready
+
+    require_inference_ready(qat, "export")
     if qat.act_bits is None:
         kind = ACT_NONE
     elif qat.branch == "vector" and qat.vector_method == "kmeans":

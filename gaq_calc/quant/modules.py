@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gaq_calc.quant.primitives import (fake_quantize, fibonacci_sphere, frame_quantize, kmeans_centroids, mddq,
-                                       nearest_centroid, qrange, quantize_int)
+from gaq_calc.quant.primitives import (fake_quantize, fibonacci_sphere, frame_quantize, kmeans_centroids,
+                                       local_frame, mddq, nearest_centroid, qrange, quantize_int)
 
 VECTOR_METHODS = ("mddq", "frame", "cartesian", "kmeans")
 
@@ -84,8 +84,6 @@ class QuantLinear(nn.Module):
         if self.branch == "vector" and self.vector_method in ("mddq", "kmeans"):
             values, levels = x.norm(dim=-2), 2**bits - 1  # magnitudes are unsigned
         elif self.branch == "vector" and self.vector_method == "frame":
-            from gaq_calc.quant.primitives import local_frame
-
             values, levels = (local_frame(x) @ x).abs(), qrange(bits)[1]
         else:
             values, levels = x.abs(), qrange(bits)[1]
@@ -149,6 +147,14 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
+def require_inference_ready(qat: QuantLinear, what: str) -> None:
+    """convert and export freeze a QuantLinear: every quantizer on, activation ranges calibrated."""
+    if not qat.quantize_weights or (qat.act_bits is not None and not qat.quantize_acts):
+        raise ValueError(f"{what} needs every quantizer switched on (is a staged warm-up still running?)")
+    if qat.act_bits is not None and not bool(qat.calibrated):
+        raise ValueError(f"{what} needs calibrated activation ranges: run the QAT model (or calibrate) first")
+
+
 class IntLinear(nn.Module):
     """Inference form of QuantLinear: integer weight codes (int8 storage) and their per-channel steps.
 
@@ -158,10 +164,7 @@ class IntLinear(nn.Module):
 
     def __init__(self, qat: QuantLinear):
         super().__init__()
-        if not qat.quantize_weights or (qat.act_bits is not None and not qat.quantize_acts):
-            raise ValueError("convert needs every quantizer switched on (is a staged warm-up still running?)")
-        if qat.act_bits is not None and not bool(qat.calibrated):
-            raise ValueError("convert needs calibrated activation ranges: run the QAT model (or calibrate) first")
+        require_inference_ready(qat, "convert")
         step = qat.weight_step.detach().clone()
         self.register_buffer("weight_codes", quantize_int(qat.weight.detach(), step, qat.weight_bits))
         self.register_buffer("weight_step", step)
