@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = [("fp32", "fp32"), ("w8a8", "quantized"), ("w8a8", "conservative"), ("w4a8", "quantized"),
-            ("w4a8", "conservative")]
+# (model, mode, kernel): quantized mode (rounded activations) runs the reference kernel only
+VARIANTS = [("fp32", "fp32", "reference"), ("fp32", "fp32", "fused"), ("w8a8", "quantized", "reference"),
+            ("w8a8", "conservative", "fused"), ("w4a8", "quantized", "reference"),
+            ("w4a8", "conservative", "reference"), ("w4a8", "conservative", "fused")]
 
 
-def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batch: int) -> dict:
+def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_steps: int, batch: int) -> dict:
     import numpy as np
     import torch
     from ase import Atoms
@@ -40,7 +42,7 @@ def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batc
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
-    calc = GAQCalculator(str(path), **kwargs)
+    calc = GAQCalculator(str(path), kernel=kernel, **kwargs)
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
     seconds_per_call = time_calls(calc, atoms, repeats)
@@ -55,7 +57,7 @@ def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batc
         f(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, b.n_graphs)
         batch_s = time.perf_counter() - t0
     return {
-        "model": f"azobenzene_{name}", "mode": mode, "threads": threads,
+        "model": f"azobenzene_{name}", "mode": mode, "kernel": calc.kernel, "threads": threads,
         "ms_per_call": 1e3 * seconds_per_call, "md_steps_per_s": steps_per_s,
         "batch_molecules": batch, "batch_atoms": int(len(b.species)),
         "molecules_per_s": batch / batch_s, "file_bytes": path.stat().st_size,
@@ -63,7 +65,7 @@ def worker(name: str, mode: str, threads: int, repeats: int, md_steps: int, batc
     }
 
 
-def breakdown(name: str, mode: str, threads: int) -> list[dict]:
+def breakdown(name: str, mode: str, kernel: str, threads: int) -> list[dict]:
     """Self CPU time per operator class for 20 energy+forces calls, from torch.profiler."""
     import numpy as np
     import torch
@@ -74,12 +76,14 @@ def breakdown(name: str, mode: str, threads: int) -> list[dict]:
     from gaq_calc.data import read_frames
 
     torch.set_num_threads(threads)
-    calc = GAQCalculator(str(REPO / "models" / f"azobenzene_{name}.pt"), **({} if mode == "fp32" else {"mode": mode}))
+    calc = GAQCalculator(str(REPO / "models" / f"azobenzene_{name}.pt"), kernel=kernel,
+                         **({} if mode == "fp32" else {"mode": mode}))
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
     for _ in range(5):
         calc.calculate(atoms, ["energy", "forces"], ["positions"])
     classes = {
+        "fused C++ loops (gaq::energy_forces, self)": ("gaq::energy_forces",),
         "matmul (linear layers, radial filters)": ("mm", "addmm", "bmm", "matmul", "linear", "_int_mm"),
         "activation quantization (round, clamp, div)": ("round", "clamp", "div", "argmax", "gather", "cross"),
         "gather / scatter (message passing)": ("index_select", "index_add", "scatter", "index"),
@@ -111,16 +115,16 @@ def main() -> None:
     parser.add_argument("--md-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=512, help="molecules in the large workload")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--worker", nargs=3, metavar=("NAME", "MODE", "THREADS"), help=argparse.SUPPRESS)
-    parser.add_argument("--breakdown", nargs=3, metavar=("NAME", "MODE", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("NAME", "MODE", "KERNEL", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", nargs=4, metavar=("NAME", "MODE", "KERNEL", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        name, mode, threads = args.worker
-        print(json.dumps(worker(name, mode, int(threads), args.repeats, args.md_steps, args.batch)))
+        name, mode, kernel, threads = args.worker
+        print(json.dumps(worker(name, mode, kernel, int(threads), args.repeats, args.md_steps, args.batch)))
         return
     if args.breakdown:
-        name, mode, threads = args.breakdown
-        print(json.dumps(breakdown(name, mode, int(threads))))
+        name, mode, kernel, threads = args.breakdown
+        print(json.dumps(breakdown(name, mode, kernel, int(threads))))
         return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="4294967295",
                MALLOC_TOP_PAD_="268435456")
@@ -128,22 +132,27 @@ def main() -> None:
             "--batch", str(args.batch)]
     rows = []
     for threads in args.threads:
-        for name, mode in VARIANTS:  # one process each: clean peak memory, no shared caches
-            out = subprocess.run(base + ["--worker", name, mode, str(threads)], capture_output=True, text=True,
-                                 env=env, check=True).stdout
+        for name, mode, kernel in VARIANTS:  # one process each: clean peak memory, no shared caches
+            out = subprocess.run(base + ["--worker", name, mode, kernel, str(threads)], capture_output=True,
+                                 text=True, env=env, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {name} {mode} {threads} thread(s): {rows[-1]['ms_per_call']:.2f} ms/call", file=sys.stderr)
-    fp = {r["threads"]: r for r in rows if r["mode"] == "fp32"}
+            print(f"  {name} {mode} {kernel} {threads} thread(s): {rows[-1]['ms_per_call']:.2f} ms/call",
+                  file=sys.stderr)
+    # ratios against FP32 on the same kernel and thread count, measured in the same run
+    fp = {(r["threads"], r["kernel"]): r for r in rows if r["mode"] == "fp32"}
+    ref_fp = {r["threads"]: r for r in rows if r["mode"] == "fp32" and r["kernel"] == "reference"}
     for r in rows:
-        ref = fp[r["threads"]]
+        ref = fp[(r["threads"], r["kernel"])]
+        r["call_speedup_vs_fp32_reference"] = ref_fp[r["threads"]]["ms_per_call"] / r["ms_per_call"]
         r["call_speedup_vs_fp32"] = ref["ms_per_call"] / r["ms_per_call"]
         r["throughput_vs_fp32"] = r["molecules_per_s"] / ref["molecules_per_s"]
         r["size_ratio_fp32_over_this"] = ref["file_bytes"] / r["file_bytes"]
     parts = {}
-    for name, mode in (("fp32", "fp32"), ("w4a8", "quantized")):
-        out = subprocess.run(base + ["--breakdown", name, mode, str(min(args.threads))], capture_output=True,
-                             text=True, env=env, check=True).stdout
-        parts[f"{name} {mode}"] = json.loads(out.strip().splitlines()[-1])
+    for name, mode, kernel in (("fp32", "fp32", "reference"), ("w4a8", "quantized", "reference"),
+                               ("w4a8", "conservative", "fused")):
+        out = subprocess.run(base + ["--breakdown", name, mode, kernel, str(min(args.threads))],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        parts[f"{name} {mode}, {kernel} kernel"] = json.loads(out.strip().splitlines()[-1])
     result = {"command": "python benchmarks/deploy.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows, "breakdown": parts}
     result["markdown"] = format_tables(result)
@@ -159,14 +168,18 @@ def format_tables(result: dict) -> str:
     import torch
 
     lines = [f"`{result['command']}` on {result['machine']}, torch {torch.__version__}:", "",
-             "| model | mode | threads | ms / call | vs FP32 | MD steps/s | molecules/s (batch) | vs FP32 | file KiB | "
-             "FP32 / this size | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Ratios are against FP32 on the same kernel and thread count; the last speed-up column is against "
+             "the FP32 reference kernel.", "",
+             "| model | mode | kernel | threads | ms / call | vs FP32 | MD steps/s | molecules/s (batch) | vs FP32 | "
+             "file KiB | FP32 / this size | peak RSS MiB | vs FP32 reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['call_speedup_vs_fp32']:.2f}x | "
+            f"| {r['model']} | {r['mode']} | {r['kernel']} | {r['threads']} | {r['ms_per_call']:.2f} | "
+            f"{r['call_speedup_vs_fp32']:.2f}x | "
             f"{r['md_steps_per_s']:.1f} | {r['molecules_per_s']:.0f} ({r['batch_molecules']}) | "
             f"{r['throughput_vs_fp32']:.2f}x | {r['file_bytes'] / 1024:.0f} | {r['size_ratio_fp32_over_this']:.2f}x | "
-            f"{r['peak_rss_MiB']:.0f} |")
+            f"{r['peak_rss_MiB']:.0f} | {r['call_speedup_vs_fp32_reference']:.2f}x |")
     for variant, parts in result["breakdown"].items():
         lines += ["", f"Latency breakdown, {variant} (torch.profiler, self CPU time per call):", "",
                   "| operator class | ms / call | share |", "|---|---|---|"]

@@ -80,7 +80,9 @@ def main(argv=None) -> None:
         rows = []
         for threads in args.threads:
             torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
-            for name, kwargs in {"eager": dict(jit=False), "torchscript": dict(jit=True)}.items():
+            variants = {"eager": dict(jit=False, kernel="reference"),
+                        "torchscript": dict(jit=True, kernel="reference"), "fused": dict(kernel="fused")}
+            for name, kwargs in variants.items():
                 calc = GAQCalculator(args.model, **kwargs)
                 rows.append({
                     "variant": name + (" + malloc" if args.worker == "malloc" else ""), "threads": threads,

@@ -13,9 +13,11 @@ from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.export import is_artifact, load_artifact, set_mode
 from gaq_calc.export.artifact import MODES
+from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
 from gaq_calc.quant import QuantLinear, set_quant_mode
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+KERNELS = ("auto", "fused", "reference")
 
 
 class GAQCalculator(Calculator):
@@ -33,17 +35,23 @@ class GAQCalculator(Calculator):
     "quantized" rounds activations to 8 bits as in training (the model card's numbers), and its forces
     are the straight-through gradient of an energy that jumps where rounding decisions flip, not its
     exact derivative.
+    kernel: "auto" (default) runs the fused C++ CPU kernel (gaq_calc.kernels: one call, hand-written
+    exact backward; built on first use) wherever it applies (CPU; FP32 models, or quantized models in
+    conservative mode) and the reference path elsewhere; "fused" requires it; "reference" always runs
+    the TorchScript/eager network with autograd forces. The chosen path is in self.kernel.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, jit=True,
-                 mode="conservative", **kwargs):
+                 mode="conservative", kernel="auto", **kwargs):
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if not min_distance > 0:
             raise ValueError(f"min_distance must be > 0 Å, not {min_distance}")
         self.min_distance = float(min_distance)
@@ -61,6 +69,7 @@ class GAQCalculator(Calculator):
             self.quantized = bool(self.metadata.get("quantization"))
             if self.quantized:
                 set_mode(self.energy_forces, mode)
+            self._choose_kernel(kernel, self.energy_forces.potential)
             return
         self.model, self.metadata = load_model(self.model_path, self.dtype, self.device)
         self.cutoff = float(self.model.cutoff)
@@ -73,6 +82,22 @@ class GAQCalculator(Calculator):
             with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.energy_forces = torch.jit.script(self.energy_forces)
+        self._choose_kernel(kernel, self.model)
+
+    def _choose_kernel(self, kernel: str, potential) -> None:
+        self.kernel = "reference"
+        if kernel == "reference":
+            return
+        try:
+            if self.device.type != "cpu":
+                raise KernelUnavailable(f"the fused kernel runs on CPU, not {self.device.type}")
+            self.energy_forces = FusedEnergyForces(potential, self.dtype)
+            self.kernel = "fused"
+        except KernelUnavailable as err:
+            if kernel == "fused":
+                raise
+            if self.device.type == "cpu" and not (self.quantized and self.mode == "quantized"):
+                warnings.warn(f"{err}; running the reference kernel", RuntimeWarning, stacklevel=3)
 
     def _graph(self, atoms) -> GraphBatch:
         positions = np.asarray(atoms.positions, dtype=np.float64)

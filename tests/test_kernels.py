@@ -1,0 +1,118 @@
+"""The fused CPU kernel against the reference path (autograd through the network)."""
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from conftest import randomize, tiny_config
+from gaq_calc.data import GraphDataset
+from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
+from gaq_calc.model import GAQPotential, energy_and_forces
+from gaq_calc.model.network import EnergyForces
+from gaq_calc.model.serialization import save_model
+from gaq_calc.quant import calibrate, prepare, preset, set_quant_mode
+
+
+def _batch(frames, ks, dtype=torch.float64):
+    ds = GraphDataset(frames.subset(list(ks)), [1, 6, 8], 5.0)
+    return ds.collate(list(range(len(ks)))).to("cpu", dtype)
+
+
+def _call(f, b):
+    return f(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, b.n_graphs)
+
+
+@pytest.mark.parametrize("radial_hidden", [8, 0])
+def test_fused_equals_autograd_in_float64(ethanol_frames, radial_hidden):
+    model = randomize(GAQPotential(tiny_config(radial_hidden=radial_hidden)), seed=3, scale=0.3).double().eval()
+    model.set_energy_reference([-13.6, -1029.8, -2041.2], 0.7)
+    b = _batch(ethanol_frames, [0, 5, 9])  # three molecules in one graph: per-graph energies
+    e_ref, f_ref = _call(EnergyForces(model), b)
+    e_fused, f_fused = _call(FusedEnergyForces(model, torch.float64), b)
+    assert e_fused.dtype == torch.float64 and e_fused.shape == (3,)
+    torch.testing.assert_close(e_fused, e_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(f_fused, f_ref, rtol=0, atol=1e-11)
+    assert f_ref.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
+    model = randomize(GAQPotential(tiny_config()), seed=4, scale=0.3).eval()
+    b64 = _batch(ethanol_frames, [2])
+    e_ref, f_ref = _call(EnergyForces(model.double()), b64)
+    fused32 = FusedEnergyForces(model.float(), torch.float32)
+    e32, f32 = _call(fused32, b64)
+    assert f32.dtype == torch.float32
+    assert abs(e32.item() - e_ref.item()) < 1e-4
+    torch.testing.assert_close(f32.double(), f_ref, rtol=0, atol=1e-4)
+    # exact equivariance in float64: rotate and translate the molecule
+    fused64 = FusedEnergyForces(model.double(), torch.float64)
+    R = torch.from_numpy(Rotation.random(random_state=7).as_matrix())
+    rotated = _batch(ethanol_frames, [2])
+    rotated.positions = b64.positions @ R.T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    e0, f0 = _call(fused64, b64)
+    e1, f1 = _call(fused64, rotated)
+    assert abs(e1.item() - e0.item()) < 1e-10
+    torch.testing.assert_close(f1, f0 @ R.T, rtol=0, atol=1e-11)
+
+
+def test_fused_forces_are_finite_differences_of_its_energy(ethanol_frames):
+    model = randomize(GAQPotential(tiny_config()), seed=6, scale=0.3).double().eval()
+    fused = FusedEnergyForces(model, torch.float64)
+    b = _batch(ethanol_frames, [4])
+    _, forces = _call(fused, b)
+    eps = 1e-5
+    for atom, axis in [(0, 0), (3, 1), (7, 2)]:
+        plus, minus = _batch(ethanol_frames, [4]), _batch(ethanol_frames, [4])
+        plus.positions[atom, axis] += eps
+        minus.positions[atom, axis] -= eps
+        numeric = -(_call(fused, plus)[0] - _call(fused, minus)[0]).item() / (2 * eps)
+        assert abs(numeric - forces[atom, axis].item()) < 1e-7
+
+
+def _qat(frames, name):
+    torch.manual_seed(0)
+    fp = randomize(GAQPotential(tiny_config()), seed=5, scale=0.2).eval()
+    batches = [_batch(frames, [k], torch.float32) for k in (0, 3, 4)]
+    return calibrate(prepare(fp, preset(name)), batches, energy_and_forces).eval()
+
+
+def test_fused_runs_quantized_models_in_conservative_mode_only(tmp_path, ethanol_frames):
+    q = _qat(ethanol_frames, "w4a8_frame")
+    b = _batch(ethanol_frames, [6], torch.float32)
+    with pytest.raises(KernelUnavailable, match="quantized mode"):
+        FusedEnergyForces(q)  # activations are rounded after calibration: no fused path
+    set_quant_mode(q, "conservative")
+    e_ref, f_ref = energy_and_forces(q, b)
+    e_fused, f_fused = _call(FusedEnergyForces(q), b)
+    assert abs(e_fused.item() - e_ref.item()) < 1e-4
+    torch.testing.assert_close(f_fused, f_ref.detach(), rtol=0, atol=2e-5)
+    # the exported artifact in conservative mode: packed weights, dequantized once, same numbers
+    path = tmp_path / "q" / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    export_artifact(path, tmp_path / "q.pt")
+    module, _ = load_artifact(tmp_path / "q.pt")
+    set_mode(module, "conservative")
+    e_art, f_art = _call(module, b)
+    e_fa, f_fa = _call(FusedEnergyForces(module.potential), b)
+    assert abs(e_fa.item() - e_art.item()) < 1e-4
+    torch.testing.assert_close(f_fa, f_art, rtol=0, atol=2e-5)
+    set_mode(module, "quantized")
+    with pytest.raises(KernelUnavailable, match="quantized mode"):
+        FusedEnergyForces(module.potential)
+
+
+def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):
+    from ase import Atoms
+
+    from gaq_calc import GAQCalculator
+
+    atoms = Atoms(numbers=ethanol_frames.numbers[1], positions=ethanol_frames.positions[1])
+    fused = GAQCalculator(str(tiny_model_file), kernel="fused", dtype="float64")
+    ref = GAQCalculator(str(tiny_model_file), kernel="reference", dtype="float64")
+    assert fused.kernel == "fused" and ref.kernel == "reference"
+    assert GAQCalculator(str(tiny_model_file)).kernel == "fused"  # auto picks it on CPU
+    assert abs(fused.get_potential_energy(atoms) - ref.get_potential_energy(atoms)) < 1e-9
+    np.testing.assert_allclose(fused.get_forces(atoms), ref.get_forces(atoms), rtol=0, atol=1e-11)
+    with pytest.raises(ValueError, match="kernel must be"):
+        GAQCalculator(str(tiny_model_file), kernel="cuda-int4")
