@@ -66,16 +66,6 @@ void layer_norm_backward(const T* x, const T* g, const T* mean, const T* rstd, c
   }
 }
 
-// dst[h, d] = src[h, d] * alpha[h]: per-head attention weights onto the F = H x D channels
-template <typename T>
-inline void scale_heads(const T* __restrict__ src, const T* __restrict__ alpha, T* __restrict__ dst, int64_t H,
-                        int64_t D) {
-  for (int64_t hh = 0; hh < H; ++hh) {
-    const T a = alpha[hh];
-    for (int64_t d = 0; d < D; ++d) dst[hh * D + d] = src[hh * D + d] * a;
-  }
-}
-
 inline at::Tensor mm_nt(const at::Tensor& x, const at::Tensor& w) { return at::mm(x, w.t()); }
 inline at::Tensor mm_nt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   return at::addmm(b, x, w.t());
@@ -87,7 +77,7 @@ constexpr int kPerLayer = 11;  // ln g, ln b, Wqk, Wv, bv, log_tau, Win, bin, Wo
 constexpr int kReadout = 8;  // ln g, ln b, W1, b1, W2, b2, energy_scale, reference energies (float64)
 
 struct LayerCache {
-  at::Tensor h, v, x, mean0, rstd0, qkn, qknorm, ex, score, S, alpha, val;
+  at::Tensor rad, h, v, x, mean0, rstd0, qkn, qknorm, ex, score, S, alpha, af, val;
   at::Tensor h1, v1, mean1, rstd1, vm, vn, z2, a, dot;
 };
 
@@ -145,25 +135,27 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
       }
     }
   }
-  at::Tensor z1, radial;  // [E, R], [E, L * W]
+  // radial filters: the hidden features once, then each layer's [E, W] block right before its use
+  // (one block stays in cache; the full [E, L * W] output would not)
+  at::Tensor z1, radial_in;  // [E, R], [E, R or K]
   if (hidden) {
     z1 = mm_nt(rbf, p[2], p[3]);
-    radial = mm_nt(at::silu(z1), p[4]);
+    radial_in = at::silu(z1);
   } else {
-    radial = mm_nt(rbf, p[4]);
+    radial_in = rbf;
   }
-  const T* RAD = cptr<T>(radial);
-  const int64_t LW = L * W;
+  auto radial_weight = [&](int64_t l) { return p[4].narrow(0, l * W, W); };  // [W, R] rows of layer l
 
   // ---- forward through the layers
   std::vector<LayerCache> caches(L);
   at::Tensor h = emb.index_select(0, species).contiguous();  // [n, F]
   at::Tensor v = at::zeros({n, 3, F}, opt);
-  std::vector<T> gbuf(3 * F);
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* q = &p[kGlobal + l * kPerLayer];
     const T *lg = cptr<T>(q[0]), *lb = cptr<T>(q[1]);
     LayerCache& C = caches[l];
+    C.rad = mm_nt(radial_in, radial_weight(l)).contiguous();  // [E, W]: filters sv, s, vv and head biases
+    const T* RAD = cptr<T>(C.rad);
     C.h = h;
     C.v = v;
     C.x = at::empty({n, F}, opt);
@@ -198,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
       for (int64_t e = 0; e < E; ++e) {
         const T* qr = QK + rcv[e] * 2 * F;
         const T* ks = QK + snd[e] * 2 * F + F;
-        const T* bias = RAD + e * LW + l * W + 3 * F;
+        const T* bias = RAD + e * W + 3 * F;
         for (int64_t hh = 0; hh < H; ++hh) {
           T cs = 0;
           for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
@@ -210,26 +202,32 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
       }
       for (int64_t e = 0; e < E; ++e)
         for (int64_t hh = 0; hh < H; ++hh) AL[e * H + hh] = SC[e * H + hh] / SS[rcv[e] * H + hh];
+      C.af = at::empty({E, F}, opt);  // alpha per feature channel (head of the channel)
+      T* AF = ptr<T>(C.af);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t hh = 0; hh < H; ++hh)
+          for (int64_t d = 0; d < D; ++d) AF[e * F + hh * D + d] = AL[e * H + hh];
     }
     C.val = mm_nt(C.x, q[3], q[4]).contiguous();  // [n, 2F]: (value_sv, value_s)
     at::Tensor h1 = h.clone(), v1 = v.clone();
     {
-      const T *VAL = cptr<T>(C.val), *V = cptr<T>(v), *AL = cptr<T>(C.alpha), *U = cptr<T>(u);
+      const T *VAL = cptr<T>(C.val), *V = cptr<T>(v), *AF = cptr<T>(C.af), *U = cptr<T>(u);
       T *H1 = ptr<T>(h1), *V1 = ptr<T>(v1);
-      T* __restrict__ g = gbuf.data();
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r = rcv[e], s = snd[e];
-        const T* __restrict__ filt = RAD + e * LW + l * W;
-        for (int c = 0; c < 3; ++c) scale_heads(filt + c * F, AL + e * H, g + c * F, H, D);  // g_sv, g_s, g_vv
+        const T* __restrict__ f0 = RAD + e * W;  // filters: sv, s, vv
+        const T* __restrict__ f1 = f0 + F;
+        const T* __restrict__ f2 = f0 + 2 * F;
+        const T* __restrict__ af = AF + e * F;
         const T* __restrict__ vsv = VAL + s * 2 * F;
         const T* __restrict__ vs = vsv + F;
         T* __restrict__ hr = H1 + r * F;
-        for (int64_t f = 0; f < F; ++f) hr[f] += g[F + f] * vs[f];
+        for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
         for (int a = 0; a < 3; ++a) {
           const T y = sqrt3 * U[e * 3 + a];
           const T* __restrict__ vsa = V + (s * 3 + a) * F;
           T* __restrict__ vra = V1 + (r * 3 + a) * F;
-          for (int64_t f = 0; f < F; ++f) vra[f] += g[2 * F + f] * vsa[f] + g[f] * vsv[f] * y;
+          for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
         }
       }
     }
@@ -311,12 +309,14 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     layer_norm_backward(cptr<T>(h), cptr<T>(ro[0]), cptr<T>(mr), cptr<T>(sr), cptr<T>(gy), F, ptr<T>(gh), n, F);
   }
   at::Tensor gv = at::zeros({n, 3, F}, opt);
-  at::Tensor grad_radial = at::empty({E, LW}, opt), genv = at::zeros({E}, opt), gY = at::zeros({E, 3}, opt);
-  T *GR = ptr<T>(grad_radial), *GEN = ptr<T>(genv), *GYp = ptr<T>(gY);
+  at::Tensor grad_radial_in = at::zeros_like(radial_in), genv = at::zeros({E}, opt), gY = at::zeros({E, 3}, opt);
+  at::Tensor grad_rad = at::empty({E, W}, opt);  // one layer's block, every element written each layer
+  T *GR = ptr<T>(grad_rad), *GEN = ptr<T>(genv), *GYp = ptr<T>(gY);
     for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor* q = &p[kGlobal + l * kPerLayer];
     const T *lg = cptr<T>(q[0]);
     LayerCache& C = caches[l];
+    const T* RAD = cptr<T>(C.rad);
     // h2 = h1 + a_ss + a_sv * dot;  v2 = v1 + a_vv * v_u
     at::Tensor ga = at::empty({n, 3 * F}, opt), gvm = at::empty({n, 3, 2 * F}, opt);
     {
@@ -366,19 +366,21 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     at::Tensor gval = at::zeros({n, 2 * F}, opt), galpha = at::empty({E, H}, opt);
     {
       const T *GH1 = cptr<T>(gh1), *GV1 = cptr<T>(gv1), *VAL = cptr<T>(C.val), *V = cptr<T>(C.v),
-              *AL = cptr<T>(C.alpha), *U = cptr<T>(u);
+              *AF = cptr<T>(C.af), *U = cptr<T>(u);
       T *GVIN = ptr<T>(gvin), *GVAL = ptr<T>(gval), *GAL = ptr<T>(galpha);
-      std::vector<T> gbuf2(7 * F);
-      T* __restrict__ g = gbuf2.data();       // g_sv, g_s, g_vv of this edge
-      T* __restrict__ gmy = g + 3 * F;        // sum_a dE/dmsg_a * Y_a
-      T* __restrict__ gg2 = g + 4 * F;        // dE/dg_vv
-      T* __restrict__ gsv = g + 5 * F;        // dE/dg_sv
-      T* __restrict__ gg1 = g + 6 * F;        // dE/dg_s
+      std::vector<T> buf(3 * F);
+      T* __restrict__ gmy = buf.data();   // sum_a dE/dmsg_a * Y_a
+      T* __restrict__ gg2 = gmy + F;      // dE/dg_vv
+      T* __restrict__ pr = gmy + 2 * F;   // dE/dalpha per channel
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r = rcv[e], s = snd[e];
-        const T* __restrict__ filt = RAD + e * LW + l * W;
-        T* __restrict__ gfilt = GR + e * LW + l * W;
-        for (int c = 0; c < 3; ++c) scale_heads(filt + c * F, AL + e * H, g + c * F, H, D);  // g_sv, g_s, g_vv
+        const T* __restrict__ f0 = RAD + e * W;
+        const T* __restrict__ f1 = f0 + F;
+        const T* __restrict__ f2 = f0 + 2 * F;
+        T* __restrict__ gf0 = GR + e * W;
+        T* __restrict__ gf1 = gf0 + F;
+        T* __restrict__ gf2 = gf0 + 2 * F;
+        const T* __restrict__ af = AF + e * F;
         const T* __restrict__ vsv = VAL + s * 2 * F;
         const T* __restrict__ vs = vsv + F;
         T* __restrict__ gvsv = GVAL + s * 2 * F;
@@ -395,28 +397,25 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
           for (int64_t f = 0; f < F; ++f) {
             gmy[f] += gm[f] * y;
             gg2[f] += gm[f] * vsa[f];
-            gvin[f] += gm[f] * g[2 * F + f];
-            su += gm[f] * g[f] * vsv[f];
+            gvin[f] += gm[f] * f2[f] * af[f];
+            su += gm[f] * f0[f] * af[f] * vsv[f];
           }
           GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
         }
         for (int64_t f = 0; f < F; ++f) {
-          gsv[f] = vsv[f] * gmy[f];
-          gvsv[f] += g[f] * gmy[f];
-          gvs[f] += ghr[f] * g[F + f];
+          const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
+          gvsv[f] += f0[f] * af[f] * gmy[f];
+          gvs[f] += ghr[f] * f1[f] * af[f];
+          gf0[f] = gsv * af[f];
+          gf1[f] = gg1 * af[f];
+          gf2[f] = gg2[f] * af[f];
+          pr[f] = gsv * f0[f] + gg1 * f1[f] + gg2[f] * f2[f];
         }
         for (int64_t hh = 0; hh < H; ++hh) {
-          const T a = AL[e * H + hh];
           T su = 0;
-#pragma omp simd reduction(+ : su)
-          for (int64_t f = hh * D; f < (hh + 1) * D; ++f)
-            su += gsv[f] * filt[f] + ghr[f] * vs[f] * filt[F + f] + gg2[f] * filt[2 * F + f];
+          for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
           GAL[e * H + hh] = su;
         }
-        for (int64_t f = 0; f < F; ++f) gg1[f] = ghr[f] * vs[f];
-        scale_heads(gsv, AL + e * H, gfilt, H, D);
-        scale_heads(gg1, AL + e * H, gfilt + F, H, D);
-        scale_heads(gg2, AL + e * H, gfilt + 2 * F, H, D);
       }
     }
     // alpha = score / S[r], score = env * exp(tau (cos - 1) - softplus(b))
@@ -431,8 +430,8 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
           gS[rcv[e] * H + hh] -= GAL[e * H + hh] * AL[e * H + hh] / SS[rcv[e] * H + hh];
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r = rcv[e], s = snd[e];
-        const T* bias = RAD + e * LW + l * W + 3 * F;
-        T* gbias = GR + e * LW + l * W + 3 * F;
+        const T* bias = RAD + e * W + 3 * F;
+        T* gbias = GR + e * W + 3 * F;
         for (int64_t hh = 0; hh < H; ++hh) {
           const T gsc = GAL[e * H + hh] / SS[r * H + hh] + gS[r * H + hh];
           GEN[e] += gsc * EX[e * H + hh];
@@ -468,6 +467,7 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     gx.addmm_(gval, q[3]);
     gx = gx.contiguous();
     layer_norm_backward(cptr<T>(C.h), lg, cptr<T>(C.mean0), cptr<T>(C.rstd0), cptr<T>(gx), F, ptr<T>(ghin), n, F);
+    grad_radial_in.addmm_(grad_rad, radial_weight(l));
     gh = ghin;
     gv = gvin;
   }
@@ -475,14 +475,13 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   // ---- radial network and geometry back to positions
   at::Tensor grbf;
   if (hidden) {
-    at::Tensor ga1 = at::mm(grad_radial, p[4]);  // [E, R]
-    ga1 = ga1.contiguous();
+    at::Tensor ga1 = grad_radial_in;  // [E, R]
     const T* Z = cptr<T>(z1);
     T* G = ptr<T>(ga1);
     for (int64_t i = 0; i < ga1.numel(); ++i) G[i] *= dsilu(Z[i]);
     grbf = at::mm(ga1, p[2]).contiguous();
   } else {
-    grbf = at::mm(grad_radial, p[4]).contiguous();
+    grbf = grad_radial_in;
   }
   at::Tensor forces = at::zeros({n, 3}, opt);
   {
