@@ -122,16 +122,35 @@ class GAQCalculator(Calculator):
                     f"below min_distance={self.min_distance} Å)"
                 )
         n = len(atoms)
+        dev, dt = self.device, self.dtype
         return GraphBatch(
-            species=torch.from_numpy(species),
-            positions=torch.from_numpy(positions),
-            receivers=torch.from_numpy(receivers),
-            senders=torch.from_numpy(senders),
-            shifts=torch.from_numpy(shifts),
-            batch=torch.zeros(n, dtype=torch.long),
+            species=torch.from_numpy(species).to(dev),
+            positions=torch.from_numpy(positions).to(dev, dt),
+            receivers=torch.from_numpy(receivers).to(dev),
+            senders=torch.from_numpy(senders).to(dev),
+            shifts=torch.from_numpy(shifts).to(dev, dt),
+            batch=torch.zeros(n, dtype=torch.long, device=dev),
             n_graphs=1,
-            n_atoms_per_graph=torch.tensor([n]),
-        ).to(self.device, self.dtype)
+            n_atoms_per_graph=torch.tensor([n], device=dev),
+        )
+
+    def check_state(self, atoms, tol=1e-15):
+        """ASE's check_state without its allclose calls on every array (on a small molecule they cost a
+        tenth of the model call, three times per MD step): exact comparison of what the model depends
+        on (numbers, positions, cell, pbc), so it flags every change ASE's tolerance would, and more."""
+        old = self.atoms
+        if old is None:
+            return list(all_changes)
+        changes = []
+        if not np.array_equal(old.numbers, atoms.numbers):
+            changes.append("numbers")
+        if not np.array_equal(old.positions, atoms.positions):
+            changes.append("positions")
+        if not np.array_equal(old.cell.array, atoms.cell.array):
+            changes.append("cell")
+        if not np.array_equal(old.pbc, atoms.pbc):
+            changes.append("pbc")
+        return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

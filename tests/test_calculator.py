@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.calculators.calculator import all_changes
 from ase.calculators.fd import calculate_numerical_forces
 
 from gaq_calc import GAQCalculator, ModelFileError
@@ -65,6 +66,34 @@ def test_no_stale_results_after_moving_atoms(tiny_model_file):
     assert atoms.get_potential_energy() != e0
     atoms.positions[0, 0] -= 0.1
     assert atoms.get_potential_energy() == pytest.approx(e0, abs=1e-6)
+
+
+def test_check_state_flags_every_change_the_model_sees(tiny_model_file):
+    atoms = ethanol_atoms(0)
+    calc = GAQCalculator(tiny_model_file)
+    assert set(calc.check_state(atoms)) == set(all_changes)  # nothing computed yet
+    atoms.calc = calc
+    atoms.get_forces()
+    assert calc.check_state(atoms) == []
+    moved = atoms.copy()
+    moved.positions[3, 1] += 1e-12  # far below any allclose tolerance ASE users set
+    assert calc.check_state(moved) == ["positions"]
+    swapped = atoms.copy()
+    swapped.numbers[[0, 2]] = swapped.numbers[[2, 0]]
+    assert "numbers" in calc.check_state(swapped)
+    boxed = atoms.copy()
+    boxed.cell = [20.0, 20.0, 20.0]
+    boxed.pbc = True
+    assert set(calc.check_state(boxed)) == {"cell", "pbc"}
+    calls = []
+    original = calc.calculate
+    calc.calculate = lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1]
+    atoms.get_forces()
+    atoms.get_potential_energy()
+    assert calls == []  # nothing changed: the cached results are returned
+    atoms.positions[0, 0] += 1e-3
+    atoms.get_forces()
+    assert calls == [1]
 
 
 def test_geometry_optimisation_bfgs():
