@@ -13,7 +13,7 @@ from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.export import is_artifact, load_artifact, set_mode
 from gaq_calc.export.artifact import MODES
-from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
+from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable, load_extension
 from gaq_calc.quant import QuantLinear, set_quant_mode
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -36,9 +36,10 @@ class GAQCalculator(Calculator):
     are the straight-through gradient of an energy that jumps where rounding decisions flip, not its
     exact derivative.
     kernel: "auto" (default) runs the fused C++ CPU kernel (gaq_calc.kernels: one call, hand-written
-    exact backward; built on first use) wherever it applies (CPU; FP32 models, or quantized models in
-    conservative mode) and the reference path elsewhere; "fused" requires it; "reference" always runs
-    the TorchScript/eager network with autograd forces. The chosen path is in self.kernel.
+    backward; built on first use) wherever it applies: on CPU, for FP32 models, quantized models in
+    conservative mode, and artifacts in quantized mode (integer GEMMs on int8 activation codes; not
+    MDDQ); the reference path elsewhere. "fused" requires it; "reference" always runs the
+    TorchScript/eager network with autograd forces. The chosen path is in self.kernel.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -91,13 +92,19 @@ class GAQCalculator(Calculator):
         try:
             if self.device.type != "cpu":
                 raise KernelUnavailable(f"the fused kernel runs on CPU, not {self.device.type}")
-            self.energy_forces = FusedEnergyForces(potential, self.dtype)
-            self.kernel = "fused"
+            load_extension()
         except KernelUnavailable as err:
             if kernel == "fused":
                 raise
-            if self.device.type == "cpu" and not (self.quantized and self.mode == "quantized"):
+            if self.device.type == "cpu":
                 warnings.warn(f"{err}; running the reference kernel", RuntimeWarning, stacklevel=3)
+            return
+        try:
+            self.energy_forces = FusedEnergyForces(potential, self.dtype)
+            self.kernel = "fused"
+        except KernelUnavailable:  # a model or mode the fused kernel does not cover (MDDQ rounding, eager QAT)
+            if kernel == "fused":
+                raise
 
     def _graph(self, atoms) -> GraphBatch:
         positions = np.asarray(atoms.positions, dtype=np.float64)

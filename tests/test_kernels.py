@@ -77,29 +77,71 @@ def _qat(frames, name):
     return calibrate(prepare(fp, preset(name)), batches, energy_and_forces).eval()
 
 
-def test_fused_runs_quantized_models_in_conservative_mode_only(tmp_path, ethanol_frames):
+def test_fused_runs_quantized_models_in_both_modes(tmp_path, ethanol_frames):
     q = _qat(ethanol_frames, "w4a8_frame")
     b = _batch(ethanol_frames, [6], torch.float32)
     with pytest.raises(KernelUnavailable, match="quantized mode"):
-        FusedEnergyForces(q)  # activations are rounded after calibration: no fused path
+        FusedEnergyForces(q)  # an eager QAT model with rounded activations: its artifact or the reference
     set_quant_mode(q, "conservative")
     e_ref, f_ref = energy_and_forces(q, b)
     e_fused, f_fused = _call(FusedEnergyForces(q), b)
     assert abs(e_fused.item() - e_ref.item()) < 1e-4
     torch.testing.assert_close(f_fused, f_ref.detach(), rtol=0, atol=2e-5)
-    # the exported artifact in conservative mode: packed weights, dequantized once, same numbers
+    # the exported artifact: packed weights, dequantized once
     path = tmp_path / "q" / "model.pt"
     save_model(path, q, {"train_data": "ethanol"})
     export_artifact(path, tmp_path / "q.pt")
     module, _ = load_artifact(tmp_path / "q.pt")
     set_mode(module, "conservative")
     e_art, f_art = _call(module, b)
-    e_fa, f_fa = _call(FusedEnergyForces(module.potential), b)
+    fused = FusedEnergyForces(module.potential)
+    assert not fused.rounds_activations
+    e_fa, f_fa = _call(fused, b)
     assert abs(e_fa.item() - e_art.item()) < 1e-4
     torch.testing.assert_close(f_fa, f_art, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["w4a8_frame", "naive_int8"])
+def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_frames, name):
+    """Quantized mode: int8 activation codes x weight codes with int32 accumulation against the
+    reference path's float matmul of fake-quantized values. Accumulation order differs in the last
+    bits, which can flip a rounding decision downstream now and then: most frames agree to float
+    tolerance, and all agree to within a few activation steps."""
+    q = _qat(ethanol_frames, name)
+    path = tmp_path / name / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    export_artifact(path, tmp_path / f"{name}.pt")
+    module, _ = load_artifact(tmp_path / f"{name}.pt")
     set_mode(module, "quantized")
-    with pytest.raises(KernelUnavailable, match="quantized mode"):
+    fused = FusedEnergyForces(module.potential)
+    assert fused.rounds_activations
+    close, worst = 0, 0.0
+    for k in range(10, 20):
+        b = _batch(ethanol_frames, [k], torch.float32)
+        e_ref, f_ref = _call(module, b)
+        e_int, f_int = _call(fused, b)
+        err = abs(e_int.item() - e_ref.item())
+        close += err < 1e-4 and (f_int - f_ref).abs().max().item() < 1e-4
+        worst = max(worst, err)
+    assert close >= 7
+    assert worst < 0.05
+    set_mode(module, "conservative")
+    assert not FusedEnergyForces(module.potential).rounds_activations
+
+
+def test_mddq_rounding_stays_on_the_reference_kernel(tmp_path, ethanol_frames):
+    from gaq_calc import GAQCalculator
+
+    q = _qat(ethanol_frames, "w4a8")  # MDDQ vectors
+    path = tmp_path / "mddq" / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    export_artifact(path, tmp_path / "mddq.pt")
+    module, _ = load_artifact(tmp_path / "mddq.pt")
+    set_mode(module, "quantized")
+    with pytest.raises(KernelUnavailable, match="MDDQ"):
         FusedEnergyForces(module.potential)
+    assert GAQCalculator(str(tmp_path / "mddq.pt"), mode="quantized").kernel == "reference"
+    assert GAQCalculator(str(tmp_path / "mddq.pt"), mode="conservative").kernel == "fused"
 
 
 def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):

@@ -3,9 +3,12 @@
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja are
 needed; the build is cached per user) and registers the TorchScript-callable op
 torch.ops.gaq.energy_forces. FusedEnergyForces gathers a model's weights once (eager FP32, eager QAT
-in conservative mode, or an exported artifact in conservative mode: dequantized weights, activations
-not rounded) and calls the op; forces are the exact gradient of the returned energy, written out in
-C++ and tested against autograd.
+in conservative mode, or an exported artifact in either
+mode) and calls the op. Without activation rounding, forces are the exact gradient of the returned
+energy, written out in C++ and tested against autograd. In an artifact's quantized mode the inputs of
+every Linear are rounded to int8 codes (linear, or in the equivariant local frame for l=1 features),
+multiplied with the int4/int8 weight codes in integer arithmetic (int32 accumulation, one rescale per
+output) and the forces are QAT's straight-through gradient, as in the reference path.
 """
 from __future__ import annotations
 
@@ -54,36 +57,49 @@ def _child(module, name: str):
 
 def _linear_weights(module) -> Tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias or empty) of nn.Linear, a QuantLinear with unrounded activations, or an
-    artifact's PackedLinear in conservative mode."""
+    artifact's PackedLinear (dequantized weights)."""
     if hasattr(module, "round_activations"):  # PackedLinear (scripted artifact)
-        if module.act_kind != 0 and module.round_activations:
-            raise KernelUnavailable("activations are rounded (quantized mode): use the reference kernel")
-        weight = module.dequantized_weight()
-        bias = module.bias if module.has_bias else torch.zeros(0)
-        return weight, bias
+        return module.dequantized_weight(), (module.bias if module.has_bias else torch.zeros(0))
+    bias = module.bias if module.bias is not None else torch.zeros(0)
     if hasattr(module, "quantized_weight"):  # QuantLinear (eager QAT model)
         if module.quantize_acts and module.act_bits is not None:
-            raise KernelUnavailable("activations are rounded (quantized mode): use the reference kernel")
-        bias = module.bias if module.bias is not None else torch.zeros(0)
+            raise KernelUnavailable("activations are rounded (quantized mode) in an eager QAT model: "
+                                    "use its exported artifact or the reference kernel")
         return module.quantized_weight(), bias
-    bias = module.bias if module.bias is not None else torch.zeros(0)
     return module.weight, bias
 
 
-def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float]]:
-    """The op's parameter list and constants (layout fixed in fused_cpu.cpp) from a GAQPotential or the
-    `potential` submodule of an artifact."""
+def _activation_quantizer(module) -> List[torch.Tensor]:
+    """[meta (kind, act step, qmax), weight codes int8, weight steps] of one Linear; kind 0 = no rounding."""
+    off = [torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), torch.zeros(0, dtype=torch.int8), torch.zeros(0)]
+    if not hasattr(module, "round_activations") or not module.round_activations or module.act_kind == 0:
+        return off
+    if module.act_kind not in (1, 2):  # MDDQ (kind 3): codebook directions, not in the fused kernel
+        raise KernelUnavailable("MDDQ activation rounding runs on the reference kernel only")
+    codes = module.codes().to(torch.int8)  # [out, in]
+    steps = module.weight_step.reshape(-1).expand(codes.shape[0]).contiguous()
+    meta = torch.tensor([float(module.act_kind), float(module.act_step), float(module.act_qmax)], dtype=torch.float64)
+    return [meta, codes, steps]
+
+
+def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[torch.Tensor]]:
+    """The op's parameter list, constants and activation quantizers (layouts fixed in fused_cpu.cpp)
+    from a GAQPotential or the `potential` submodule of an artifact. The quantizer list is empty when
+    no activation is rounded (FP32, weights-only, or the conservative mode)."""
     with torch.no_grad():
         p: List[torch.Tensor] = [potential.embedding.weight, potential.rbf.frequencies]
+        linears = []  # in the kernel's order of activation quantizers
         radial = potential.radial
         names = [name for name, _ in radial.named_children()]
         if len(names) == 3:
-            w1, b1 = _linear_weights(_child(radial, names[0]))
-            w2, _ = _linear_weights(_child(radial, names[2]))
-            p += [w1, b1, w2]
+            first, last = _child(radial, names[0]), _child(radial, names[2])
+            w1, b1 = _linear_weights(first)
+            p += [w1, b1, _linear_weights(last)[0]]
+            linears += [first, last]
         elif len(names) == 1:
-            w2, _ = _linear_weights(_child(radial, names[0]))
-            p += [torch.zeros(0), torch.zeros(0), w2]
+            last = _child(radial, names[0])
+            p += [torch.zeros(0), torch.zeros(0), _linear_weights(last)[0]]
+            linears += [last]
         else:
             raise KernelUnavailable(f"unexpected radial network with {len(names)} modules")
         eps = None
@@ -98,17 +114,22 @@ def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float]]:
             p += list(_linear_weights(layer.exchange_in))
             p += list(_linear_weights(layer.exchange_out))
             p += list(_linear_weights(layer.vector_mix))[:1]
+            linears += [layer.qk_proj, layer.value_proj, layer.exchange_in, layer.exchange_out, layer.vector_mix]
         readout = potential.readout
         names = [name for name, _ in readout.named_children()]  # LayerNorm, Linear, SiLU, Linear
         norm = _child(readout, names[0])
         p += [norm.weight, norm.bias]
         p += list(_linear_weights(_child(readout, names[1])))
         p += list(_linear_weights(_child(readout, names[3])))
+        linears += [_child(readout, names[1]), _child(readout, names[3])]
         p += [potential.energy_scale, potential.reference_energies]
         p = [t.detach().contiguous() for t in p]
+        quant = [t for m in linears for t in _activation_quantizer(m)]
+        if all(float(quant[i][0]) == 0 for i in range(0, len(quant), 3)):
+            quant = []
     consts = [float(potential.cutoff), float(potential.envelope.p), float(potential.rbf.prefactor), eps,
               float(heads)]
-    return p, consts
+    return p, consts, quant
 
 
 class FusedEnergyForces:
@@ -119,7 +140,8 @@ class FusedEnergyForces:
 
     def __init__(self, potential, dtype: torch.dtype = torch.float32):
         load_extension()
-        params, self.consts = gather_parameters(potential)
+        params, self.consts, self.quant = gather_parameters(potential)
+        self.rounds_activations = bool(self.quant)
         # cast once: float weights to the compute dtype, reference energies kept float64
         self.params = [t.to(dtype) for t in params[:-1]] + [params[-1].to(torch.float64)]
         self.dtype = dtype
@@ -128,4 +150,5 @@ class FusedEnergyForces:
         if positions.device.type != "cpu":
             raise KernelUnavailable("the fused kernel runs on CPU")
         return torch.ops.gaq.energy_forces(positions.to(self.dtype), species, receivers, senders,
-                                           shifts.to(self.dtype), batch, int(n_graphs), self.params, self.consts)
+                                           shifts.to(self.dtype), batch, int(n_graphs), self.params, self.consts,
+                                           self.quant)

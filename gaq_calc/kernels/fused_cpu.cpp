@@ -71,6 +71,121 @@ inline at::Tensor mm_nt(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return at::addmm(b, x, w.t());
 }
 
+
+// ---- the artifact's "quantized" mode: inputs of Linear layers rounded to integer codes, integer GEMM
+// (int8 activation codes x int8/int4 weight codes, int32 accumulation, one rescale per output), and
+// the straight-through backward of QAT (identity inside the clipping range, zero outside).
+struct ActQuant {
+  int kind = 0;  // 0 none (float GEMM on dequantized weights), 1 linear per tensor, 2 linear in the local frame
+  double step = 1.0;
+  int qmax = 127;
+  at::Tensor codes;  // int8 [out, in] weight codes
+  at::Tensor wstep;  // [out] weight steps
+};
+
+template <typename T>
+void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes, T* mask) {
+  const T s = T(q.step), lo = T(-q.qmax), hi = T(q.qmax);
+  for (int64_t i = 0; i < numel; ++i) {
+    const T t = x[i] / s;  // as torch: x / step, clamp, round half to even
+    mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
+    codes[i] = static_cast<int8_t>(std::nearbyint(std::min(std::max(t, lo), hi)));
+  }
+}
+
+// y [m, rows] = (x_codes [m, in] . w_codes[row0:row0+rows]^T) * step_x * step_w + bias
+template <typename T>
+at::Tensor int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const at::Tensor& bias,
+                      int64_t row0, int64_t rows, const at::TensorOptions& opt) {
+  at::Tensor y = at::empty({m, rows}, opt);
+  const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
+  const T* ws = q.wstep.data_ptr<T>() + row0;
+  const T* b = bias.numel() ? bias.data_ptr<T>() : nullptr;
+  T* Y = y.data_ptr<T>();
+  const T sa = T(q.step);
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* __restrict__ xr = xc + i * in;
+    for (int64_t o = 0; o < rows; ++o) {
+      const int8_t* __restrict__ wr = wc + o * in;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < in; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+      Y[i * rows + o] = static_cast<T>(acc) * (sa * ws[o]) + (b ? b[o] : T(0));
+    }
+  }
+  return y;
+}
+
+// y = Q(x) W^T + b with Q per `q` (kind 0 or no q: no rounding); the straight-through mask goes to *mask
+template <typename T>
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const ActQuant* q, at::Tensor* mask) {
+  if (q == nullptr || q->kind == 0) return b.numel() ? mm_nt(x, w, b) : mm_nt(x, w);
+  TORCH_CHECK(q->kind == 1, "frame quantization is applied by the vector-branch code path");
+  at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0), in = xc.size(1);
+  std::vector<int8_t> codes(m * in);
+  *mask = at::empty_like(xc);
+  quantize_codes(xc.data_ptr<T>(), m * in, *q, codes.data(), mask->data_ptr<T>());
+  return int_linear<T>(codes.data(), m, in, *q, b, 0, w.size(0), xc.options());
+}
+
+// gx = (gy W) * mask: backward of qlinear with respect to its input
+inline at::Tensor qlinear_backward(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& mask) {
+  at::Tensor gx = at::mm(gy, w);
+  if (mask.defined()) gx.mul_(mask);
+  return gx;
+}
+
+// local frames of l=1 features v [n, 3, C] as gaq_calc.quant.primitives.local_frame: rows e1 (largest
+// channel), e2 (largest remainder orthogonal to e1, Gram-Schmidt; a fixed perpendicular when collinear
+// within rel_tol), e3 = e1 x e2
+template <typename T>
+void local_frames(const T* v, int64_t n, int64_t C, T* frames, double rel_tol) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = v + i * 3 * C;
+    auto norm3 = [](T a, T b, T c) { return std::sqrt(a * a + b * b + c * c); };
+    int64_t k1 = 0;
+    T best = T(-1);
+    for (int64_t c = 0; c < C; ++c) {
+      const T nr = norm3(x[c], x[C + c], x[2 * C + c]);
+      if (nr > best) { best = nr; k1 = c; }
+    }
+    T e1[3] = {x[k1], x[C + k1], x[2 * C + k1]};
+    const T fn = norm3(e1[0], e1[1], e1[2]);
+    if (fn > T(0)) {
+      for (int a = 0; a < 3; ++a) e1[a] /= std::max(fn, T(1e-30));
+    } else {
+      e1[0] = 1; e1[1] = 0; e1[2] = 0;
+    }
+    int64_t k2 = 0;
+    best = T(-1);
+    T second[3] = {0, 0, 0};
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = e1[0] * x[c] + e1[1] * x[C + c] + e1[2] * x[2 * C + c];
+      const T p0 = x[c] - e1[0] * d, p1 = x[C + c] - e1[1] * d, p2 = x[2 * C + c] - e1[2] * d;
+      const T nr = norm3(p0, p1, p2);
+      if (nr > best) { best = nr; k2 = c; second[0] = p0; second[1] = p1; second[2] = p2; }
+    }
+    (void)k2;
+    const T sn = norm3(second[0], second[1], second[2]);
+    T e2[3];
+    if (sn > T(rel_tol) * fn) {
+      for (int a = 0; a < 3; ++a) e2[a] = second[a] / std::max(sn, T(1e-30));
+    } else {  // perpendicular to e1 and to the Cartesian axis least aligned with it
+      int ax = 0;
+      for (int a = 1; a < 3; ++a)
+        if (std::abs(e1[a]) < std::abs(e1[ax])) ax = a;
+      T u[3] = {0, 0, 0};
+      u[ax] = 1;
+      T f[3] = {e1[1] * u[2] - e1[2] * u[1], e1[2] * u[0] - e1[0] * u[2], e1[0] * u[1] - e1[1] * u[0]};
+      const T fnr = norm3(f[0], f[1], f[2]);
+      for (int a = 0; a < 3; ++a) e2[a] = f[a] / fnr;
+    }
+    const T e3[3] = {e1[1] * e2[2] - e1[2] * e2[1], e1[2] * e2[0] - e1[0] * e2[2], e1[0] * e2[1] - e1[1] * e2[0]};
+    T* fr = frames + i * 9;
+    for (int a = 0; a < 3; ++a) { fr[a] = e1[a]; fr[3 + a] = e2[a]; fr[6 + a] = e3[a]; }
+  }
+}
+
 // parameter list layout (kept in step with gaq_calc/kernels/fused.py)
 constexpr int kGlobal = 5;   // embedding, frequencies, radial W1, radial b1, radial W2
 constexpr int kPerLayer = 11;  // ln g, ln b, Wqk, Wv, bv, log_tau, Win, bin, Wout, bout, Wvm
@@ -79,13 +194,14 @@ constexpr int kReadout = 8;  // ln g, ln b, W1, b1, W2, b2, energy_scale, refere
 struct LayerCache {
   at::Tensor rad, h, v, x, mean0, rstd0, qkn, qknorm, ex, score, S, alpha, af, val;
   at::Tensor h1, v1, mean1, rstd1, vm, vn, z2, a, dot;
+  at::Tensor m_qk, m_v, m_ein, m_eout, m_vm, frames;  // quantized mode: straight-through masks, frames
 };
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     const at::Tensor& pos, const at::Tensor& species, const at::Tensor& receivers, const at::Tensor& senders,
     const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, const std::vector<at::Tensor>& p,
-    const std::vector<double>& c) {
+    const std::vector<double>& c, const std::vector<ActQuant>& Q) {
   const double cutoff = c[0], env_p = c[1], rbf_pref = c[2], eps = c[3];
   const int64_t num_heads = static_cast<int64_t>(c[4]);
   const int64_t n = pos.size(0), E = receivers.size(0);
@@ -98,6 +214,11 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   const int64_t* rcv = cptr<int64_t>(receivers);
   const int64_t* snd = cptr<int64_t>(senders);
   const T sqrt3 = std::sqrt(T(3));
+  const at::Tensor none = at::empty({0}, opt);
+  // activation quantizers, one per Linear: radial (1 or 2), per layer (qk, value, exchange in/out,
+  // vector mix), readout (2); an empty list: no rounding
+  const int64_t nrad = hidden ? 2 : 1;
+  auto qp = [&](int64_t i) -> const ActQuant* { return Q.empty() ? nullptr : &Q[i]; };
 
   // ---- geometry: unit vectors, l=1 harmonics sqrt(3) u (e3nn "component", order x, y, z), basis, envelope
   at::Tensor u = at::empty({E, 3}, opt), dist = at::empty({E}, opt), env = at::empty({E}, opt),
@@ -137,13 +258,22 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   }
   // radial filters: the hidden features once, then each layer's [E, W] block right before its use
   // (one block stays in cache; the full [E, L * W] output would not)
-  at::Tensor z1, radial_in;  // [E, R], [E, R or K]
+  at::Tensor z1, radial_in, m_r1, m_r2;  // [E, R], [E, R or K]
   if (hidden) {
-    z1 = mm_nt(rbf, p[2], p[3]);
+    z1 = qlinear<T>(rbf, p[2], p[3], qp(0), &m_r1);
     radial_in = at::silu(z1);
   } else {
     radial_in = rbf;
   }
+  const ActQuant* qr2 = qp(nrad - 1);
+  std::vector<int8_t> radial_codes;  // the rounded input of the filter layer, shared by all layers
+  if (qr2 && qr2->kind == 1) {
+    radial_in = radial_in.contiguous();
+    radial_codes.resize(radial_in.numel());
+    m_r2 = at::empty_like(radial_in);
+    quantize_codes(cptr<T>(radial_in), radial_in.numel(), *qr2, radial_codes.data(), ptr<T>(m_r2));
+  }
+  const int64_t radial_width = radial_in.size(1);
   auto radial_weight = [&](int64_t l) { return p[4].narrow(0, l * W, W); };  // [W, R] rows of layer l
 
   // ---- forward through the layers
@@ -154,7 +284,10 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     const at::Tensor* q = &p[kGlobal + l * kPerLayer];
     const T *lg = cptr<T>(q[0]), *lb = cptr<T>(q[1]);
     LayerCache& C = caches[l];
-    C.rad = mm_nt(radial_in, radial_weight(l)).contiguous();  // [E, W]: filters sv, s, vv and head biases
+    const int64_t qb = nrad + l * 5;  // this layer's quantizers
+    C.rad = radial_codes.empty()  // [E, W]: filters sv, s, vv and head biases
+                ? mm_nt(radial_in, radial_weight(l)).contiguous()
+                : int_linear<T>(radial_codes.data(), E, radial_width, *qr2, none, l * W, W, opt);
     const T* RAD = cptr<T>(C.rad);
     C.h = h;
     C.v = v;
@@ -163,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     C.rstd0 = at::empty({n}, opt);
     layer_norm(cptr<T>(h), lg, lb, ptr<T>(C.x), ptr<T>(C.mean0), ptr<T>(C.rstd0), n, F, eps);
     // cosine attention: L2-normalised queries (c=0) and keys (c=1) per head
-    C.qkn = mm_nt(C.x, q[2]).contiguous();  // [n, 2F]
+    C.qkn = qlinear<T>(C.x, q[2], none, qp(qb), &C.m_qk).contiguous();  // [n, 2F]
     C.qknorm = at::empty({n, 2 * H}, opt);
     {
       T *QK = ptr<T>(C.qkn), *NR = ptr<T>(C.qknorm);
@@ -208,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
         for (int64_t hh = 0; hh < H; ++hh)
           for (int64_t d = 0; d < D; ++d) AF[e * F + hh * D + d] = AL[e * H + hh];
     }
-    C.val = mm_nt(C.x, q[3], q[4]).contiguous();  // [n, 2F]: (value_sv, value_s)
+    C.val = qlinear<T>(C.x, q[3], q[4], qp(qb + 1), &C.m_v).contiguous();  // [n, 2F]: (value_sv, value_s)
     at::Tensor h1 = h.clone(), v1 = v.clone();
     {
       const T *VAL = cptr<T>(C.val), *V = cptr<T>(v), *AF = cptr<T>(C.af), *U = cptr<T>(u);
@@ -234,7 +367,19 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     C.h1 = h1;
     C.v1 = v1;
     // exchange between the branches through invariants
-    C.vm = mm_nt(v1.view({3 * n, F}), q[10]).view({n, 3, 2 * F}).contiguous();  // (v_u, v_w)
+    const ActQuant* qv = qp(qb + 4);
+    if (qv && qv->kind == 2) {  // components in the local frame rounded; the mix runs in frame coordinates
+      C.frames = at::empty({n, 3, 3}, opt);
+      local_frames(cptr<T>(v1), n, F, ptr<T>(C.frames), 1e-7);
+      at::Tensor comp = at::matmul(C.frames, v1).contiguous();  // [n, 3, F]
+      std::vector<int8_t> codes(comp.numel());
+      C.m_vm = at::empty_like(comp);
+      quantize_codes(cptr<T>(comp), comp.numel(), *qv, codes.data(), ptr<T>(C.m_vm));
+      at::Tensor yf = int_linear<T>(codes.data(), 3 * n, F, *qv, none, 0, 2 * F, opt).view({n, 3, 2 * F});
+      C.vm = at::matmul(C.frames.transpose(1, 2), yf).contiguous();  // back to Cartesian: (v_u, v_w)
+    } else {
+      C.vm = qlinear<T>(v1.view({3 * n, F}), q[10], none, qv, &C.m_vm).view({n, 3, 2 * F}).contiguous();
+    }
     C.vn = at::empty({n, F}, opt);
     C.dot = at::empty({n, F}, opt);
     at::Tensor cin = at::empty({n, 2 * F}, opt);  // (LN(h1), |v_w|-ish)
@@ -263,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
       for (int64_t i = 0; i < n; ++i)
         for (int64_t f = 0; f < F; ++f) CI[i * 2 * F + f] = YN[i * F + f];
     }
-    C.z2 = mm_nt(cin, q[6], q[7]);
-    C.a = mm_nt(at::silu(C.z2), q[8], q[9]).contiguous();  // [n, 3F]: (a_vv, a_sv, a_ss)
+    C.z2 = qlinear<T>(cin, q[6], q[7], qp(qb + 2), &C.m_ein);
+    C.a = qlinear<T>(at::silu(C.z2), q[8], q[9], qp(qb + 3), &C.m_eout).contiguous();  // [n, 3F]: a_vv, a_sv, a_ss
     at::Tensor h2 = h1.clone(), v2 = v1.clone();
     {
       const T *A = cptr<T>(C.a), *DT = cptr<T>(C.dot), *VM = cptr<T>(C.vm);
@@ -284,8 +429,9 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   const at::Tensor* ro = &p[kGlobal + L * kPerLayer];
   at::Tensor yr = at::empty({n, F}, opt), mr = at::empty({n}, opt), sr = at::empty({n}, opt);
   layer_norm(cptr<T>(h), cptr<T>(ro[0]), cptr<T>(ro[1]), ptr<T>(yr), ptr<T>(mr), ptr<T>(sr), n, F, eps);
-  at::Tensor t = mm_nt(yr, ro[2], ro[3]).contiguous();  // [n, F]
-  at::Tensor o = mm_nt(at::silu(t), ro[4], ro[5]).contiguous();  // [n, 1]
+  at::Tensor m_ro1, m_ro2;
+  at::Tensor t = qlinear<T>(yr, ro[2], ro[3], qp(nrad + 5 * L), &m_ro1).contiguous();  // [n, F]
+  at::Tensor o = qlinear<T>(at::silu(t), ro[4], ro[5], qp(nrad + 5 * L + 1), &m_ro2).contiguous();  // [n, 1]
   const T scale = cptr<T>(ro[6])[0];
   at::Tensor energy = at::zeros({n_graphs}, opt.dtype(at::kDouble));
   {
@@ -303,9 +449,11 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     at::Tensor gt = at::empty({n, F}, opt);
     const T *T_ = cptr<T>(t), *W2 = cptr<T>(ro[4]);
     T* GT = ptr<T>(gt);
+    const T* M2 = m_ro2.defined() ? cptr<T>(m_ro2) : nullptr;
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t f = 0; f < F; ++f) GT[i * F + f] = scale * W2[f] * dsilu(T_[i * F + f]);
-    at::Tensor gy = at::mm(gt, ro[2]).contiguous();
+      for (int64_t f = 0; f < F; ++f)
+        GT[i * F + f] = scale * W2[f] * (M2 ? M2[i * F + f] : T(1)) * dsilu(T_[i * F + f]);
+    at::Tensor gy = qlinear_backward(gt, ro[2], m_ro1).contiguous();
     layer_norm_backward(cptr<T>(h), cptr<T>(ro[0]), cptr<T>(mr), cptr<T>(sr), cptr<T>(gy), F, ptr<T>(gh), n, F);
   }
   at::Tensor gv = at::zeros({n, 3, F}, opt);
@@ -342,13 +490,13 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
         }
       }
     }
-    at::Tensor gz2 = at::mm(ga, q[8]);  // [n, F]
+    at::Tensor gz2 = qlinear_backward(ga, q[8], C.m_eout).contiguous();  // [n, F]
     {
       const T* Z = cptr<T>(C.z2);
       T* G = ptr<T>(gz2);
       for (int64_t i = 0; i < n * F; ++i) G[i] *= dsilu(Z[i]);
     }
-    at::Tensor gc = at::mm(gz2, q[6]).contiguous();  // [n, 2F]
+    at::Tensor gc = qlinear_backward(gz2, q[6], C.m_ein).contiguous();  // [n, 2F]
     {
       const T *GC = cptr<T>(gc), *VM = cptr<T>(C.vm), *VN = cptr<T>(C.vn);
       T* GVM = ptr<T>(gvm);
@@ -360,7 +508,14 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
     }
     at::Tensor gh1 = gh.clone();
     layer_norm_backward(cptr<T>(C.h1), lg, cptr<T>(C.mean1), cptr<T>(C.rstd1), cptr<T>(gc), 2 * F, ptr<T>(gh1), n, F);
-    at::Tensor gv1 = gv + at::mm(gvm.view({3 * n, 2 * F}), q[10]).view({n, 3, F});
+    at::Tensor gxq = at::mm(gvm.view({3 * n, 2 * F}), q[10]).view({n, 3, F});  // d/d(rounded input)
+    at::Tensor gv1;
+    if (C.frames.defined()) {  // x_q = Fr^T Q(Fr x): straight-through gradient Fr^T M Fr
+      gv1 = gv + at::matmul(C.frames.transpose(1, 2), at::matmul(C.frames, gxq).mul_(C.m_vm));
+    } else {
+      if (C.m_vm.defined()) gxq.mul_(C.m_vm.view({n, 3, F}));
+      gv1 = gv + gxq;
+    }
     // messages: h1 = h + sum_e msg_s, v1 = v + sum_e msg_v
     at::Tensor ghin = gh1.clone(), gvin = gv1.clone();
     at::Tensor gval = at::zeros({n, 2 * F}, opt), galpha = at::empty({E, H}, opt);
@@ -463,9 +618,7 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
         }
       }
     }
-    at::Tensor gx = at::mm(gqk, q[2]);
-    gx.addmm_(gval, q[3]);
-    gx = gx.contiguous();
+    at::Tensor gx = (qlinear_backward(gqk, q[2], C.m_qk) + qlinear_backward(gval, q[3], C.m_v)).contiguous();
     layer_norm_backward(cptr<T>(C.h), lg, cptr<T>(C.mean0), cptr<T>(C.rstd0), cptr<T>(gx), F, ptr<T>(ghin), n, F);
     grad_radial_in.addmm_(grad_rad, radial_weight(l));
     gh = ghin;
@@ -476,12 +629,13 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   at::Tensor grbf;
   if (hidden) {
     at::Tensor ga1 = grad_radial_in;  // [E, R]
+    if (m_r2.defined()) ga1.mul_(m_r2);
     const T* Z = cptr<T>(z1);
     T* G = ptr<T>(ga1);
     for (int64_t i = 0; i < ga1.numel(); ++i) G[i] *= dsilu(Z[i]);
-    grbf = at::mm(ga1, p[2]).contiguous();
+    grbf = qlinear_backward(ga1, p[2], m_r1).contiguous();
   } else {
-    grbf = grad_radial_in;
+    grbf = m_r2.defined() ? grad_radial_in.mul(m_r2) : grad_radial_in;
   }
   at::Tensor forces = at::zeros({n, 3}, opt);
   {
@@ -506,10 +660,11 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
 std::tuple<at::Tensor, at::Tensor> energy_forces(
     const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers, const at::Tensor& senders,
     const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, at::TensorList params,
-    at::ArrayRef<double> consts) {
+    at::ArrayRef<double> consts, at::TensorList quant) {
   TORCH_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
   TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3]");
   TORCH_CHECK(consts.size() == 5, "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads");
+  TORCH_CHECK(quant.size() % 3 == 0, "quant: (meta [kind, act step, qmax], weight codes, weight steps) per Linear");
   c10::InferenceMode guard;
   const auto dtype = positions.scalar_type();
   std::vector<at::Tensor> p;
@@ -518,22 +673,33 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
     const bool is_ref = i + 1 == params.size();  // reference energies stay float64
     p.push_back(is_ref ? params[i].to(at::kDouble).contiguous() : params[i].to(dtype).contiguous());
   }
+  std::vector<ActQuant> Q(quant.size() / 3);
+  for (size_t i = 0; i < Q.size(); ++i) {
+    at::Tensor meta = quant[3 * i].to(at::kDouble).contiguous();
+    TORCH_CHECK(meta.numel() == 3, "quant meta must be [kind, act step, qmax]");
+    Q[i].kind = static_cast<int>(meta.data_ptr<double>()[0]);
+    Q[i].step = meta.data_ptr<double>()[1];
+    Q[i].qmax = static_cast<int>(meta.data_ptr<double>()[2]);
+    TORCH_CHECK(Q[i].kind >= 0 && Q[i].kind <= 2, "activation kind must be 0 (none), 1 (linear) or 2 (frame)");
+    Q[i].codes = quant[3 * i + 1].to(at::kChar).contiguous();
+    Q[i].wstep = quant[3 * i + 2].to(dtype).reshape({-1}).contiguous();
+  }
   std::vector<double> c(consts.begin(), consts.end());
   auto pos = positions.contiguous();
   auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
        sd = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
   auto sh = shifts.to(dtype).contiguous();
   if (dtype == at::kDouble)
-    return energy_forces_impl<double>(pos, sp, rc, sd, sh, bt, n_graphs, p, c);
+    return energy_forces_impl<double>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
   TORCH_CHECK(dtype == at::kFloat, "gaq::energy_forces supports float32 and float64");
-  return energy_forces_impl<float>(pos, sp, rc, sd, sh, bt, n_graphs, p, c);
+  return energy_forces_impl<float>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(gaq, m) {
   m.def("energy_forces(Tensor positions, Tensor species, Tensor receivers, Tensor senders, Tensor shifts, "
-        "Tensor batch, int n_graphs, Tensor[] params, float[] consts) -> (Tensor, Tensor)");
+        "Tensor batch, int n_graphs, Tensor[] params, float[] consts, Tensor[] quant) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gaq, CPU, m) { m.impl("energy_forces", energy_forces); }
