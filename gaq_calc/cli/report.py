@@ -1,6 +1,6 @@
 """gaq-report: regenerate README's tables from the model cards (models/*/card.json), the quantization
 baselines' cards (results/quant_baselines/*/card.json, written by scripts/baseline.sh) and the benchmark
-results (benchmarks/results/md_step.json). Also writes results/quant_table.md and .json."""
+results (benchmarks/results/{md_step,deploy,kernel_agreement}.json). Also writes results/quant_table.md and .json."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ QUANT = ("<!-- quant:start -->", "<!-- quant:end -->")
 MD = ("<!-- md:start -->", "<!-- md:end -->")
 DEPLOY = ("<!-- deploy:start -->", "<!-- deploy:end -->")
 SPEED = ("<!-- speed:start -->", "<!-- speed:end -->")
+KERNELS = ("<!-- kernels:start -->", "<!-- kernels:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -171,10 +172,11 @@ def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -
 def update_readme(readme: Path, table: str, speed: str, quant: str, md: str) -> None:
     text = replace_block(readme.read_text(), RESULTS, table, "models/*/card.json")
     text = replace_block(text, MD, md, "results/md/*/summary.json")
-    deploy_json = REPO / "benchmarks" / "results" / "deploy.json"
-    if DEPLOY[0] in text:
-        deploy = json.loads(deploy_json.read_text())["markdown"] if deploy_json.exists() else "(not run yet)"
-        text = replace_block(text, DEPLOY, deploy, "benchmarks/results/deploy.json")
+    for markers, name in ((DEPLOY, "deploy"), (KERNELS, "kernel_agreement")):
+        path = REPO / "benchmarks" / "results" / f"{name}.json"
+        if markers[0] in text:
+            body = json.loads(path.read_text())["markdown"] if path.exists() else "(not run yet)"
+            text = replace_block(text, markers, body, f"benchmarks/results/{name}.json")
     text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
     tmp = readme.with_name("." + readme.name + ".tmp")
