@@ -29,6 +29,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"],
+                   help="calculator kernel (default auto: the fused C++ kernel where it applies)")
     g.add_argument("--mode", default="conservative", choices=["conservative", "quantized"],
                    help="quantized models: conservative (default; activations not rounded, forces exact "
                         "gradients, energy conserved) or quantized (8-bit activations as trained; forces are "
@@ -95,7 +97,7 @@ def setup(args, protocol: str):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    calc = GAQCalculator(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode)
+    calc = GAQCalculator(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode, kernel=args.kernel)
     atoms = load_structure(args.structure, args.frame)
     atoms.calc = calc
     model_path = Path(calc.model_path)
@@ -106,7 +108,7 @@ def setup(args, protocol: str):
         "model": str(args.model), "model_path": str(model_path), "structure": str(args.structure or "azobenzene"),
         "frame": args.frame, "device": args.device, "dtype": args.dtype,
         "mode": args.mode if calc.quantized else None,
-        "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "kernel": calc.kernel, "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
     }
     return atoms, out, metadata
 
