@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import List, Tuple
@@ -41,6 +42,7 @@ def load_extension(verbose: bool = False) -> None:
         if os.uname().machine in ("x86_64", "AMD64"):
             flags.append("-march=native")  # compiled on the machine that runs it
         try:
+            _ninja_on_path()
             # one build folder per source version: a rebuild never overwrites a library that a running
             # process (a long MD run) has loaded
             digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
@@ -49,6 +51,18 @@ def load_extension(verbose: bool = False) -> None:
         except Exception as err:  # no compiler, no ninja, read-only cache, ...
             raise KernelUnavailable(f"the fused CPU kernel could not be built ({type(err).__name__}: {err})") from err
         _loaded = True
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip package's binary is not on it when the venv is
+    not activated (.venv/bin/python -m ...), so add its folder (this process only) if ninja is missing."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def _child(module, name: str):
