@@ -79,11 +79,11 @@ class GAQCalculator(Calculator):
         if self.quantized:
             set_quant_mode(self.model, mode)
         self.energy_forces = EnergyForces(self.model)
-        if jit and not self.quantized:
+        self._choose_kernel(kernel, self.model)
+        if self.kernel == "reference" and jit and not self.quantized:  # (no scripting for a fused run)
             with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.energy_forces = torch.jit.script(self.energy_forces)
-        self._choose_kernel(kernel, self.model)
 
     def _choose_kernel(self, kernel: str, potential) -> None:
         self.kernel = "reference"

@@ -3,8 +3,7 @@
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja are
 needed; the build is cached per user) and registers the TorchScript-callable op
 torch.ops.gaq.energy_forces. FusedEnergyForces gathers a model's weights once (eager FP32, eager QAT
-in conservative mode, or an exported artifact in either
-mode) and calls the op. Without activation rounding, forces are the exact gradient of the returned
+in conservative mode, or an exported artifact in either mode) and calls the op. Without activation rounding, forces are the exact gradient of the returned
 energy, written out in C++ and tested against autograd. In an artifact's quantized mode the inputs of
 every Linear are rounded to int8 codes (linear, or in the equivariant local frame for l=1 features),
 multiplied with the int4/int8 weight codes in integer arithmetic (int32 accumulation, one rescale per
@@ -65,10 +64,6 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def _child(module, name: str):
-    return getattr(module, name)
-
-
 def _linear_weights(module) -> Tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias or empty) of nn.Linear, a QuantLinear with unrounded activations, or an
     artifact's PackedLinear (dequantized weights)."""
@@ -106,12 +101,12 @@ def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[
         radial = potential.radial
         names = [name for name, _ in radial.named_children()]
         if len(names) == 3:
-            first, last = _child(radial, names[0]), _child(radial, names[2])
+            first, last = getattr(radial, names[0]), getattr(radial, names[2])
             w1, b1 = _linear_weights(first)
             p += [w1, b1, _linear_weights(last)[0]]
             linears += [first, last]
         elif len(names) == 1:
-            last = _child(radial, names[0])
+            last = getattr(radial, names[0])
             p += [torch.zeros(0), torch.zeros(0), _linear_weights(last)[0]]
             linears += [last]
         else:
@@ -122,20 +117,20 @@ def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[
             eps = float(layer.norm.eps) if eps is None else eps
             heads = int(layer.num_heads)
             p += [layer.norm.weight, layer.norm.bias]
-            p += list(_linear_weights(layer.qk_proj))[:1]
+            p += [_linear_weights(layer.qk_proj)[0]]
             p += list(_linear_weights(layer.value_proj))
             p += [layer.log_tau]
             p += list(_linear_weights(layer.exchange_in))
             p += list(_linear_weights(layer.exchange_out))
-            p += list(_linear_weights(layer.vector_mix))[:1]
+            p += [_linear_weights(layer.vector_mix)[0]]
             linears += [layer.qk_proj, layer.value_proj, layer.exchange_in, layer.exchange_out, layer.vector_mix]
         readout = potential.readout
         names = [name for name, _ in readout.named_children()]  # LayerNorm, Linear, SiLU, Linear
-        norm = _child(readout, names[0])
+        norm = getattr(readout, names[0])
         p += [norm.weight, norm.bias]
-        p += list(_linear_weights(_child(readout, names[1])))
-        p += list(_linear_weights(_child(readout, names[3])))
-        linears += [_child(readout, names[1]), _child(readout, names[3])]
+        p += list(_linear_weights(getattr(readout, names[1])))
+        p += list(_linear_weights(getattr(readout, names[3])))
+        linears += [getattr(readout, names[1]), getattr(readout, names[3])]
         p += [potential.energy_scale, potential.reference_energies]
         p = [t.detach().contiguous() for t in p]
         quant = [t for m in linears for t in _activation_quantizer(m)]

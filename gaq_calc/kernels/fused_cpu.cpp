@@ -156,16 +156,14 @@ void local_frames(const T* v, int64_t n, int64_t C, T* frames, double rel_tol) {
     } else {
       e1[0] = 1; e1[1] = 0; e1[2] = 0;
     }
-    int64_t k2 = 0;
     best = T(-1);
     T second[3] = {0, 0, 0};
     for (int64_t c = 0; c < C; ++c) {
       const T d = e1[0] * x[c] + e1[1] * x[C + c] + e1[2] * x[2 * C + c];
       const T p0 = x[c] - e1[0] * d, p1 = x[C + c] - e1[1] * d, p2 = x[2 * C + c] - e1[2] * d;
       const T nr = norm3(p0, p1, p2);
-      if (nr > best) { best = nr; k2 = c; second[0] = p0; second[1] = p1; second[2] = p2; }
+      if (nr > best) { best = nr; second[0] = p0; second[1] = p1; second[2] = p2; }
     }
-    (void)k2;
     const T sn = norm3(second[0], second[1], second[2]);
     T e2[3];
     if (sn > T(rel_tol) * fn) {
