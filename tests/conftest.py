@@ -14,6 +14,25 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**cfg)
 
 
+def ethanol_batch(frames, ks, dtype=torch.float64):
+    """Frames ks of an ethanol frame set as one graph batch (5 A cutoff, species H C O)."""
+    from gaq_calc.data import GraphDataset
+
+    ks = list(ks)
+    return GraphDataset(frames.subset(ks), [1, 6, 8], 5.0).collate(list(range(len(ks)))).to("cpu", dtype)
+
+
+def calibrated_qat(frames, preset_name, calibration=(0, 3, 4, 5)):
+    """A tiny random ethanol model prepared for QAT with a preset, activation ranges calibrated on frames."""
+    from gaq_calc.model import energy_and_forces
+    from gaq_calc.quant import calibrate, prepare, preset
+
+    torch.manual_seed(0)
+    fp = randomize(GAQPotential(tiny_config()), seed=5, scale=0.2).eval()
+    batches = [ethanol_batch(frames, [k], torch.float32) for k in calibration]
+    return calibrate(prepare(fp, preset(preset_name)), batches, energy_and_forces).eval()
+
+
 def randomize(model: GAQPotential, seed: int = 0, scale: float = 0.3) -> GAQPotential:
     """Non-trivial weights (fresh init leaves some layers at zero effect) for symmetry tests."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize, tiny_config
-from gaq_calc.data import GraphDataset
+from conftest import calibrated_qat, ethanol_batch
 from gaq_calc.export import export_artifact, is_artifact, load_artifact, pack_int4, set_mode, unpack_int4
-from gaq_calc.model import GAQPotential, energy_and_forces
+from gaq_calc.model import energy_and_forces
 from gaq_calc.model.serialization import ModelFileError, save_model
-from gaq_calc.quant import calibrate, convert, prepare, preset
+from gaq_calc.quant import convert, preset
 
 
 @pytest.mark.parametrize("n", [1, 6, 7, 64])
@@ -26,18 +25,14 @@ def test_int4_pack_round_trip(n):
 
 
 def _qat_file(tmp_path, frames, name):
-    torch.manual_seed(0)
-    fp = randomize(GAQPotential(tiny_config()), seed=5, scale=0.2).eval()
-    batches = [GraphDataset(frames.subset([k]), [1, 6, 8], 5.0).collate([0]).to("cpu", torch.float32)
-               for k in (0, 3, 4, 5)]
-    q = calibrate(prepare(fp, preset(name)), batches, energy_and_forces).eval()
+    q = calibrated_qat(frames, name)
     path = tmp_path / name / "model.pt"
     save_model(path, q, {"train_data": "ethanol"})
     return q, path
 
 
 def _batch(frames, k):
-    return GraphDataset(frames.subset([k]), [1, 6, 8], 5.0).collate([0]).to("cpu", torch.float32)
+    return ethanol_batch(frames, [k], torch.float32)
 
 
 @pytest.mark.parametrize("name", ["w4a8_frame", "w8a8_frame", "w4a8", "naive_int8"])

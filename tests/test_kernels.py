@@ -4,19 +4,13 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from conftest import randomize, tiny_config
-from gaq_calc.data import GraphDataset
+from conftest import calibrated_qat, ethanol_batch, randomize, tiny_config
 from gaq_calc.export import export_artifact, load_artifact, set_mode
 from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
 from gaq_calc.model import GAQPotential, energy_and_forces
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import save_model
-from gaq_calc.quant import calibrate, prepare, preset, set_quant_mode
-
-
-def _batch(frames, ks, dtype=torch.float64):
-    ds = GraphDataset(frames.subset(list(ks)), [1, 6, 8], 5.0)
-    return ds.collate(list(range(len(ks)))).to("cpu", dtype)
+from gaq_calc.quant import set_quant_mode
 
 
 def _call(f, b):
@@ -27,7 +21,7 @@ def _call(f, b):
 def test_fused_equals_autograd_in_float64(ethanol_frames, radial_hidden):
     model = randomize(GAQPotential(tiny_config(radial_hidden=radial_hidden)), seed=3, scale=0.3).double().eval()
     model.set_energy_reference([-13.6, -1029.8, -2041.2], 0.7)
-    b = _batch(ethanol_frames, [0, 5, 9])  # three molecules in one graph: per-graph energies
+    b = ethanol_batch(ethanol_frames, [0, 5, 9])  # three molecules in one graph: per-graph energies
     e_ref, f_ref = _call(EnergyForces(model), b)
     e_fused, f_fused = _call(FusedEnergyForces(model, torch.float64), b)
     assert e_fused.dtype == torch.float64 and e_fused.shape == (3,)
@@ -38,7 +32,7 @@ def test_fused_equals_autograd_in_float64(ethanol_frames, radial_hidden):
 
 def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
     model = randomize(GAQPotential(tiny_config()), seed=4, scale=0.3).eval()
-    b64 = _batch(ethanol_frames, [2])
+    b64 = ethanol_batch(ethanol_frames, [2])
     e_ref, f_ref = _call(EnergyForces(model.double()), b64)
     fused32 = FusedEnergyForces(model.float(), torch.float32)
     e32, f32 = _call(fused32, b64)
@@ -48,7 +42,7 @@ def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
     # exact equivariance in float64: rotate and translate the molecule
     fused64 = FusedEnergyForces(model.double(), torch.float64)
     R = torch.from_numpy(Rotation.random(random_state=7).as_matrix())
-    rotated = _batch(ethanol_frames, [2])
+    rotated = ethanol_batch(ethanol_frames, [2])
     rotated.positions = b64.positions @ R.T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
     e0, f0 = _call(fused64, b64)
     e1, f1 = _call(fused64, rotated)
@@ -59,27 +53,20 @@ def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
 def test_fused_forces_are_finite_differences_of_its_energy(ethanol_frames):
     model = randomize(GAQPotential(tiny_config()), seed=6, scale=0.3).double().eval()
     fused = FusedEnergyForces(model, torch.float64)
-    b = _batch(ethanol_frames, [4])
+    b = ethanol_batch(ethanol_frames, [4])
     _, forces = _call(fused, b)
     eps = 1e-5
     for atom, axis in [(0, 0), (3, 1), (7, 2)]:
-        plus, minus = _batch(ethanol_frames, [4]), _batch(ethanol_frames, [4])
+        plus, minus = ethanol_batch(ethanol_frames, [4]), ethanol_batch(ethanol_frames, [4])
         plus.positions[atom, axis] += eps
         minus.positions[atom, axis] -= eps
         numeric = -(_call(fused, plus)[0] - _call(fused, minus)[0]).item() / (2 * eps)
         assert abs(numeric - forces[atom, axis].item()) < 1e-7
 
 
-def _qat(frames, name):
-    torch.manual_seed(0)
-    fp = randomize(GAQPotential(tiny_config()), seed=5, scale=0.2).eval()
-    batches = [_batch(frames, [k], torch.float32) for k in (0, 3, 4)]
-    return calibrate(prepare(fp, preset(name)), batches, energy_and_forces).eval()
-
-
 def test_fused_runs_quantized_models_in_both_modes(tmp_path, ethanol_frames):
-    q = _qat(ethanol_frames, "w4a8_frame")
-    b = _batch(ethanol_frames, [6], torch.float32)
+    q = calibrated_qat(ethanol_frames, "w4a8_frame", calibration=(0, 3, 4))
+    b = ethanol_batch(ethanol_frames, [6], torch.float32)
     with pytest.raises(KernelUnavailable, match="quantized mode"):
         FusedEnergyForces(q)  # an eager QAT model with rounded activations: its artifact or the reference
     set_quant_mode(q, "conservative")
@@ -107,19 +94,22 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     reference path's float matmul of fake-quantized values. Accumulation order differs in the last
     bits, which can flip a rounding decision downstream now and then: most frames agree to float
     tolerance, and all agree to within a few activation steps."""
-    q = _qat(ethanol_frames, name)
+    q = calibrated_qat(ethanol_frames, name, calibration=(0, 3, 4))
     path = tmp_path / name / "model.pt"
     save_model(path, q, {"train_data": "ethanol"})
     export_artifact(path, tmp_path / f"{name}.pt")
     module, _ = load_artifact(tmp_path / f"{name}.pt")
     set_mode(module, "quantized")
-    fused = FusedEnergyForces(module.potential)
+    fused = FusedEnergyForces(module.potential)  # integer GEMMs through sgemm, exact
+    int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int32 accumulation loop
     assert fused.rounds_activations
     close, worst = 0, 0.0
     for k in range(10, 20):
-        b = _batch(ethanol_frames, [k], torch.float32)
+        b = ethanol_batch(ethanol_frames, [k], torch.float32)
         e_ref, f_ref = _call(module, b)
         e_int, f_int = _call(fused, b)
+        e_i32, f_i32 = _call(int32, b)
+        assert torch.equal(e_int, e_i32) and torch.equal(f_int, f_i32)  # the same integers, the same bits
         err = abs(e_int.item() - e_ref.item())
         close += err < 1e-4 and (f_int - f_ref).abs().max().item() < 1e-4
         worst = max(worst, err)
@@ -127,12 +117,14 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     assert worst < 0.05
     set_mode(module, "conservative")
     assert not FusedEnergyForces(module.potential).rounds_activations
+    with pytest.raises(ValueError, match="int_gemm"):
+        FusedEnergyForces(module.potential, int_gemm="int4")
 
 
 def test_mddq_rounding_stays_on_the_reference_kernel(tmp_path, ethanol_frames):
     from gaq_calc import GAQCalculator
 
-    q = _qat(ethanol_frames, "w4a8")  # MDDQ vectors
+    q = calibrated_qat(ethanol_frames, "w4a8", calibration=(0, 3, 4))  # MDDQ vectors
     path = tmp_path / "mddq" / "model.pt"
     save_model(path, q, {"train_data": "ethanol"})
     export_artifact(path, tmp_path / "mddq.pt")
@@ -158,3 +150,21 @@ def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):
     np.testing.assert_allclose(fused.get_forces(atoms), ref.get_forces(atoms), rtol=0, atol=1e-11)
     with pytest.raises(ValueError, match="kernel must be"):
         GAQCalculator(str(tiny_model_file), kernel="cuda-int4")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    import os
+    import time
+
+    from gaq_calc.kernels.fused import STALE_LOCK_SECONDS, _remove_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    _remove_stale_lock(tmp_path)  # a build in progress: its lock stays
+    assert lock.exists()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        _remove_stale_lock(tmp_path)
+    assert not lock.exists()
+    _remove_stale_lock(tmp_path)  # no lock: nothing to do

@@ -6,8 +6,8 @@ torch.ops.gaq.energy_forces. FusedEnergyForces gathers a model's weights once (e
 in conservative mode, or an exported artifact in either mode) and calls the op. Without activation rounding, forces are the exact gradient of the returned
 energy, written out in C++ and tested against autograd. In an artifact's quantized mode the inputs of
 every Linear are rounded to int8 codes (linear, or in the equivariant local frame for l=1 features),
-multiplied with the int4/int8 weight codes in integer arithmetic (int32 accumulation, one rescale per
-output) and the forces are QAT's straight-through gradient, as in the reference path.
+multiplied with the int4/int8 weight codes in integer arithmetic (exact integer products and sums, one
+rescale per output) and the forces are QAT's straight-through gradient, as in the reference path.
 """
 from __future__ import annotations
 
@@ -45,11 +45,33 @@ def load_extension(verbose: bool = False) -> None:
             # one build folder per source version: a rebuild never overwrites a library that a running
             # process (a long MD run) has loaded
             digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-            cpp_extension.load(name=f"gaq_fused_cpu_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
+            name = f"gaq_fused_cpu_{digest}"
+            _remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose)))
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
                                is_python_module=False, verbose=verbose)
         except Exception as err:  # no compiler, no ninja, read-only cache, ...
             raise KernelUnavailable(f"the fused CPU kernel could not be built ({type(err).__name__}: {err})") from err
         _loaded = True
+
+
+STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a killed build
+
+
+def _remove_stale_lock(build_dir: Path) -> None:
+    """torch's builder waits forever on the lock file of a build that was killed (Ctrl-C during the
+    first call); remove a lock older than any real build so the next process builds again."""
+    import time
+    import warnings
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing a stale build lock ({age / 60:.0f} min old, left by an interrupted build): "
+                      f"{lock}", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def _ninja_on_path() -> None:
@@ -145,11 +167,22 @@ class FusedEnergyForces:
     """Same call as EnergyForces (species, positions, receivers, senders, shifts, batch, n_graphs) ->
     (energies [n_graphs] float64, forces [n_atoms, 3]) through the fused kernel.
 
-    Weights are gathered at construction: build it again after changing the model or its mode."""
+    Weights are gathered at construction: build it again after changing the model or its mode.
 
-    def __init__(self, potential, dtype: torch.dtype = torch.float32):
+    `int_gemm` picks how integer codes are multiplied in quantized mode: "float" runs the integer
+    products and sums through the BLAS sgemm, exactly (every partial sum is an integer below 2^24), and
+    "int32" through int32 accumulation in a loop; both give identical bits, "float" is faster at these shapes.
+    """
+
+    INT_GEMMS = ("float", "int32")
+
+    def __init__(self, potential, dtype: torch.dtype = torch.float32, int_gemm: str = "float"):
+        if int_gemm not in self.INT_GEMMS:
+            raise ValueError(f"int_gemm must be one of {self.INT_GEMMS}, not {int_gemm!r}")
         load_extension()
-        params, self.consts, self.quant = gather_parameters(potential)
+        params, consts, self.quant = gather_parameters(potential)
+        self.consts = consts + [1.0 if int_gemm == "float" else 0.0]
+        self.int_gemm = int_gemm
         self.rounds_activations = bool(self.quant)
         # cast once: float weights to the compute dtype, reference energies kept float64
         self.params = [t.to(dtype) for t in params[:-1]] + [params[-1].to(torch.float64)]

@@ -81,6 +81,9 @@ struct ActQuant {
   int qmax = 127;
   at::Tensor codes;  // int8 [out, in] weight codes
   at::Tensor wstep;  // [out] weight steps
+  // the codes as floats [out, in] when the integer GEMM runs in floating-point units (engine 1): exact,
+  // because every product and partial sum is an integer below 2^24 (float) or 2^53 (double)
+  at::Tensor codes_fp;
 };
 
 template <typename T>
@@ -93,25 +96,42 @@ void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes,
   }
 }
 
+// Y [m, rows] = Y * (sa * ws) + b: one copy of this loop (not inlined) so that both engines round alike
+template <typename T>
+__attribute__((noinline)) void rescale_codes(T* Y, int64_t m, int64_t rows, T sa, const T* ws, const T* b) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t o = 0; o < rows; ++o) Y[i * rows + o] = Y[i * rows + o] * (sa * ws[o]) + (b ? b[o] : T(0));
+}
+
 // y [m, rows] = (x_codes [m, in] . w_codes[row0:row0+rows]^T) * step_x * step_w + bias
+// Engine 0: int32 accumulation in a loop. Engine 1 (q.codes_fp set): the same integer products and sums
+// through the BLAS GEMM in floating-point units, exact below 2^24 / 2^53, so both engines give identical
+// bits; at these shapes int8 GEMMs (this loop, torch._int_mm) are several times slower than MKL's sgemm.
 template <typename T>
 at::Tensor int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const at::Tensor& bias,
                       int64_t row0, int64_t rows, const at::TensorOptions& opt) {
-  at::Tensor y = at::empty({m, rows}, opt);
-  const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
-  const T* ws = q.wstep.data_ptr<T>() + row0;
-  const T* b = bias.numel() ? bias.data_ptr<T>() : nullptr;
-  T* Y = y.data_ptr<T>();
-  const T sa = T(q.step);
-  for (int64_t i = 0; i < m; ++i) {
-    const int8_t* __restrict__ xr = xc + i * in;
-    for (int64_t o = 0; o < rows; ++o) {
-      const int8_t* __restrict__ wr = wc + o * in;
-      int32_t acc = 0;
-      for (int64_t k = 0; k < in; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
-      Y[i * rows + o] = static_cast<T>(acc) * (sa * ws[o]) + (b ? b[o] : T(0));
+  at::Tensor y;
+  if (q.codes_fp.defined()) {
+    at::Tensor xf = at::empty({m, in}, opt);
+    T* X = xf.data_ptr<T>();
+    for (int64_t i = 0; i < m * in; ++i) X[i] = static_cast<T>(xc[i]);
+    y = at::mm(xf, q.codes_fp.narrow(0, row0, rows).t());  // [m, rows] integer-valued
+  } else {
+    y = at::empty({m, rows}, opt);
+    const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
+    T* Y = y.data_ptr<T>();
+    for (int64_t i = 0; i < m; ++i) {
+      const int8_t* __restrict__ xr = xc + i * in;
+      for (int64_t o = 0; o < rows; ++o) {
+        const int8_t* __restrict__ wr = wc + o * in;
+        int32_t acc = 0;
+        for (int64_t k = 0; k < in; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
+        Y[i * rows + o] = static_cast<T>(acc);
+      }
     }
   }
+  rescale_codes<T>(y.data_ptr<T>(), m, rows, T(q.step), q.wstep.data_ptr<T>() + row0,
+                   bias.numel() ? bias.data_ptr<T>() : nullptr);
   return y;
 }
 
@@ -661,7 +681,10 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
     at::ArrayRef<double> consts, at::TensorList quant) {
   TORCH_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
   TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3]");
-  TORCH_CHECK(consts.size() == 5, "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads");
+  TORCH_CHECK(consts.size() == 5 || consts.size() == 6,
+              "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads[, integer GEMM engine]");
+  const int engine = consts.size() == 6 ? static_cast<int>(consts[5]) : 0;
+  TORCH_CHECK(engine == 0 || engine == 1, "integer GEMM engine must be 0 (int32 loop) or 1 (exact float GEMM)");
   TORCH_CHECK(quant.size() % 3 == 0, "quant: (meta [kind, act step, qmax], weight codes, weight steps) per Linear");
   c10::InferenceMode guard;
   const auto dtype = positions.scalar_type();
@@ -681,8 +704,14 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
     TORCH_CHECK(Q[i].kind >= 0 && Q[i].kind <= 2, "activation kind must be 0 (none), 1 (linear) or 2 (frame)");
     Q[i].codes = quant[3 * i + 1].to(at::kChar).contiguous();
     Q[i].wstep = quant[3 * i + 2].to(dtype).reshape({-1}).contiguous();
+    if (engine == 1 && Q[i].kind != 0 && Q[i].codes.numel() > 0) {
+      // exact when in * max|x code| * max|w code| stays below the float's integer range
+      const double bound = static_cast<double>(Q[i].codes.size(1)) * Q[i].qmax *
+                           Q[i].codes.abs().max().item<int8_t>();
+      if (bound < (dtype == at::kDouble ? 9007199254740992.0 : 16777216.0)) Q[i].codes_fp = Q[i].codes.to(dtype);
+    }
   }
-  std::vector<double> c(consts.begin(), consts.end());
+  std::vector<double> c(consts.begin(), consts.begin() + 5);
   auto pos = positions.contiguous();
   auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
        sd = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
