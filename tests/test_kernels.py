@@ -103,6 +103,8 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     fused = FusedEnergyForces(module.potential)  # integer GEMMs through sgemm, exact
     int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int32 accumulation loop
     assert fused.rounds_activations
+    assert all(c.dtype == torch.float32 for c in fused.quant[1::3] if c.numel())  # every GEMM in sgemm
+    assert all(c.dtype == torch.int8 for c in int32.quant[1::3])
     close, worst = 0, 0.0
     for k in range(10, 20):
         b = ethanol_batch(ethanol_frames, [k], torch.float32)

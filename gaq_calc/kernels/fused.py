@@ -163,6 +163,24 @@ def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[
     return p, consts, quant
 
 
+def _cast_quantizers(quant: List[torch.Tensor], dtype: torch.dtype, float_codes: bool) -> List[torch.Tensor]:
+    """Cast once, not per call: meta to float64, weight steps to the compute dtype, and the weight codes
+    to the compute dtype where the kernel may multiply them in floating-point units exactly, that is
+    where every partial sum in * max|activation code| * max|weight code| is an integer the dtype holds."""
+    exact_below = 2.0 ** (24 if dtype == torch.float32 else 53)
+    out = []
+    for i in range(0, len(quant), 3):
+        meta, codes, steps = quant[i], quant[i + 1], quant[i + 2]
+        meta = meta.to(torch.float64).contiguous()
+        codes = codes.to(torch.int8).contiguous()
+        if float_codes and codes.numel():
+            bound = codes.shape[1] * float(meta[2]) * float(codes.abs().max())
+            if bound < exact_below:
+                codes = codes.to(dtype)
+        out += [meta, codes, steps.to(dtype).reshape(-1).contiguous()]
+    return out
+
+
 class FusedEnergyForces:
     """Same call as EnergyForces (species, positions, receivers, senders, shifts, batch, n_graphs) ->
     (energies [n_graphs] float64, forces [n_atoms, 3]) through the fused kernel.
@@ -180,9 +198,9 @@ class FusedEnergyForces:
         if int_gemm not in self.INT_GEMMS:
             raise ValueError(f"int_gemm must be one of {self.INT_GEMMS}, not {int_gemm!r}")
         load_extension()
-        params, consts, self.quant = gather_parameters(potential)
-        self.consts = consts + [1.0 if int_gemm == "float" else 0.0]
+        params, self.consts, quant = gather_parameters(potential)
         self.int_gemm = int_gemm
+        self.quant = _cast_quantizers(quant, dtype, int_gemm == "float")
         self.rounds_activations = bool(self.quant)
         # cast once: float weights to the compute dtype, reference energies kept float64
         self.params = [t.to(dtype) for t in params[:-1]] + [params[-1].to(torch.float64)]

@@ -681,11 +681,9 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
     at::ArrayRef<double> consts, at::TensorList quant) {
   TORCH_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
   TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3]");
-  TORCH_CHECK(consts.size() == 5 || consts.size() == 6,
-              "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads[, integer GEMM engine]");
-  const int engine = consts.size() == 6 ? static_cast<int>(consts[5]) : 0;
-  TORCH_CHECK(engine == 0 || engine == 1, "integer GEMM engine must be 0 (int32 loop) or 1 (exact float GEMM)");
-  TORCH_CHECK(quant.size() % 3 == 0, "quant: (meta [kind, act step, qmax], weight codes, weight steps) per Linear");
+  TORCH_CHECK(consts.size() == 5, "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads");
+  TORCH_CHECK(quant.size() % 3 == 0,
+              "quant: (meta [kind, act step, qmax], weight codes (int8, or exact as floats), weight steps) per Linear");
   c10::InferenceMode guard;
   const auto dtype = positions.scalar_type();
   std::vector<at::Tensor> p;
@@ -702,16 +700,17 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
     Q[i].step = meta.data_ptr<double>()[1];
     Q[i].qmax = static_cast<int>(meta.data_ptr<double>()[2]);
     TORCH_CHECK(Q[i].kind >= 0 && Q[i].kind <= 2, "activation kind must be 0 (none), 1 (linear) or 2 (frame)");
-    Q[i].codes = quant[3 * i + 1].to(at::kChar).contiguous();
-    Q[i].wstep = quant[3 * i + 2].to(dtype).reshape({-1}).contiguous();
-    if (engine == 1 && Q[i].kind != 0 && Q[i].codes.numel() > 0) {
-      // exact when in * max|x code| * max|w code| stays below the float's integer range
-      const double bound = static_cast<double>(Q[i].codes.size(1)) * Q[i].qmax *
-                           Q[i].codes.abs().max().item<int8_t>();
-      if (bound < (dtype == at::kDouble ? 9007199254740992.0 : 16777216.0)) Q[i].codes_fp = Q[i].codes.to(dtype);
+    // weight codes given as floats select engine 1 (the caller checked exactness: in * qmax * max|code|
+    // below 2^24 for float32); int8 codes select the int32 loop. (No copies when dtypes already match.)
+    const at::Tensor& codes = quant[3 * i + 1];
+    if (codes.is_floating_point()) {
+      Q[i].codes_fp = codes.to(dtype).contiguous();
+    } else {
+      Q[i].codes = codes.to(at::kChar).contiguous();
     }
+    Q[i].wstep = quant[3 * i + 2].to(dtype).reshape({-1}).contiguous();
   }
-  std::vector<double> c(consts.begin(), consts.begin() + 5);
+  std::vector<double> c(consts.begin(), consts.end());
   auto pos = positions.contiguous();
   auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
        sd = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
