@@ -17,7 +17,8 @@ from ase import Atoms
 
 from gaq_calc import GAQCalculator
 from gaq_calc.md import (
-    BlowUp, MDSettings, RestartError, StabilityMonitor, energy_drift, load_structure, read_trajectory,
+    BlowUp, MDSettings, RestartError, StabilityMonitor, energy_drift, energy_drift_stderr, load_structure,
+    read_trajectory,
     run_nve, run_nvt,
 )
 from gaq_calc.md.trajectory import load_checkpoint
@@ -58,6 +59,27 @@ def test_energy_drift_recovers_a_known_slope_under_noise():
     assert energy_drift(t, np.full_like(t, -5.0), n_atoms) == pytest.approx(0.0, abs=1e-12)
     assert energy_drift(t, -e, n_atoms) == pytest.approx(-slope, abs=2e-3)
     assert np.isnan(energy_drift([1.0], [2.0], 3))
+
+
+def test_drift_standard_error_from_block_means():
+    rng = np.random.default_rng(1)
+    n_atoms, slope, sigma = 24, 0.37, 0.2  # meV/atom/ps, meV/atom
+    t = np.linspace(0.0, 50.0, 20001)
+    white = rng.normal(0.0, sigma, t.size)
+    se = energy_drift_stderr(t, n_atoms * 1e-3 * (slope * t + white), n_atoms)
+    analytic = sigma / (t.std() * np.sqrt(t.size))  # least squares with uncorrelated noise
+    assert 0.5 * analytic < se < 2.0 * analytic
+    # correlated noise (AR(1), correlation time ~500 frames): per-frame least squares would claim a far
+    # too small error; block means see the real scatter, and the true slope lies within it
+    ar = np.zeros(t.size)
+    for i in range(1, t.size):
+        ar[i] = 0.998 * ar[i - 1] + rng.normal(0.0, sigma * np.sqrt(1 - 0.998 ** 2))
+    e = n_atoms * 1e-3 * (slope * t + ar)
+    se_ar = energy_drift_stderr(t, e, n_atoms)
+    assert se_ar > 5 * analytic
+    assert abs(energy_drift(t, e, n_atoms) - slope) < 4 * se_ar
+    assert energy_drift_stderr(t, np.full_like(t, -5.0), n_atoms) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(energy_drift_stderr(t[:8], t[:8], n_atoms))
 
 
 # ---- energy conservation ----------------------------------------------------------------------
@@ -259,6 +281,14 @@ def test_cli_writes_trajectory_summary_and_plot(tmp_path, tiny_model_file, scrip
     assert (tmp_path / "energies.png").stat().st_size > 1000
     if script == "nve.py":
         assert summary["equilibration"]["n_steps"] == 4 and (tmp_path / "equilibration.h5").exists()
+    # summarize.py recomputes the analysis of a stored run from its trajectory, keeping the rest
+    import runpy
+
+    stale = dict(summary, mean_temperature_K=-1.0)
+    (tmp_path / "summary.json").write_text(json.dumps(stale))
+    runpy.run_path(str(REPO / "md_protocols" / "summarize.py"), run_name="not_main")["main"]([str(tmp_path)])
+    refreshed = json.loads((tmp_path / "summary.json").read_text())
+    assert refreshed == summary
 
 
 def test_cli_refuses_to_overwrite_and_extends_with_restart(tmp_path, tiny_model_file, capsys):

@@ -132,15 +132,16 @@ def md_table(root: Path) -> str:
     summaries = sorted(root.glob("*/summary.json"))
     if not summaries:
         return "(no MD results yet)"
-    rows = ["| run | model | mode | status | simulated ps | drift (meV/atom/ps) | E_tot std (meV/atom) | "
+    rows = ["| run | model | mode | status | simulated ps | drift (meV/atom/ps) | ± std. error | E_tot std (meV/atom) | "
             "mean T (K) | steps/s | ns/day | protocol overhead |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, f: "–" if x is None else format(x, f)
     for path in summaries:
         s = json.loads(path.read_text())
         rows.append(
             f"| {path.parent.name} | {s.get('model')} | {s.get('mode') or '–'} | {s.get('status')} | "
             f"{fmt(s.get('simulated_ps'), '.1f')} | {fmt(s.get('energy_drift_meV_per_atom_per_ps'), '.2g')} | "
+            f"{fmt(s.get('energy_drift_stderr_meV_per_atom_per_ps'), '.1g')} | "
             f"{fmt(s.get('total_energy_std_meV_per_atom'), '.3f')} | {fmt(s.get('mean_temperature_K'), '.0f')} | "
             f"{fmt(s.get('steps_per_second'), '.1f')} | {fmt(s.get('ns_per_day'), '.3f')} | "
             f"{fmt(s.get('overhead_fraction') and 100 * s['overhead_fraction'], '.1f')}% |")

@@ -26,6 +26,27 @@ def energy_drift(times_ps, total_energy_eV, n_atoms: int) -> float:
     return float(slope * MEV_PER_EV)
 
 
+def energy_drift_stderr(times_ps, total_energy_eV, n_atoms: int, blocks: int = 20) -> float:
+    """Standard error of energy_drift in meV/atom/ps, from a linear fit to the means of `blocks`
+    consecutive blocks of frames: block means absorb the frame-to-frame correlation of the energy
+    fluctuations, which makes the per-frame least-squares error far too small. NaN for < 3 blocks of
+    3 frames. A drift within ~2 standard errors of zero is not distinguishable from no drift."""
+    t = np.asarray(times_ps, dtype=np.float64)
+    e = np.asarray(total_energy_eV, dtype=np.float64) / n_atoms
+    blocks = min(blocks, len(t) // 3)
+    if blocks < 3:
+        return math.nan
+    parts = np.array_split(np.arange(len(t)), blocks)
+    tb = np.array([t[i].mean() for i in parts])
+    eb = np.array([e[i].mean() for i in parts])
+    tc = tb - tb.mean()
+    if not np.any(tc):
+        return math.nan
+    slope = (tc * (eb - eb.mean())).sum() / (tc ** 2).sum()
+    resid = eb - eb.mean() - slope * tc
+    return float(np.sqrt((resid ** 2).sum() / (blocks - 2) / (tc ** 2).sum()) * MEV_PER_EV)
+
+
 def momenta_and_angular_momenta(positions, velocities, masses) -> tuple[np.ndarray, np.ndarray]:
     """Total linear momentum P [n_frames, 3] (amu·Å/fs) and angular momentum about the centre of mass
     L [n_frames, 3] (amu·Å²/fs) per frame, from positions [n, N, 3] Å and velocities [n, N, 3] Å/fs."""
@@ -57,6 +78,7 @@ def summarize_trajectory(data: dict[str, np.ndarray], masses) -> dict:
         "last_step": int(data["step"][-1]),
         "simulated_ps": _finite(t[-1] - t[0]),
         "energy_drift_meV_per_atom_per_ps": _finite(energy_drift(t, etot, n_atoms)),
+        "energy_drift_stderr_meV_per_atom_per_ps": _finite(energy_drift_stderr(t, etot, n_atoms)),
         "total_energy_std_meV_per_atom": _finite(np.std(etot / n_atoms) * MEV_PER_EV),
         "total_energy_max_deviation_meV_per_atom": _finite(np.max(np.abs(etot - etot[0])) / n_atoms * MEV_PER_EV),
         "mean_temperature_K": _finite(np.mean(data["temperature"])),
@@ -94,3 +116,24 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
     tmp = f"{os.fspath(path)}.tmp"
     fig.savefig(tmp, dpi=120, format="png")
     os.replace(tmp, path)  # a reader never sees a half-written image
+
+
+def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
+    """Recompute the physics fields of a finished or stopped run's summary from its HDF5 trajectory
+    with the current analysis code (new estimators for old runs). Status, timing and settings stay;
+    written atomically."""
+    from pathlib import Path
+
+    from gaq_calc.md.trajectory import read_json, read_trajectory, write_json_atomic
+
+    run_dir = Path(run_dir)
+    prefix = "" if phase == "trajectory" else f"{phase}_"
+    summary_path, h5_path = run_dir / f"{prefix}summary.json", run_dir / f"{phase}.h5"
+    if not summary_path.exists() or not h5_path.exists():
+        raise FileNotFoundError(f"{run_dir} needs {summary_path.name} and {h5_path.name}")
+    summary = read_json(summary_path)
+    data, attrs = read_trajectory(h5_path)
+    summary.update(summarize_trajectory(data, attrs["masses"]))
+    write_json_atomic(summary_path, summary)
+    return summary
+
