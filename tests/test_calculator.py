@@ -127,14 +127,13 @@ def test_vibrational_analysis(tmp_path):
 
 def test_md_with_ase_integrator():
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
+
+    from gaq_calc.md import maxwell_boltzmann
 
     atoms = ethanol_atoms(0)
     atoms.calc = GAQCalculator(SHIPPED, dtype="float64")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    Stationary(atoms)
-    ZeroRotation(atoms)
+    maxwell_boltzmann(atoms, 300.0, np.random.default_rng(0))  # zero linear and angular momentum
     e0 = atoms.get_total_energy()
     VelocityVerlet(atoms, timestep=0.25 * units.fs).run(200)
     assert abs(atoms.get_total_energy() - e0) < 5e-3  # eV over 50 fs
