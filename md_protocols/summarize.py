@@ -7,7 +7,7 @@ Status, timing and settings in summary.json are kept. Example:
 import argparse
 import sys
 
-from gaq_calc.md.analysis import refresh_summary
+from gaq_calc.md.runner import refresh_summary
 
 
 def main(argv=None) -> int:

@@ -3,8 +3,9 @@
 The C++ source is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja are
 needed; the build is cached per user) and registers the TorchScript-callable op
 torch.ops.gaq.energy_forces. FusedEnergyForces gathers a model's weights once (eager FP32, eager QAT
-in conservative mode, or an exported artifact in either mode) and calls the op. Without activation rounding, forces are the exact gradient of the returned
-energy, written out in C++ and tested against autograd. In an artifact's quantized mode the inputs of
+in conservative mode, or an exported artifact in either mode) and calls the op. Without activation
+rounding, forces are the exact gradient of the returned energy, written out in C++ and tested against
+autograd. In an artifact's quantized mode the inputs of
 every Linear are rounded to int8 codes (linear, or in the equivariant local frame for l=1 features),
 multiplied with the int4/int8 weight codes in integer arithmetic (exact integer products and sums, one
 rescale per output) and the forces are QAT's straight-through gradient, as in the reference path.
@@ -189,7 +190,8 @@ class FusedEnergyForces:
 
     `int_gemm` picks how integer codes are multiplied in quantized mode: "float" runs the integer
     products and sums through the BLAS sgemm, exactly (every partial sum is an integer below 2^24), and
-    "int32" through int32 accumulation in a loop; both give identical bits, "float" is faster at these shapes.
+    "int32" through int32 accumulation in a loop; both give identical bits, "float" is faster here
+    (benchmarks/deploy.py, the fused-int32 row).
     """
 
     INT_GEMMS = ("float", "int32")

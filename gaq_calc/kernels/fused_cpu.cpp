@@ -106,7 +106,7 @@ __attribute__((noinline)) void rescale_codes(T* Y, int64_t m, int64_t rows, T sa
 // y [m, rows] = (x_codes [m, in] . w_codes[row0:row0+rows]^T) * step_x * step_w + bias
 // Engine 0: int32 accumulation in a loop. Engine 1 (q.codes_fp set): the same integer products and sums
 // through the BLAS GEMM in floating-point units, exact below 2^24 / 2^53, so both engines give identical
-// bits; at these shapes int8 GEMMs (this loop, torch._int_mm) are several times slower than MKL's sgemm.
+// bits; at these shapes this int8 loop (and torch._int_mm) is slower than MKL's sgemm.
 template <typename T>
 at::Tensor int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const at::Tensor& bias,
                       int64_t row0, int64_t rows, const at::TensorOptions& opt) {

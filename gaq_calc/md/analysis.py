@@ -116,24 +116,3 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
     tmp = f"{os.fspath(path)}.tmp"
     fig.savefig(tmp, dpi=120, format="png")
     os.replace(tmp, path)  # a reader never sees a half-written image
-
-
-def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
-    """Recompute the physics fields of a finished or stopped run's summary from its HDF5 trajectory
-    with the current analysis code (new estimators for old runs). Status, timing and settings stay;
-    written atomically."""
-    from pathlib import Path
-
-    from gaq_calc.md.trajectory import read_json, read_trajectory, write_json_atomic
-
-    run_dir = Path(run_dir)
-    prefix = "" if phase == "trajectory" else f"{phase}_"
-    summary_path, h5_path = run_dir / f"{prefix}summary.json", run_dir / f"{phase}.h5"
-    if not summary_path.exists() or not h5_path.exists():
-        raise FileNotFoundError(f"{run_dir} needs {summary_path.name} and {h5_path.name}")
-    summary = read_json(summary_path)
-    data, attrs = read_trajectory(h5_path)
-    summary.update(summarize_trajectory(data, attrs["masses"]))
-    write_json_atomic(summary_path, summary)
-    return summary
-

@@ -43,10 +43,11 @@ def run_nvt(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, r
     if settings.ensemble != "nvt":
         raise ValueError("run_nvt needs settings.ensemble == 'nvt'")
     out = Path(out_dir)
+    files = phase_paths(out, "trajectory")
     # on a restart the checkpoint overwrites these velocities; drawing them anyway keeps one code path
     maxwell_boltzmann(atoms, settings.temperature_K, np.random.default_rng(settings.seed))
     return run_phase(atoms, settings, out, name="trajectory", restart=restart, progress=progress,
-                     metadata=metadata, summary_path=out / "summary.json", plot_path=out / "energies.png",
+                     metadata=metadata, summary_path=files["summary"], plot_path=files["plot"],
                      summary_extra={"start": "maxwell-boltzmann"})
 
 
@@ -67,8 +68,9 @@ def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     reference = atoms.copy()
     metadata = dict(metadata or {})
     equilibrate = equilibration is not None and equilibration.n_steps > 0
-    eq_summary_path = out / "equilibration_summary.json"
-    resume_production = restart and phase_paths(out, "trajectory")["checkpoint"].exists()
+    eq_files, files = phase_paths(out, "equilibration"), phase_paths(out, "trajectory")
+    eq_summary_path = eq_files["summary"]
+    resume_production = restart and files["checkpoint"].exists()
     eq_summary = None
     if resume_production:
         if eq_summary_path.exists():
@@ -80,15 +82,15 @@ def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
                 raise ValueError("the equilibration must be an NVT phase")
             eq_summary = run_phase(atoms, equilibration, out, name="equilibration", restart=restart,
                                    progress=progress, metadata=metadata, summary_path=eq_summary_path,
-                                   plot_path=out / "equilibration_energies.png", reference=reference)
+                                   plot_path=eq_files["plot"], reference=reference)
             if eq_summary["status"] != "completed":
                 summary = {"status": f"{eq_summary['status']} (during equilibration)", **metadata,
                            "n_steps": 0, "equilibration": eq_summary}
-                write_json_atomic(out / "summary.json", summary)
+                write_json_atomic(files["summary"], summary)
                 return summary
             zero_momenta(atoms)
     start = (f"NVT {equilibration.thermostat} equilibration, {equilibration.n_steps} steps, then zero P and L"
              if equilibrate else "maxwell-boltzmann")
     return run_phase(atoms, settings, out, name="trajectory", restart=restart, progress=progress,
-                     metadata=metadata, summary_path=out / "summary.json", plot_path=out / "energies.png",
+                     metadata=metadata, summary_path=files["summary"], plot_path=files["plot"],
                      reference=reference, summary_extra={"start": start, "equilibration": eq_summary})

@@ -23,7 +23,8 @@ from gaq_calc.md.analysis import plot_energies, summarize_trajectory
 from gaq_calc.md.dynamics import make_dynamics, set_thermostat_state, thermostat_state
 from gaq_calc.md.stability import BlowUp, StabilityMonitor
 from gaq_calc.md.trajectory import (
-    RestartError, TrajectoryWriter, load_checkpoint, read_attrs, read_trajectory, save_checkpoint, write_json_atomic,
+    RestartError, TrajectoryWriter, load_checkpoint, read_attrs, read_json, read_trajectory, save_checkpoint,
+    write_json_atomic,
 )
 
 #: Settings that must not change between a run and its restart (n_steps may grow: extend a run).
@@ -122,11 +123,27 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
 
 
 def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """Files of one phase: 'trajectory' -> trajectory.h5, checkpoint.json; 'equilibration' ->
-    equilibration.h5, equilibration_checkpoint.json."""
+    """Files of one phase: 'trajectory' -> trajectory.h5, checkpoint.json, summary.json, energies.png;
+    'equilibration' -> equilibration.h5, equilibration_checkpoint.json, equilibration_summary.json,
+    equilibration_energies.png."""
     out = Path(out_dir)
     prefix = "" if name == "trajectory" else f"{name}_"
-    return {"h5": out / f"{name}.h5", "checkpoint": out / f"{prefix}checkpoint.json"}
+    return {"h5": out / f"{name}.h5", "checkpoint": out / f"{prefix}checkpoint.json",
+            "summary": out / f"{prefix}summary.json", "plot": out / f"{prefix}energies.png"}
+
+
+def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
+    """Recompute the physics fields of a finished or stopped run's summary from its HDF5 trajectory
+    with the current analysis code (new estimators for old runs). Status, timing and settings stay;
+    written atomically."""
+    paths = phase_paths(run_dir, phase)
+    if not paths["summary"].exists() or not paths["h5"].exists():
+        raise FileNotFoundError(f"{run_dir} needs {paths['summary'].name} and {paths['h5'].name}")
+    summary = read_json(paths["summary"])
+    data, attrs = read_trajectory(paths["h5"])
+    summary.update(summarize_trajectory(data, attrs["masses"]))
+    write_json_atomic(paths["summary"], summary)
+    return summary
 
 
 def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, name: str = "trajectory",
