@@ -44,16 +44,15 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
-    calc = GAQCalculator(str(path), kernel=kernel.split("-")[0], **kwargs)
-    kernel_name = calc.kernel
-    if kernel == "fused-int32":
-        from gaq_calc.export import load_artifact, set_mode
+    if kernel == "fused-int32":  # the reference calculator keeps the artifact's module; swap its kernel
         from gaq_calc.kernels import FusedEnergyForces
 
-        module, _ = load_artifact(path)
-        set_mode(module, mode)
-        calc.energy_forces = FusedEnergyForces(module.potential, calc.dtype, int_gemm="int32")
-        kernel_name = "fused-int32"
+        calc = GAQCalculator(str(path), kernel="reference", **kwargs)
+        calc.energy_forces = FusedEnergyForces(calc.energy_forces.potential, calc.dtype, int_gemm="int32")
+        kernel_name = kernel
+    else:
+        calc = GAQCalculator(str(path), kernel=kernel, **kwargs)
+        kernel_name = calc.kernel
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
     seconds_per_call = time_calls(calc, atoms, repeats)

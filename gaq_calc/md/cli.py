@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from gaq_calc.calculator import KERNELS
+from gaq_calc.export.artifact import MODES
 from gaq_calc.md.dynamics import THERMOSTATS
 from gaq_calc.md.runner import MDSettings, RestartError
 
@@ -29,9 +31,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    g.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"],
+    g.add_argument("--kernel", default="auto", choices=KERNELS,
                    help="calculator kernel (default auto: the fused C++ kernel where it applies)")
-    g.add_argument("--mode", default="conservative", choices=["conservative", "quantized"],
+    g.add_argument("--mode", default="conservative", choices=MODES,
                    help="quantized models: conservative (default; activations not rounded, forces exact "
                         "gradients, energy conserved) or quantized (8-bit activations as trained; forces are "
                         "straight-through gradients of an energy with jumps)")
