@@ -289,6 +289,14 @@ def test_cli_writes_trajectory_summary_and_plot(tmp_path, tiny_model_file, scrip
     runpy.run_path(str(REPO / "md_protocols" / "summarize.py"), run_name="not_main")["main"]([str(tmp_path)])
     refreshed = json.loads((tmp_path / "summary.json").read_text())
     assert refreshed == summary
+    # compare.py reads only the energy series and plots runs side by side
+    data, _ = read_trajectory(tmp_path / "trajectory.h5", names=("time_ps", "total_energy"))
+    assert sorted(data) == ["time_ps", "total_energy"] and len(data["time_ps"]) == 6
+    with pytest.raises(KeyError, match="no dataset"):
+        read_trajectory(tmp_path / "trajectory.h5", names=("forces",))
+    compare = runpy.run_path(str(REPO / "md_protocols" / "compare.py"), run_name="not_main")["main"]
+    assert compare([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 1000
 
 
 def test_cli_refuses_to_overwrite_and_extends_with_restart(tmp_path, tiny_model_file, capsys):

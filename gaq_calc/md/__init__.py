@@ -5,7 +5,8 @@ library they call: `run_nve` / `run_nvt` (protocols), `run_phase` (the loop), `e
 `summarize_trajectory` (analysis), `StabilityMonitor` (blow-up checks), `TrajectoryWriter` (HDF5).
 """
 from gaq_calc.md.analysis import (
-    energy_drift, energy_drift_stderr, momenta_and_angular_momenta, plot_energies, summarize_trajectory,
+    energy_drift, energy_drift_stderr, momenta_and_angular_momenta, plot_energies, plot_energy_comparison,
+    summarize_trajectory,
 )
 from gaq_calc.md.dynamics import THERMOSTATS, make_dynamics, maxwell_boltzmann, zero_momenta
 from gaq_calc.md.protocols import load_structure, run_nve, run_nvt
@@ -16,7 +17,7 @@ from gaq_calc.md.trajectory import RestartError, TrajectoryWriter, read_trajecto
 __all__ = [
     "THERMOSTATS", "BlowUp", "CalculatorTimer", "MDSettings", "RestartError", "StabilityMonitor", "TrajectoryWriter",
     "energy_drift", "energy_drift_stderr", "load_structure", "make_dynamics", "maxwell_boltzmann",
-    "momenta_and_angular_momenta", "plot_energies", "read_trajectory", "refresh_summary", "run_nve", "run_nvt",
+    "momenta_and_angular_momenta", "plot_energies", "plot_energy_comparison", "read_trajectory", "refresh_summary", "run_nve", "run_nvt",
     "run_phase", "summarize_trajectory",
     "write_json_atomic", "zero_momenta",
 ]

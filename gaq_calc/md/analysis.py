@@ -1,4 +1,4 @@
-"""Trajectory analysis: energy drift, fluctuations, momentum conservation, the energy plot.
+"""Trajectory analysis: energy drift, fluctuations, momentum conservation, the energy plots.
 
 All functions read the arrays as stored in the HDF5 trajectory (see trajectory.py for units).
 """
@@ -92,15 +92,8 @@ def summarize_trajectory(data: dict[str, np.ndarray], masses) -> dict:
 
 
 def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.PathLike, title: str = "") -> None:
-    """Potential, kinetic and total energy per atom (meV/atom, relative to the first frame) vs time.
-
-    Uses matplotlib's object API with the Agg canvas, so no pyplot global state and no display.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    """Potential, kinetic and total energy per atom (meV/atom, relative to the first frame) vs time."""
+    fig = _figure((7, 4.5))
     ax = fig.add_subplot()
     t = data["time_ps"]
     if len(t):
@@ -113,6 +106,53 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
     ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
+    _save_png(fig, path)
+
+
+def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_points: int = 4000,
+                           temperature_window_ps: float = 1.0) -> None:
+    """Several runs on one figure: total energy per atom relative to each run's first frame
+    (meV/atom), and temperature averaged over windows of `temperature_window_ps`, against time.
+    Long runs are thinned to about `max_points` frames (the last frame is always kept).
+
+    runs: (label, data, n_atoms) triples; data holds `time_ps`, `total_energy` (eV), `temperature` (K).
+    """
+    fig = _figure((7.5, 6.5))
+    ax_e, ax_t = fig.subplots(2, 1, sharex=True)
+    for label, data, n_atoms in runs:
+        t = data["time_ps"]
+        if not len(t):
+            continue
+        stride = max(1, math.ceil(len(t) / max_points))
+        keep = np.unique(np.r_[np.arange(0, len(t), stride), len(t) - 1])
+        e = (data["total_energy"][keep] - data["total_energy"][0]) / n_atoms * MEV_PER_EV
+        (line,) = ax_e.plot(t[keep], e, lw=1.0, label=label)
+        frame_ps = (t[-1] - t[0]) / max(len(t) - 1, 1)
+        per_window = min(len(t), max(1, round(temperature_window_ps / frame_ps)) if frame_ps > 0 else 1)
+        n = len(t) // per_window * per_window  # whole windows only: a short last one would be noise
+        ax_t.plot(t[:n].reshape(-1, per_window).mean(1), data["temperature"][:n].reshape(-1, per_window).mean(1),
+                  lw=1.0, color=line.get_color())
+    ax_e.set_ylabel("E_total - E_total(0) (meV/atom)")
+    ax_e.set_title(title, fontsize=9)
+    ax_e.legend(fontsize=8)
+    ax_t.set_ylabel(f"temperature (K), {temperature_window_ps:g} ps means")
+    ax_t.set_xlabel("time (ps)")
+    for ax in (ax_e, ax_t):
+        ax.grid(alpha=0.3)
+    _save_png(fig, path)
+
+
+def _figure(size):
+    """matplotlib's object API with the Agg canvas: no pyplot global state, no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: str | os.PathLike) -> None:
     tmp = f"{os.fspath(path)}.tmp"
     fig.savefig(tmp, dpi=120, format="png")
     os.replace(tmp, path)  # a reader never sees a half-written image

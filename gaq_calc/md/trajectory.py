@@ -139,10 +139,17 @@ class TrajectoryWriter:
             self.file.close()
 
 
-def read_trajectory(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """All datasets (arrays over frames) and the file attributes of a trajectory."""
+def read_trajectory(path: str | os.PathLike, names=None) -> tuple[dict[str, np.ndarray], dict]:
+    """The datasets (arrays over frames) and the file attributes of a trajectory.
+
+    names: the datasets to read (default all); reading only energies skips the positions and
+    velocities, which are most of a long run's file.
+    """
     with h5py.File(path, "r") as f:
-        data = {name: f[name][:] for name in f.keys()}
+        missing = [n for n in names or () if n not in f]
+        if missing:
+            raise KeyError(f"{path} has no dataset {missing}; it has {sorted(f.keys())}")
+        data = {name: f[name][:] for name in (names or f.keys())}
     return data, read_attrs(path)
 
 
