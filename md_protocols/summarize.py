@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Recompute the analysis fields of finished or stopped runs (drift, its standard error, energy and
-temperature statistics, momentum drift) from their HDF5 trajectories with the current analysis code.
-Status, timing and settings in summary.json are kept. Example:
+"""Recompute the analysis fields (drift, its standard error, energy and temperature statistics,
+momentum drift) and the energy plot of finished or stopped runs from their HDF5 trajectories with the
+current analysis code. Status, timing and settings in summary.json are kept. Example:
     python md_protocols/summarize.py results/md/nve_azobenzene_fp32 results/md/nve_azobenzene_w4a8_conservative
 """
 import argparse

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
             ax.plot(t, e, label=label, lw=1.0 if name != "total_energy" else 1.5)
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("E - E(0) (meV/atom)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrap(title), fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     _save_png(fig, path)
@@ -133,13 +134,17 @@ def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_p
         ax_t.plot(t[:n].reshape(-1, per_window).mean(1), data["temperature"][:n].reshape(-1, per_window).mean(1),
                   lw=1.0, color=line.get_color())
     ax_e.set_ylabel("E_total - E_total(0) (meV/atom)")
-    ax_e.set_title(title, fontsize=9)
+    ax_e.set_title(_wrap(title), fontsize=9)
     ax_e.legend(fontsize=8)
     ax_t.set_ylabel(f"temperature (K), {temperature_window_ps:g} ps means")
     ax_t.set_xlabel("time (ps)")
     for ax in (ax_e, ax_t):
         ax.grid(alpha=0.3)
     _save_png(fig, path)
+
+
+def _wrap(title: str) -> str:
+    return "\n".join(textwrap.wrap(title, 85))  # a blow-up status is longer than the figure is wide
 
 
 def _figure(size):

@@ -133,9 +133,9 @@ def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
 
 
 def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
-    """Recompute the physics fields of a finished or stopped run's summary from its HDF5 trajectory
-    with the current analysis code (new estimators for old runs). Status, timing and settings stay;
-    written atomically."""
+    """Recompute the physics fields of a finished or stopped run's summary, and its energy plot, from
+    its HDF5 trajectory with the current analysis code (new estimators for old runs). Status, timing
+    and settings stay; written atomically."""
     paths = phase_paths(run_dir, phase)
     if not paths["summary"].exists() or not paths["h5"].exists():
         raise FileNotFoundError(f"{run_dir} needs {paths['summary'].name} and {paths['h5'].name}")
@@ -143,6 +143,7 @@ def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> di
     data, attrs = read_trajectory(paths["h5"])
     summary.update(summarize_trajectory(data, attrs["masses"]))
     write_json_atomic(paths["summary"], summary)
+    plot_energies(data, len(attrs["numbers"]), paths["plot"], title=_plot_title(summary))
     return summary
 
 
@@ -296,13 +297,18 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
                 write_json_atomic(summary_path, summary)
             if plot_path is not None:
                 data, _ = read_trajectory(paths["h5"])
-                plot_energies(data, n_atoms, plot_path, title=f"{metadata.get('model', '')} "
-                              f"{_ensemble_label(settings)} {settings.temperature_K:g} K, dt {dt_fs:g} fs; {status}")
+                plot_energies(data, n_atoms, plot_path, title=_plot_title(summary))
     return summary
 
 
 def _ensemble_label(settings: MDSettings) -> str:
     return "NVE" if settings.ensemble == "nve" else f"NVT/{settings.thermostat}"
+
+
+def _plot_title(summary: dict) -> str:
+    s = summary["settings"]
+    return (f"{summary.get('model', '')} {summary['protocol']} {s['temperature_K']:g} K, "
+            f"dt {s['timestep_fs']:g} fs; {summary['status']}")
 
 
 def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
