@@ -135,7 +135,7 @@ def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_p
                   lw=1.0, color=line.get_color())
     ax_e.set_ylabel("E_total - E_total(0) (meV/atom)")
     ax_e.set_title(_wrap(title), fontsize=9)
-    ax_e.legend(fontsize=8)
+    ax_e.legend(fontsize=8, loc="upper left")
     ax_t.set_ylabel(f"temperature (K), {temperature_window_ps:g} ps means")
     ax_t.set_xlabel("time (ps)")
     for ax in (ax_e, ax_t):
