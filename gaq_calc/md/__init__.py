@@ -17,7 +17,6 @@ from gaq_calc.md.trajectory import RestartError, TrajectoryWriter, read_trajecto
 __all__ = [
     "THERMOSTATS", "BlowUp", "CalculatorTimer", "MDSettings", "RestartError", "StabilityMonitor", "TrajectoryWriter",
     "energy_drift", "energy_drift_stderr", "load_structure", "make_dynamics", "maxwell_boltzmann",
-    "momenta_and_angular_momenta", "plot_energies", "plot_energy_comparison", "read_trajectory", "refresh_summary", "run_nve", "run_nvt",
-    "run_phase", "summarize_trajectory",
-    "write_json_atomic", "zero_momenta",
+    "momenta_and_angular_momenta", "plot_energies", "plot_energy_comparison", "read_trajectory", "refresh_summary",
+    "run_nve", "run_nvt", "run_phase", "summarize_trajectory", "write_json_atomic", "zero_momenta",
 ]

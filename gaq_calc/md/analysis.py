@@ -129,7 +129,8 @@ def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_p
         e = (data["total_energy"][keep] - data["total_energy"][0]) / n_atoms * MEV_PER_EV
         (line,) = ax_e.plot(t[keep], e, lw=1.0, label=label)
         frame_ps = (t[-1] - t[0]) / max(len(t) - 1, 1)
-        per_window = min(len(t), max(1, round(temperature_window_ps / frame_ps)) if frame_ps > 0 else 1)
+        per_window = max(1, round(temperature_window_ps / frame_ps)) if frame_ps > 0 else 1
+        per_window = min(per_window, len(t))
         n = len(t) // per_window * per_window  # whole windows only: a short last one would be noise
         ax_t.plot(t[:n].reshape(-1, per_window).mean(1), data["temperature"][:n].reshape(-1, per_window).mean(1),
                   lw=1.0, color=line.get_color())

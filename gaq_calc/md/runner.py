@@ -291,12 +291,11 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
                 atoms.set_momenta(good["momenta"], apply_constraint=False)
             timing = {"wall_s": wall, "calculator_s": timer.seconds, "calculator_calls": timer.calls,
                       "integrator_s": t_step - timer.seconds, "protocol_s": t_protocol}
-            summary = _summary(paths["h5"], masses, settings, status, metadata, timing, completed, start,
-                               summary_extra)
+            data, _ = read_trajectory(paths["h5"])  # once, for both the summary and the plot
+            summary = _summary(data, masses, settings, status, metadata, timing, completed, start, summary_extra)
             if summary_path is not None:
                 write_json_atomic(summary_path, summary)
             if plot_path is not None:
-                data, _ = read_trajectory(paths["h5"])
                 plot_energies(data, n_atoms, plot_path, title=_plot_title(summary))
     return summary
 
@@ -318,9 +317,8 @@ def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
         raise RestartError("cannot restart with different settings (" + "; ".join(changed) + ")")
 
 
-def _summary(h5_path, masses, settings: MDSettings, status: str, metadata: dict, timing: dict,
+def _summary(data: dict[str, np.ndarray], masses, settings: MDSettings, status: str, metadata: dict, timing: dict,
              completed: int, start: int, extra: dict | None) -> dict:
-    data, _ = read_trajectory(h5_path)
     physics = summarize_trajectory(data, masses)
     calc_s = timing["calculator_s"]
     wall = timing["wall_s"]

@@ -149,13 +149,16 @@ def read_trajectory(path: str | os.PathLike, names=None) -> tuple[dict[str, np.n
         missing = [n for n in names or () if n not in f]
         if missing:
             raise KeyError(f"{path} has no dataset {missing}; it has {sorted(f.keys())}")
-        data = {name: f[name][:] for name in (names or f.keys())}
-    return data, read_attrs(path)
+        return {name: f[name][:] for name in (names or f.keys())}, _attrs(f)
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
     with h5py.File(path, "r") as f:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+        return _attrs(f)
+
+
+def _attrs(f: h5py.File) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
 
 
 # ---- checkpoint: exact state at a logged step -------------------------------------------------
