@@ -34,6 +34,26 @@ def test_prepare_swaps_every_linear_by_branch(fp_model):
     assert all(type(m) is not QuantLinear for m in fp_model.modules())  # the FP32 model is untouched
 
 
+def test_mixed_precision_keeps_named_layers_unrounded(fp_model, tmp_path):
+    """w4a8_frame_mp: radial-filter and readout inputs unrounded, every weight still quantized; the
+    choice survives a save/load round trip (the config travels as plain data)."""
+    from gaq_calc.loading import load_model
+    from gaq_calc.model.serialization import save_model
+
+    q = prepare(fp_model, preset("w4a8_frame_mp"))
+    quant = dict((n, m) for n, m in q.named_modules() if isinstance(m, QuantLinear))
+    unrounded = sorted(n for n, m in quant.items() if m.act_bits is None)
+    assert unrounded == ["radial.0", "radial.2", "readout.1", "readout.3"]
+    assert all(m.quantize_weights for m in quant.values())
+    assert quant["layers.1.vector_mix"].act_bits == 8 and quant["layers.1.qk_proj"].act_bits == 8
+    path = tmp_path / "mp.pt"
+    for m in quant.values():
+        m.calibrated.fill_(True)
+    save_model(path, q.eval(), {})
+    loaded, _ = load_model(path, torch.float64)
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.act_bits is None) == unrounded
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
     # (four frames: enough l=1 vectors for a 256-centroid k-means codebook)

@@ -27,7 +27,9 @@ def test_linear_quantizer_range_and_round_trip(bits):
 
 def test_bad_bit_width():
     with pytest.raises(ValueError):
-        qrange(9)
+        qrange(17)
+    with pytest.raises(ValueError):  # codes are stored as int8
+        quantize_int(torch.ones(3), torch.tensor(0.1), 9)
     with pytest.raises(ValueError):
         qrange(1)
 

@@ -60,8 +60,10 @@ def _bits(card: dict) -> str:
     if not q:
         return "FP32"
     acts = lambda b: "FP" if b is None else str(b)
+    floats = q.get("float_act_layers") or []
     return (f"W{q['vector_weight_bits']}/{q['scalar_weight_bits']} "
-            f"A{acts(q['scalar_act_bits'])}/{acts(q['vector_act_bits'])}")
+            f"A{acts(q['scalar_act_bits'])}/{acts(q['vector_act_bits'])}"
+            + (f" (A FP: {', '.join(p.rstrip('.') for p in floats)})" if floats else ""))
 
 
 def quant_cards(models: Path, baselines: Path, molecule: str = "azobenzene") -> list[tuple[dict, Path]]:

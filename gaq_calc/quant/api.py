@@ -35,12 +35,15 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
     def build(name, child):
         if type(child) is not nn.Linear:
             return None
+        float_acts = name.startswith(tuple(config.float_act_layers))  # mixed precision
         options = dict(per_channel=config.per_channel_weights, drop_prob=config.drop_prob,
                        protect_prob=config.protect_prob, range_percentile=config.range_percentile)
         if branch_of(name) == "vector":
-            return QuantLinear(child, "vector", config.vector_weight_bits, config.vector_act_bits,
+            return QuantLinear(child, "vector", config.vector_weight_bits,
+                               None if float_acts else config.vector_act_bits,
                                config.vector_method, config.directions, **options)
-        return QuantLinear(child, "scalar", config.scalar_weight_bits, config.scalar_act_bits, **options)
+        return QuantLinear(child, "scalar", config.scalar_weight_bits, None if float_acts else config.scalar_act_bits,
+                           **options)
 
     prepared = _swap(copy.deepcopy(model), build)
     prepared.quant_config = config

@@ -20,6 +20,10 @@ class QuantConfig:
     drop_prob: float = 0.0  # QDrop: probability that an activation element skips quantization (training)
     protect_prob: float = 0.0  # Degree-Quant: max probability that a node row skips quantization (training)
     range_percentile: Optional[float] = None  # Degree-Quant: activation range from this percentile of |x|
+    # mixed precision: Linear layers whose module name starts with one of these prefixes keep their input
+    # activations unrounded (weights stay quantized). The per-layer sensitivity analysis
+    # (scripts/quant_sensitivity.py) found the radial filters and the readout carry most of the A8 error.
+    float_act_layers: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +44,9 @@ PRESETS = {
     # beyond the paper: 8-bit l=1 activations in an equivariant local frame (exactly equivariant)
     "w4a8_frame": QuantConfig(vector_method="frame"),
     "w8a8_frame": QuantConfig(vector_weight_bits=8, vector_method="frame"),
+    # the same with the radial-filter and readout inputs unrounded (the layers where A8 error concentrates)
+    "w4a8_frame_mp": QuantConfig(vector_method="frame", float_act_layers=("radial.", "readout.")),
+    "w8a8_frame_mp": QuantConfig(vector_weight_bits=8, vector_method="frame", float_act_layers=("radial.", "readout.")),
     # published baselines at the same W4A8 bit widths, vectors quantized per Cartesian component
     "lsq_w4a8": QuantConfig(**_W4A8_CARTESIAN),
     "qdrop_w4a8": QuantConfig(**_W4A8_CARTESIAN, drop_prob=0.5),

@@ -15,8 +15,8 @@ import torch
 
 def qrange(bits: int) -> tuple[int, int]:
     """Signed symmetric integer range: [-(2^(b-1) - 1), 2^(b-1) - 1] (the zero point stays exact)."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must lie in [2, 8], not {bits}")
+    if not 2 <= bits <= 16:  # above 8 only for fake quantization (analysis); codes are int8
+        raise ValueError(f"bits must lie in [2, 16], not {bits}")
     q = 2 ** (bits - 1) - 1
     return -q, q
 
@@ -53,6 +53,8 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = Tr
 
 def quantize_int(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer codes of fake_quantize (int8 storage for every bit width up to 8)."""
+    if bits > 8:
+        raise ValueError(f"integer codes are int8: bits must be <= 8, not {bits}")
     qmin, qmax = qrange(bits)
     return torch.clamp(torch.round(x / positive(step)), qmin, qmax).to(torch.int8)
 
