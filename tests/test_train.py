@@ -165,3 +165,22 @@ def test_shipped_configs_parse(name):
         from gaq_calc.quant import preset
 
         preset(cfg.quant)
+
+
+def test_distilled_targets_mix_teacher_and_labels(tiny_model_file, ethanol_frames):
+    """distill_weight 1: the targets are the teacher's energies and forces; 0: the DFT labels; 0.5: the mean."""
+    from gaq_calc.data import GraphDataset
+    from gaq_calc.loading import load_model
+    from gaq_calc.metrics import predict
+    from gaq_calc.train.loop import distilled_targets
+
+    frames = ethanol_frames.subset(np.arange(6))
+    teacher, _ = load_model(tiny_model_file, torch.float64)
+    energies, forces = predict(teacher, GraphDataset(frames, [1, 6, 8], teacher.cutoff))
+    for w in (1.0, 0.0, 0.5):
+        mixed = distilled_targets(frames, TrainConfig(distill_from=str(tiny_model_file), distill_weight=w))
+        np.testing.assert_allclose(mixed.energies, w * energies + (1 - w) * frames.energies, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(mixed.forces[3], w * forces[3] + (1 - w) * frames.forces[3], rtol=0, atol=1e-12)
+    assert not np.allclose(energies, frames.energies)  # the teacher is not the labels: the test can tell
+    with pytest.raises(ValueError, match="distill_weight"):
+        distilled_targets(frames, TrainConfig(distill_from=str(tiny_model_file), distill_weight=1.5))

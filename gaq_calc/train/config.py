@@ -38,6 +38,10 @@ class TrainConfig:
     quant: Optional[str] = None  # preset name (w4a8, w8a8, naive_int8, ...); None = FP32 training
     quant_warmup_epochs: int = 0  # epochs with the vector branch unquantized (staged warm-up)
     lee_weight: float = 0.0  # weight of the LEE regularizer (mean |F(Rx) - R F(x)|, eV/Å)
+    # distillation: training targets become distill_weight x teacher + (1 - distill_weight) x DFT labels,
+    # the teacher's energies and forces computed once at start; validation stays on the DFT labels
+    distill_from: Optional[str] = None  # teacher model (file, folder or shipped name), e.g. the FP32 model
+    distill_weight: float = 1.0
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:

@@ -40,6 +40,23 @@ def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
     return cfg.energy_weight * e_term.to(forces.dtype) + cfg.force_weight * f_term
 
 
+def distilled_targets(frames, cfg: TrainConfig):
+    """The training frames with targets mixed from a teacher model's predictions and the DFT labels."""
+    from dataclasses import replace
+
+    from gaq_calc.loading import load_model
+    from gaq_calc.metrics import predict
+
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must lie in [0, 1], not {cfg.distill_weight}")
+    teacher, _ = load_model(resolve_model(cfg.distill_from), dtype=torch.float64)
+    species = [int(z) for z in teacher.atomic_numbers.tolist()]
+    energies, forces = predict(teacher, GraphDataset(frames, species, teacher.cutoff), batch_size=32)
+    w = cfg.distill_weight
+    return replace(frames, energies=w * energies + (1 - w) * frames.energies,
+                   forces=[w * f + (1 - w) * t for f, t in zip(forces, frames.forces)])
+
+
 def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPotential:
     """FP32: a seeded fresh network with fitted references. QAT: the FP32 model, prepared and calibrated."""
     dtype = getattr(torch, cfg.dtype)
@@ -137,6 +154,8 @@ def train(
     frames = read_frames(cfg.train_data, "train")
     train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.seed)
     train_frames, val_frames = frames.subset(train_idx), frames.subset(val_idx)
+    if cfg.distill_from:
+        train_frames = distilled_targets(train_frames, cfg)
     if cfg.init_from:  # fine-tuning keeps the network of the model it starts from
         cfg.model = ModelConfig.from_dict(read_model_file(resolve_model(cfg.init_from))["model_config"])
         missing = set(frames.species) - set(cfg.model.species)
