@@ -88,7 +88,8 @@ def main(argv=None) -> None:
 
     def measure(kind, label, on, bits=8):
         rounding(layers, set(on), bits)
-        row = {"kind": kind, "label": label, "rounded_layers": len(on), "act_bits": bits, **errors(model, dataset)}
+        row = {"kind": kind, "label": label, "rounded_layers": len(on), "act_bits": bits if on else None,
+               **errors(model, dataset)}
         rows.append(row)
         print(f"{kind:10s} {label:32s} E {row['e_mae']:7.2f} (offset-free {row['e_mae_offset_removed']:6.2f}) "
               f"F {row['f_mae']:6.2f}", flush=True)
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
         members = [n for n in names if any(k in n for k in keys)]
         measure("group only", group, members)
         measure("group off", f"all but {group}", [n for n in names if n not in members])
+    worst = [n for n in names if any(k in n for k in GROUPS["radial filters"] + GROUPS["readout"])]
+    measure("group off", "all but radial filters and readout", [n for n in names if n not in worst])
     for name in names:
         measure("only", name, [name])
     for name in names:
@@ -125,7 +128,7 @@ def to_markdown(record: dict) -> str:
              "| F MAE (meV/Å) |", "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         label = r["label"] if r["kind"] in ("baseline", "bits", "group only", "group off") else f"{r['kind']} {r['label']}"
-        lines.append(f"| {label} | {r['rounded_layers']} | A{r['act_bits']} | {r['e_mae']:.2f} | "
+        lines.append(f"| {label} | {r['rounded_layers']} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | {r['e_mae']:.2f} | "
                      f"{r['e_mae_offset_removed']:.2f} | {r['e_mean_error']:+.2f} | {r['f_mae']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -131,6 +131,7 @@ def main(argv=None) -> None:
             "train_minutes": round(metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
             "n_train": metadata.get("n_train"),
             "n_val": metadata.get("n_val"),
+            "config": metadata.get("train_config"),
         },
     }
     if args.snapshot:

@@ -16,6 +16,8 @@ MD = ("<!-- md:start -->", "<!-- md:end -->")
 DEPLOY = ("<!-- deploy:start -->", "<!-- deploy:end -->")
 SPEED = ("<!-- speed:start -->", "<!-- speed:end -->")
 KERNELS = ("<!-- kernels:start -->", "<!-- kernels:end -->")
+ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
+SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -121,12 +123,86 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
     return "\n".join(rows), records
 
 
+def _levers(card: dict) -> str:
+    """The QAT levers of a run, read from its preset and training config."""
+    q = card.get("quantization") or {}
+    config = (card.get("training") or {}).get("config") or {}
+    levers = []
+    if (q.get("config") or {}).get("float_act_layers"):
+        levers.append("mixed precision")
+    if config.get("distill_from"):
+        levers.append(f"distillation ({config.get('distill_weight', 1.0):g} x {config['distill_from']})")
+    return ", ".join(levers) or ("shipped recipe" if q else "–")
+
+
+def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
+                   baseline: str = "azobenzene_w4a8") -> tuple[str, list[dict]]:
+    """Issue 12's QAT ablation: the FP32 model, the shipped W4A8 and each run in results/qat_ablation/NAME/
+    (card.json: quantized mode; card_conservative.json: conservative mode), with the targets' ratios."""
+    entries = [(fp32, models / fp32), (baseline, models / baseline)]
+    entries += [(p.name, p) for p in sorted(ablation.glob("*")) if (p / "card.json").exists()]
+    ref = json.loads((models / fp32 / "card.json").read_text()) if (models / fp32 / "card.json").exists() else None
+    rows = ["| run | levers | bits W(vec/scal) A(scal/vec) | E MAE (meV) | F MAE (meV/Å) | vs FP32 (E, F) | "
+            "conservative E / F | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | CPU min |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    records = []
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    for name, folder in entries:
+        if not (folder / "card.json").exists():
+            continue
+        card = json.loads((folder / "card.json").read_text())
+        cons_path = folder / "card_conservative.json"
+        cons = json.loads(cons_path.read_text()) if cons_path.exists() else None
+        training = card.get("training") or {}
+        record = {
+            "run": name, "levers": _levers(card), "bits": _bits(card),
+            "energy_mae_meV": card["energy_mae_meV"], "force_mae_meV_per_A": card["force_mae_meV_per_A"],
+            "energy_ratio_vs_fp32": ref and card["energy_mae_meV"] / ref["energy_mae_meV"],
+            "force_ratio_vs_fp32": ref and card["force_mae_meV_per_A"] / ref["force_mae_meV_per_A"],
+            "conservative": cons and [cons["energy_mae_meV"], cons["force_mae_meV_per_A"]],
+            "lee_meV_per_A": card.get("lee_meV_per_A"), "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
+            "converged": _converged(folder / "log.csv") if card.get("quantization") else "–",
+            "epochs": training.get("epochs"), "cpu_minutes": training.get("train_minutes"),
+            "card": str(folder / "card.json"),
+        }
+        records.append(record)
+        rows.append(
+            f"| {name} | {record['levers']} | {record['bits']} | {record['energy_mae_meV']:.2f} | "
+            f"{record['force_mae_meV_per_A']:.2f} | {fmt(record['energy_ratio_vs_fp32'], '.2f')}x, "
+            f"{fmt(record['force_ratio_vs_fp32'], '.2f')}x | "
+            + (f"{cons['energy_mae_meV']:.2f} / {cons['force_mae_meV_per_A']:.2f}" if cons else "–")
+            + f" | {fmt(record['lee_meV_per_A'], '.3g')} | {fmt(record['lee_float64_meV_per_A'], '.1e')} | "
+            f"{record['converged']} | {fmt(record['epochs'], '')} | {fmt(record['cpu_minutes'], '.0f')} |")
+    return "\n".join(rows), records
+
+
+def sensitivity_table(path: Path) -> str:
+    """The group and bit-width rows of scripts/quant_sensitivity.py's JSON (its .md beside it has every layer)."""
+    if not path.exists():
+        return "(not run yet)"
+    data = json.loads(path.read_text())
+    rows = [f"`{data['command']}`, {data['frames']} test frames; every layer's row is in "
+            f"`{path.with_suffix('.md').relative_to(REPO) if path.is_relative_to(REPO) else path.with_suffix('.md')}`:",
+            "", "| rounded activations | bits | E MAE (meV) | E MAE, offset removed (meV) | F MAE (meV/Å) |",
+            "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r["kind"] in ("baseline", "bits", "group only", "group off"):
+            label = r["label"] if r["kind"] != "group only" else f"only {r['label']}"
+            rows.append(f"| {label} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | {r['e_mae']:.2f} | {r['e_mae_offset_removed']:.2f} | "
+                        f"{r['f_mae']:.2f} |")
+    return "\n".join(rows)
+
+
+def write_table(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_quant_table(results: Path, markdown: str, records: list[dict]) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    for name, text in (("quant_table.md", markdown + "\n"), ("quant_table.json", json.dumps(records, indent=1) + "\n")):
-        tmp = results / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, results / name)
+    write_table(results / "quant_table.md", markdown + "\n")
+    write_table(results / "quant_table.json", json.dumps(records, indent=1) + "\n")
 
 
 def md_table(root: Path) -> str:
@@ -172,8 +248,13 @@ def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -
     return f"{head}{start}\n<!-- generated by gaq-report from {source}; do not edit -->\n{body}\n{end}{tail}"
 
 
-def update_readme(readme: Path, table: str, speed: str, quant: str, md: str) -> None:
+def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, ablation: str = "") -> None:
     text = replace_block(readme.read_text(), RESULTS, table, "models/*/card.json")
+    if ABLATION[0] in text:
+        text = replace_block(text, ABLATION, ablation, "models/*/card*.json and results/qat_ablation/*/card*.json")
+    if SENSITIVITY[0] in text:
+        source = "results/quant_sensitivity/azobenzene_w4a8.json"
+        text = replace_block(text, SENSITIVITY, sensitivity_table(REPO / source), source)
     text = replace_block(text, MD, md, "results/md/*/summary.json")
     for markers, name in ((DEPLOY, "deploy"), (KERNELS, "kernel_agreement")):
         path = REPO / "benchmarks" / "results" / f"{name}.json"
@@ -200,11 +281,14 @@ def main(argv=None) -> None:
     quant, records = quant_table(quant_cards(models_dir(), results / "quant_baselines", args.molecule))
     speed = speed_table(REPO / "benchmarks" / "results" / "md_step.json")
     md = md_table(results / "md")
+    ablation, ablation_records = ablation_table(models_dir(), results / "qat_ablation")
     if args.print:
-        print(table + "\n\n" + quant + "\n\n" + md + "\n\n" + speed)
+        print(table + "\n\n" + quant + "\n\n" + ablation + "\n\n" + md + "\n\n" + speed)
     else:
         write_quant_table(results, quant, records)
-        update_readme(Path(args.readme), table, speed, quant, md)
+        write_table(results / "qat_ablation.md", ablation + "\n")
+        write_table(results / "qat_ablation.json", json.dumps(ablation_records, indent=1) + "\n")
+        update_readme(Path(args.readme), table, speed, quant, md, ablation)
         print(f"updated {args.readme}, {results / 'quant_table.md'} and {results / 'quant_table.json'}")
 
 
