@@ -31,6 +31,9 @@ from gaq_calc.md.trajectory import (
 RESTART_SAME_MODEL = ("model_path", "mode", "dtype")  # metadata that a restart must not change
 RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "log_every", "seed",
                      "friction_per_fs", "taut_fs", "tchain")
+#: The system a restart must continue (trajectory attributes): same atom count with other elements,
+#: masses, cell or pbc would run on silently, since positions and momenta come from the saved state.
+RESTART_SAME_SYSTEM = {"numbers": "atomic numbers", "masses": "masses", "cell": "cell", "pbc": "pbc"}
 
 
 @dataclass
@@ -171,6 +174,7 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     masses = atoms.get_masses()  # [N] amu
     n_atoms = len(atoms)
 
+    # Every check runs before the first write: a refused restart changes no file.
     ckpt = None
     if restart and paths["checkpoint"].exists():
         ckpt = load_checkpoint(paths["checkpoint"])
@@ -182,6 +186,7 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
                    if k in saved and k in metadata and str(saved.get(k)) != str(metadata.get(k))]
         if changed:
             raise RestartError("cannot restart with a different model setup (" + "; ".join(changed) + ")")
+        _check_same_system(saved, atoms, paths["h5"])
     elif paths["h5"].exists():
         if not restart:
             raise FileExistsError(f"{paths['h5']} exists; pass restart=True (--restart) to continue it, "
@@ -308,6 +313,18 @@ def _plot_title(summary: dict) -> str:
     s = summary["settings"]
     return (f"{summary.get('model', '')} {summary['protocol']} {s['temperature_K']:g} K, "
             f"dt {s['timestep_fs']:g} fs; {summary['status']}")
+
+
+def _check_same_system(saved: dict, atoms: Atoms, h5: Path) -> None:
+    if len(saved["numbers"]) != len(atoms):
+        raise RestartError(f"cannot restart with a different system: {h5} holds {len(saved['numbers'])} atoms, "
+                           f"the structure given has {len(atoms)}")
+    given = {"numbers": atoms.numbers, "masses": atoms.get_masses(), "cell": atoms.cell.array, "pbc": atoms.pbc}
+    changed = [f"{label} (stored {np.asarray(saved[key]).tolist()}, given {given[key].tolist()})"
+               for key, label in RESTART_SAME_SYSTEM.items()
+               if key in saved and not np.array_equal(np.asarray(saved[key]), given[key])]
+    if changed:
+        raise RestartError(f"cannot restart with a different system: {h5} holds other " + "; ".join(changed))
 
 
 def _check_restart_settings(saved: dict, settings: MDSettings) -> None:

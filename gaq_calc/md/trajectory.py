@@ -36,7 +36,8 @@ UNITS = {
 
 
 class RestartError(RuntimeError):
-    """A restart that cannot continue the saved run consistently (changed settings, missing frames)."""
+    """A restart that cannot continue the saved run consistently (changed settings or system, missing
+    frames). Raised before anything is written."""
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -89,18 +90,15 @@ class TrajectoryWriter:
                 self.file.attrs[key] = value
             self.file.flush()
         else:
-            self.file = h5py.File(self.path, "r+")
-            steps = self.file["step"][:]
+            steps, _ = saved_frames(self.path)  # checked read-only: a refused restart writes nothing
             keep = int(np.searchsorted(steps, resume_step, side="right"))
             if keep == 0 or steps[keep - 1] != resume_step:
                 raise RestartError(f"{self.path}: no frame at the checkpoint's step {resume_step} "
                                    f"(last steps {steps[-3:].tolist()}); cannot restart consistently")
-            short = [name for name in FRAME_FIELDS if self.file[name].shape[0] < keep]
-            if short:
-                raise RestartError(f"{self.path}: datasets {short} are shorter than 'step'; the file was "
-                                   "cut off during a write and cannot be continued")
-            for name in FRAME_FIELDS:
-                self.file[name].resize(keep, axis=0)
+            self.file = h5py.File(self.path, "r+")
+            for name in FRAME_FIELDS:  # drops frames after the checkpoint, and any frame cut off mid-write
+                if self.file[name].shape[0] != keep:
+                    self.file[name].resize(keep, axis=0)
             self.file.flush()
         self._n_written = int(self.file["step"].shape[0])
 
@@ -150,6 +148,14 @@ def read_trajectory(path: str | os.PathLike, names=None) -> tuple[dict[str, np.n
         if missing:
             raise KeyError(f"{path} has no dataset {missing}; it has {sorted(f.keys())}")
         return {name: f[name][:] for name in (names or f.keys())}, _attrs(f)
+
+
+def saved_frames(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Steps of the complete frames of a trajectory, and its attributes; read-only. A kill during a
+    flush can leave later datasets shorter than earlier ones: a frame is complete when all hold it."""
+    with h5py.File(path, "r") as f:
+        n = min(f[name].shape[0] for name in FRAME_FIELDS)
+        return f["step"][:n], _attrs(f)
 
 
 def read_attrs(path: str | os.PathLike) -> dict:
