@@ -18,6 +18,7 @@ from ase.io import write
 
 from gaq_calc import GAQCalculator
 from gaq_calc.md import MDSettings, RestartError, load_structure, read_trajectory, run_nve, run_nvt
+from gaq_calc.md.trajectory import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,81 @@ def test_cli_restart_with_another_structure_exits_2_and_changes_no_file(tmp_path
     status, err = cli("nvt.py", argv, capsys)
     assert status == 2 and len(err) == 1 and err[0].startswith("error:") and "atomic numbers" in err[0], err
     assert files_state(out) == before
+
+
+# ---- item 3: saved frames and checkpoints are never lost ---------------------------------------
+
+@pytest.mark.parametrize("settings, warning", [
+    (nve, "not bit-exact"),
+    (nvt, "random"),
+    (lambda n: nvt(n, "nose-hoover"), "chain"),
+])
+def test_restart_without_checkpoint_continues_from_the_last_frame(tmp_path, tiny_calc, settings, warning):
+    """checkpoint.json lost: the restart keeps every saved frame and continues from the last one (the
+    state in the trajectory: positions, velocities, step), warning that it is not bit-exact. The restart
+    is given another frame of the input structure, so a run started afresh would not match frame 0."""
+    run = run_nve if settings(1).ensemble == "nve" else run_nvt
+    run(ethanol(tiny_calc), settings(20), tmp_path / "b", progress=False)
+    saved, _ = read_trajectory(tmp_path / "b" / "trajectory.h5")
+    (tmp_path / "b" / "checkpoint.json").unlink()
+    with pytest.warns(RuntimeWarning, match=warning):
+        s = run(ethanol(tiny_calc, frame=1), settings(30), tmp_path / "b", restart=True, progress=False)
+    assert s["status"] == "completed" and s["steps_this_session"] == 10
+    data, _ = read_trajectory(tmp_path / "b" / "trajectory.h5")
+    np.testing.assert_array_equal(data["step"], np.arange(0, 31, 5))
+    for name, values in saved.items():  # the saved frames, bit for bit
+        np.testing.assert_array_equal(data[name][:5], values, err_msg=name)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.json")["step"] == 30
+    if run is run_nve:  # deterministic: the same run as uninterrupted, to rounding of the stored velocities
+        run_nve(ethanol(tiny_calc), settings(30), tmp_path / "a", progress=False)
+        a, _ = read_trajectory(tmp_path / "a" / "trajectory.h5")
+        np.testing.assert_allclose(data["positions"], a["positions"], rtol=0, atol=1e-9)
+
+
+def test_restart_without_checkpoint_after_a_blow_up_is_refused(tmp_path, tiny_calc):
+    """The last frame of a blown-up run is the broken one (kept for diagnosis): without the checkpoint
+    there is no good state to continue from, and nothing may be dropped to find one."""
+    hot = MDSettings("nvt", "bussi", temperature_K=5000.0, timestep_fs=0.5, n_steps=200, log_every=2,
+                     max_temperature_K=1e6)
+    assert run_nvt(ethanol(tiny_calc), hot, tmp_path, progress=False)["status"].startswith("blow-up: bond")
+    (tmp_path / "checkpoint.json").unlink()
+    before = files_state(tmp_path)
+    with pytest.raises(RestartError, match="bond"):
+        run_nvt(ethanol(tiny_calc), hot, tmp_path, restart=True, progress=False)
+    assert files_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["", '{"step": 10, "positions": [[1.0, 2.'])
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, tiny_model_file, tiny_calc, capsys,
+                                                               content):
+    run_nvt(ethanol(tiny_calc), nvt(10), tmp_path, progress=False)
+    (tmp_path / "checkpoint.json").write_text(content)
+    before = files_state(tmp_path)
+    with pytest.raises(RestartError, match="checkpoint.json") as err:
+        run_nvt(ethanol(tiny_calc), nvt(20), tmp_path, restart=True, progress=False)
+    assert "\n" not in str(err.value)
+    status, lines = cli("nvt.py", cli_args(tiny_model_file, tmp_path, "--restart"), capsys)
+    assert status == 2 and len(lines) == 1 and "checkpoint.json" in lines[0], lines
+    assert files_state(tmp_path) == before
+
+
+def test_fresh_run_never_overwrites_a_checkpoint(tmp_path, tiny_calc):
+    run_nvt(ethanol(tiny_calc), nvt(10), tmp_path, progress=False)
+    (tmp_path / "trajectory.h5").rename(tmp_path / "moved.h5")
+    before = files_state(tmp_path)
+    with pytest.raises(FileExistsError, match="checkpoint.json"):
+        run_nvt(ethanol(tiny_calc), nvt(10), tmp_path, progress=False)
+    assert files_state(tmp_path) == before
+
+
+def test_stale_checkpoint_never_truncates_the_trajectory(tmp_path, tiny_calc):
+    """A checkpoint older than the trajectory (restored from a backup, say) would make the restart cut
+    the frames after it. A kill leaves at most one flush batch after the checkpoint; more is refused."""
+    run_nve(ethanol(tiny_calc), nve(10, flush_every=2), tmp_path, progress=False)
+    old = (tmp_path / "checkpoint.json").read_bytes()
+    run_nve(ethanol(tiny_calc), nve(40, flush_every=2), tmp_path, restart=True, progress=False)
+    (tmp_path / "checkpoint.json").write_bytes(old)
+    before = files_state(tmp_path)
+    with pytest.raises(RestartError, match="after the checkpoint"):
+        run_nve(ethanol(tiny_calc), nve(50, flush_every=2), tmp_path, restart=True, progress=False)
+    assert files_state(tmp_path) == before

@@ -52,7 +52,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flush-seconds", type=float, default=30.0,
                    help="at most this many seconds between flushes (default 30)")
     g.add_argument("--restart", action="store_true",
-                   help="continue the run in --out from its last checkpoint (or start it if there is none)")
+                   help="continue the run in --out from its last checkpoint, or from its last saved frame "
+                        "when the checkpoint is lost (or start it if there is neither)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = parser.add_argument_group("blow-up detection")
     g.add_argument("--max-temperature", type=float, default=None,

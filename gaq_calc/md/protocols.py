@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms
 
 from gaq_calc.md.dynamics import maxwell_boltzmann, zero_momenta
-from gaq_calc.md.runner import MDSettings, phase_paths, run_phase
+from gaq_calc.md.runner import MDSettings, check_fresh_start, has_saved_state, phase_paths, run_phase
 from gaq_calc.md.trajectory import read_json, write_json_atomic
 
 DEFAULT_MOLECULE = "azobenzene"
@@ -70,7 +70,10 @@ def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     equilibrate = equilibration is not None and equilibration.n_steps > 0
     eq_files, files = phase_paths(out, "equilibration"), phase_paths(out, "trajectory")
     eq_summary_path = eq_files["summary"]
-    resume_production = restart and files["checkpoint"].exists()
+    if not restart:  # before the equilibration writes anything
+        check_fresh_start(out, "trajectory")
+    # the production phase has a checkpoint or saved frames: the equilibration is over
+    resume_production = restart and has_saved_state(out, "trajectory")
     eq_summary = None
     if resume_production:
         if eq_summary_path.exists():

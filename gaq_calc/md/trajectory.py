@@ -5,7 +5,8 @@ followed by `h5py.File.flush()`. Between batches nothing touches the file, so a 
 moment leaves the file as it was after the last flush (HDF5 is only at risk while a write is under way).
 The checkpoint (exact float64 positions and momenta, RNG and thermostat state) is written atomically
 *after* the frames it refers to were flushed, so the trajectory always reaches at least the
-checkpoint's step; a restart truncates any frame after it, and nothing is lost or duplicated.
+checkpoint's step; a restart drops the few frames a kill can leave after it (they are recomputed
+exactly), and nothing is lost or duplicated.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ UNITS = {
 
 class RestartError(RuntimeError):
     """A restart that cannot continue the saved run consistently (changed settings or system, missing
-    frames). Raised before anything is written."""
+    frames, a damaged checkpoint). Raised before anything is written."""
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
@@ -60,7 +61,10 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 
 def read_json(path: str | os.PathLike):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({'empty file' if not err.doc else err})") from err
 
 
 class TrajectoryWriter:
@@ -73,14 +77,15 @@ class TrajectoryWriter:
     def __init__(self, path: str | os.PathLike, n_atoms: int, attrs: dict | None = None, *,
                  resume_step: int | None = None):
         """Create `path` (resume_step None; refuses to overwrite) or reopen it for a restart, keeping
-        only frames with step <= resume_step (later frames were written after the last checkpoint)."""
+        only frames with step <= resume_step (a kill can leave a few frames after the last checkpoint;
+        the caller checks that these are all it drops)."""
         self.path = Path(path)
         self.n_atoms = int(n_atoms)
         self._frames: list[dict] = []  # one append per frame: a signal cannot leave half a frame
+        chunk_frames = max(1, min(256, 2**20 // max(1, 24 * self.n_atoms)))  # ~1 MiB chunks
         if resume_step is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = h5py.File(self.path, "w-")
-            chunk_frames = max(1, min(256, 2**20 // max(1, 24 * self.n_atoms)))  # ~1 MiB chunks
             for name, (shape, dtype) in FRAME_FIELDS.items():
                 s = shape(self.n_atoms)
                 self.file.create_dataset(name, shape=(0, *s), maxshape=(None, *s), dtype=dtype,
@@ -158,6 +163,12 @@ def saved_frames(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         return f["step"][:n], _attrs(f)
 
 
+def read_frame(path: str | os.PathLike, index: int) -> dict:
+    """One frame (every dataset at `index`) of a trajectory."""
+    with h5py.File(path, "r") as f:
+        return {name: f[name][index] for name in FRAME_FIELDS}
+
+
 def read_attrs(path: str | os.PathLike) -> dict:
     with h5py.File(path, "r") as f:
         return _attrs(f)
@@ -176,8 +187,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     write_json_atomic(path, data)
 
 
+CHECKPOINT_KEYS = ("step", "positions", "momenta", "rng", "settings")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's state; ValueError naming the file when it is damaged (truncated, empty, fields
+    missing or malformed), which an atomically written checkpoint only is by outside hands."""
     data = read_json(path)
-    for key in ("positions", "momenta"):
-        data[key] = np.asarray(data[key], dtype=np.float64)
+    try:
+        missing = [key for key in CHECKPOINT_KEYS if key not in data]
+        if missing:
+            raise ValueError(f"no {missing}")
+        if not isinstance(data["settings"], dict):
+            raise ValueError("settings is not a mapping")
+        for key in ("positions", "momenta"):
+            data[key] = np.asarray(data[key], dtype=np.float64)
+            if data[key].ndim != 2 or data[key].shape[1] != 3:
+                raise ValueError(f"{key} of shape {data[key].shape}")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} is damaged ({err})") from err
     return data
