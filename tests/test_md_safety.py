@@ -183,3 +183,61 @@ def test_stale_checkpoint_never_truncates_the_trajectory(tmp_path, tiny_calc):
     with pytest.raises(RestartError, match="after the checkpoint"):
         run_nve(ethanol(tiny_calc), nve(50, flush_every=2), tmp_path, restart=True, progress=False)
     assert files_state(tmp_path) == before
+
+
+# ---- item 9: bad input fails up front, with one line ------------------------------------------
+
+@pytest.mark.parametrize("script, extra, option", [
+    ("nvt.py", ["--timestep", "0"], "--timestep"),
+    ("nvt.py", ["--timestep", "-0.5"], "--timestep"),
+    ("nvt.py", ["--temperature", "nan"], "--temperature"),
+    ("nvt.py", ["--temperature", "-1"], "--temperature"),
+    ("nvt.py", ["--time-ps", "inf"], "--time-ps"),
+    ("nvt.py", ["--friction", "nan"], "--friction"),
+    ("nvt.py", ["--taut", "0"], "--taut"),
+    ("nvt.py", ["--tchain", "0"], "--tchain"),
+    ("nvt.py", ["--log-every", "0"], "--log-every"),
+    ("nvt.py", ["--flush-every", "0"], "--flush-every"),
+    ("nvt.py", ["--flush-seconds", "nan"], "--flush-seconds"),
+    ("nvt.py", ["--max-temperature=-inf"], "--max-temperature"),
+    ("nvt.py", ["--timestep", "abc"], "--timestep"),  # argparse's own errors are one line too
+    ("nvt.py", ["--bond-tolerance", "-0.1"], "--bond-tolerance"),
+    ("nvt.py", ["--seed", "-1"], "--seed"),
+    ("nvt.py", ["--threads", "0"], "--threads"),
+    ("nvt.py", ["--frame", "-1"], "--frame"),
+    ("nvt.py", ["--frame", "1000"], "--frame"),  # the shipped ethanol split has frames 0-999
+    ("nve.py", ["--equilibrate-ps", "nan"], "--equilibrate-ps"),
+    ("nve.py", ["--friction", "inf"], "--friction"),
+])
+def test_cli_rejects_bad_arguments_before_writing(tmp_path, tiny_model_file, capsys, script, extra, option):
+    out = tmp_path / "run"
+    status, lines = cli(script, cli_args(tiny_model_file, out, "--time-ps", "0.004", *extra), capsys)
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error:") and option in lines[0], lines
+    assert not out.exists()
+
+
+def test_cli_structure_problems_are_one_line_errors(tmp_path, tiny_model_file, capsys):
+    two = tmp_path / "two.extxyz"
+    write(two, [load_structure("ethanol", 0), load_structure("ethanol", 1)])
+    for structure, frame, expected in ((two, "2", "2 frames"), (tmp_path / "missing.xyz", "0", "missing.xyz")):
+        argv = cli_args(tiny_model_file, tmp_path / "run", "--time-ps", "0.004", "--frame", frame)
+        argv[argv.index("ethanol")] = str(structure)
+        status, lines = cli("nvt.py", argv, capsys)
+        assert status == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_element_is_refused_before_anything_is_written(tmp_path, tiny_model_file, tiny_calc, capsys):
+    """Sulfur in a model trained on H, C, O: a clear error, not a 'blow-up' with an empty trajectory."""
+    thiol = ethanol(tiny_calc)
+    thiol.set_atomic_numbers([6, 6, 16, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"not known to this model"):
+        run_nvt(thiol, nvt(10), tmp_path / "lib", progress=False)
+    assert not (tmp_path / "lib").exists() or not any((tmp_path / "lib").iterdir())
+    write(tmp_path / "thiol.extxyz", thiol)
+    for script in ("nvt.py", "nve.py"):
+        argv = cli_args(tiny_model_file, tmp_path / script, "--time-ps", "0.004")
+        argv[argv.index("ethanol")] = str(tmp_path / "thiol.extxyz")
+        status, lines = cli(script, argv, capsys)
+        assert status == 2 and len(lines) == 1 and "not known to this model" in lines[0], lines
+        assert not (tmp_path / script).exists() or not any((tmp_path / script).iterdir())

@@ -22,16 +22,28 @@ DEFAULT_MOLECULE = "azobenzene"
 
 def load_structure(source: str | os.PathLike | None = None, index: int = 0) -> Atoms:
     """Starting structure: None -> frame `index` of the shipped rMD17 azobenzene training split; a shipped
-    molecule name ("ethanol") -> that split's frame; otherwise any file ase.io.read can read."""
+    molecule name ("ethanol") -> that split's frame; otherwise any file ase.io.read can read.
+    IndexError, saying how many frames there are, when `index` is not one of them (frames count from 0)."""
     from gaq_calc.data import read_frames
 
+    index = int(index)
     if source is None or (not Path(source).exists() and Path(source).suffix == ""
                           and "/" not in str(source)):
-        frames = read_frames(str(source or DEFAULT_MOLECULE), "train")
+        name = str(source or DEFAULT_MOLECULE)
+        frames = read_frames(name, "train")
+        if not 0 <= index < len(frames.numbers):
+            raise IndexError(f"no frame {index}: the shipped {name} training split has {len(frames.numbers)} "
+                             "frames, numbered from 0")
         return Atoms(numbers=frames.numbers[index], positions=frames.positions[index])  # vacuum, no pbc
     from ase.io import read
 
-    atoms = read(str(source), index=index)
+    try:
+        if index < 0:  # ase.io.read counts from the end, and for some indices past the start returns a frame
+            raise IndexError
+        atoms = read(str(source), index=index)
+    except (IndexError, StopIteration):  # how ase.io.read says "no such frame", depending on the format
+        n = len(read(str(source), index=":"))
+        raise IndexError(f"no frame {index}: {source} has {n} frames, numbered from 0") from None
     atoms.calc = None  # drop stored labels: energies must come from the model
     return atoms
 

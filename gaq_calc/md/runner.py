@@ -37,6 +37,11 @@ RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "
 RESTART_SAME_SYSTEM = {"numbers": "atomic numbers", "masses": "masses", "cell": "cell", "pbc": "pbc"}
 
 
+class InputError(ValueError):
+    """A run that cannot start from its input (e.g. an element the model does not know). Nothing was
+    written."""
+
+
 @dataclass
 class MDSettings:
     """One MD phase. Times in fs (friction in 1/fs), temperatures in K, lengths in Å."""
@@ -61,10 +66,18 @@ class MDSettings:
             raise ValueError(f"ensemble must be 'nve' or 'nvt', not {self.ensemble!r}")
         if self.ensemble == "nve":
             self.thermostat = None
-        if not (self.timestep_fs > 0 and self.temperature_K >= 0 and self.n_steps >= 0):
-            raise ValueError("need timestep_fs > 0, temperature_K >= 0 and n_steps >= 0")
-        if self.log_every < 1 or self.flush_every < 1:
-            raise ValueError("log_every and flush_every must be >= 1")
+        # finite numbers (NaN fails every comparison), > 0 or >= 0
+        positive = {"timestep_fs": self.timestep_fs, "taut_fs": self.taut_fs,
+                    "bond_tolerance_A": self.bond_tolerance_A, "max_temperature_K": self.max_temperature_K}
+        non_negative = {"temperature_K": self.temperature_K, "friction_per_fs": self.friction_per_fs,
+                        "flush_seconds": self.flush_seconds, "n_steps": self.n_steps, "seed": self.seed}
+        bad = ([f"{k} = {v} (need finite > 0)" for k, v in positive.items()
+                if v is not None and not 0 < v < math.inf]
+               + [f"{k} = {v} (need finite >= 0)" for k, v in non_negative.items() if not 0 <= v < math.inf])
+        if bad:
+            raise ValueError("MDSettings: " + ", ".join(bad))
+        if self.log_every < 1 or self.flush_every < 1 or self.tchain < 1:
+            raise ValueError("log_every, flush_every and tchain must be >= 1")
 
     @property
     def temperature_limit_K(self) -> float:
@@ -205,6 +218,10 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     if resume is None:
         if not restart:
             check_fresh_start(out_dir, name)
+        try:
+            atoms.get_potential_energy()  # cached: frame 0 and the integrator's first forces reuse it
+        except (ValueError, FloatingPointError) as err:  # unknown element, overlapping atoms, NaN output
+            raise InputError(f"the model cannot evaluate the starting structure: {err}") from err
         if paths["h5"].exists():  # restart of a run killed before its first frame: no frame to lose
             paths["h5"].unlink()
 
@@ -266,10 +283,7 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     with _timed_calculator(calc) as timer:
         try:
             if resume is None:
-                try:
-                    good = snapshot(0)
-                except (ValueError, FloatingPointError) as err:
-                    raise BlowUp(f"calculator failed on the starting structure: {err}") from err
+                good = snapshot(0)
                 writer.flush()
                 save_checkpoint(paths["checkpoint"], good)
             timer.reset()
