@@ -5,11 +5,14 @@ full disk ends in a clear error with the saved frames intact.
 Runs are a few tens of steps of the tiny untrained model; the command-line programs run in-process
 (main(argv)) except where a real write failure needs a process of its own.
 """
+import errno
 import json
 import os
 import runpy
 import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +244,85 @@ def test_unknown_element_is_refused_before_anything_is_written(tmp_path, tiny_mo
         status, lines = cli(script, argv, capsys)
         assert status == 2 and len(lines) == 1 and "not known to this model" in lines[0], lines
         assert not (tmp_path / script).exists() or not any((tmp_path / script).iterdir())
+
+
+# ---- item 9: a full disk ----------------------------------------------------------------------
+
+DISK_FULL_CHILD = textwrap.dedent("""
+    import os, resource, runpy, sys
+    from gaq_calc import GAQCalculator
+
+    out, limit_after = sys.argv[1], int(sys.argv[2])
+    calculate, calls = GAQCalculator.calculate, [0]
+
+    def calculate_then_fill_the_disk(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == limit_after:  # from now on trajectory.h5 cannot grow (writes fail with EFBIG)
+            size = os.path.getsize(os.path.join(out, "trajectory.h5"))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + 1000, resource.RLIM_INFINITY))
+        return calculate(self, *args, **kwargs)
+
+    GAQCalculator.calculate = calculate_then_fill_the_disk
+    sys.exit(runpy.run_path(sys.argv[3])["main"](sys.argv[4:]))
+""")
+
+
+def test_full_disk_ends_in_a_clear_error_and_keeps_the_saved_frames(tmp_path, tiny_model_file, tiny_calc):
+    """A real write failure: mid-run, trajectory.h5 may no longer grow (a file-size limit; HDF5 sees the
+    same failed write(2) as on a full disk). HDF5 cannot recover from a failed write (it used to crash
+    the program with a segfault), so the writer must stop before it. Frames flushed until then stay
+    intact, the checkpoint points at the last of them, and --restart continues exactly."""
+    out = tmp_path / "b"
+    argv = ["--model", str(tiny_model_file), "--structure", "ethanol", "--dtype", "float64", "--temperature", "1",
+            "--equilibrate-ps", "0", "--time-ps", "0.15", "--log-every", "1", "--flush-every", "10",
+            "--out", str(out), "--no-progress", "--threads", "1"]
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_CHILD, str(out), "50",
+                           str(REPO / "md_protocols" / "nve.py"), *argv],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(err) == 1 and err[0].startswith("error:") and "--restart" in err[0], err
+    data, _ = read_trajectory(out / "trajectory.h5")
+    last = int(data["step"][-1])
+    np.testing.assert_array_equal(data["step"], np.arange(last + 1))
+    assert 40 <= last < 300 and load_checkpoint(out / "checkpoint.json")["step"] == last
+
+    settings = MDSettings("nve", temperature_K=1.0, timestep_fs=0.5, n_steps=300, log_every=1, seed=0)
+    run_nve(ethanol(tiny_calc), settings, tmp_path / "a", progress=False)
+    s = run_nve(ethanol(tiny_calc), settings, out, restart=True, progress=False)
+    assert s["status"] == "completed" and s["steps_this_session"] == 300 - last
+    a, _ = read_trajectory(tmp_path / "a" / "trajectory.h5")
+    b, _ = read_trajectory(out / "trajectory.h5")
+    np.testing.assert_array_equal(a["step"], b["step"])
+    np.testing.assert_allclose(b["positions"], a["positions"], rtol=0, atol=1e-10)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tiny_calc, monkeypatch):
+    """ENOSPC while writing checkpoint.json: the write is atomic, so the previous checkpoint survives
+    and no temporary file is left; the error names the file; --restart continues exactly."""
+    import gaq_calc.md.trajectory as trajectory
+
+    fsync, calls = os.fsync, [0]
+
+    def fsync_then_disk_full(fd):
+        calls[0] += 1
+        if calls[0] >= 2:  # the first checkpoint (step 0) is written, the next one is not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(trajectory.os, "fsync", fsync_then_disk_full)
+    with pytest.raises(OSError, match="checkpoint.json") as err:
+        run_nve(ethanol(tiny_calc), nve(20, flush_every=1), tmp_path / "b", progress=False)
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.json", "trajectory.h5"]
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.json")["step"] == 0
+    data, _ = read_trajectory(tmp_path / "b" / "trajectory.h5")  # the file was closed properly
+    np.testing.assert_array_equal(data["step"], [0, 5])
+    run_nve(ethanol(tiny_calc), nve(20), tmp_path / "b", restart=True, progress=False)
+    run_nve(ethanol(tiny_calc), nve(20), tmp_path / "a", progress=False)
+    a, _ = read_trajectory(tmp_path / "a" / "trajectory.h5")
+    b, _ = read_trajectory(tmp_path / "b" / "trajectory.h5")
+    np.testing.assert_array_equal(a["step"], b["step"])
+    np.testing.assert_allclose(b["positions"], a["positions"], rtol=0, atol=1e-10)

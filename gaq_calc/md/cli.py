@@ -17,6 +17,7 @@ from gaq_calc.export.artifact import MODES
 from gaq_calc.md.dynamics import THERMOSTATS
 from gaq_calc.md.runner import InputError, MDSettings, RestartError
 
+EXIT_WRITE_ERROR = 1  # a write failed (disk full): frames up to the checkpoint are kept
 EXIT_USAGE = 2  # bad arguments or input, or a refused (re)start: nothing was written
 EXIT_BLOW_UP = 3
 EXIT_INTERRUPTED = 130
@@ -177,7 +178,8 @@ def report(summary: dict, out: Path) -> int:
 
 def run_main(fn) -> int:
     """Run fn() -> exit status. Ctrl-C: 130 (frames and summary already saved). Bad arguments or input,
-    refused starts and restarts: one line and 2 (nothing was written)."""
+    refused starts and restarts: one line and 2 (nothing was written). A failed write (disk full): one
+    line and 1 (frames up to the checkpoint are kept)."""
     try:
         return fn()
     except KeyboardInterrupt:
@@ -186,3 +188,6 @@ def run_main(fn) -> int:
     except (UsageError, InputError, FileExistsError, RestartError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:
+        print(f"error: {err}; once there is room, continue with --restart", file=sys.stderr)
+        return EXIT_WRITE_ERROR

@@ -317,13 +317,17 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         finally:
             wall = time.perf_counter() - t_loop if t_loop is not None else 0.0
             bar.close()
-            writer.close()  # flushes everything appended, including a blown-up frame (for diagnosis)
             if good is not None:
-                save_checkpoint(paths["checkpoint"], good)
                 # leave atoms at the last good logged state (a blow-up or an interrupt may leave a
                 # half-updated or unphysical one)
                 atoms.set_positions(good["positions"], apply_constraint=False)
                 atoms.set_momenta(good["momenta"], apply_constraint=False)
+            # Flushes everything appended, including a blown-up frame (for diagnosis). Without room it
+            # raises DiskFullError: then nothing more is written, and the checkpoint stays at the
+            # last frame in the file.
+            writer.close()
+            if good is not None:
+                save_checkpoint(paths["checkpoint"], good)
             timing = {"wall_s": wall, "calculator_s": timer.seconds, "calculator_calls": timer.calls,
                       "integrator_s": t_step - timer.seconds, "protocol_s": t_protocol}
             data, _ = read_trajectory(paths["h5"])  # once, for both the summary and the plot
