@@ -6,7 +6,6 @@ Runs are a few tens of steps of the tiny untrained model; the command-line progr
 (main(argv)) except where a real write failure needs a process of its own.
 """
 import errno
-import json
 import os
 import runpy
 import signal
