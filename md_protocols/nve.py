@@ -11,26 +11,28 @@ import dataclasses
 import sys
 
 from gaq_calc.md.cli import (
-    add_common_arguments, add_thermostat_arguments, n_steps, report, run_main, settings_from_args, setup,
+    ArgumentParser, add_common_arguments, add_thermostat_arguments, check_arguments, n_steps, report, run_main,
+    settings_from_args, setup,
 )
 from gaq_calc.md.protocols import run_nve
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument("--equilibrate-ps", type=float, default=1.0,
                         help="NVT equilibration before NVE, in ps (default 1; 0: start NVE from "
                              "Maxwell-Boltzmann velocities)")
     add_thermostat_arguments(parser, prefix="equilibrate-")
     args = parser.parse_args(argv)
-    settings = settings_from_args(args, "nve", None, args.time_ps)
-    equilibration = dataclasses.replace(
-        settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
-        n_steps=n_steps(args.equilibrate_ps, args.timestep))
-    atoms, out, metadata = setup(args, "nve")
 
     def go() -> int:
+        check_arguments(args)
+        settings = settings_from_args(args, "nve", None, args.time_ps)
+        equilibration = dataclasses.replace(
+            settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
+            n_steps=n_steps(args.equilibrate_ps, args.timestep))
+        atoms, out, metadata = setup(args, "nve")
         summary = run_nve(atoms, settings, out, equilibration=equilibration, restart=args.restart,
                           progress=not args.no_progress, metadata=metadata)
         return report(summary, out)

@@ -7,19 +7,23 @@ Writes OUT/trajectory.h5, OUT/summary.json, OUT/energies.png; see md_protocols/R
 import argparse
 import sys
 
-from gaq_calc.md.cli import add_common_arguments, add_thermostat_arguments, report, run_main, settings_from_args, setup
+from gaq_calc.md.cli import (
+    ArgumentParser, add_common_arguments, add_thermostat_arguments, check_arguments, report, run_main,
+    settings_from_args, setup,
+)
 from gaq_calc.md.protocols import run_nvt
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_thermostat_arguments(parser)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args, "nvt", args.thermostat, args.time_ps)
-    atoms, out, metadata = setup(args, "nvt")
 
     def go() -> int:
+        check_arguments(args)
+        settings = settings_from_args(args, "nvt", args.thermostat, args.time_ps)
+        atoms, out, metadata = setup(args, "nvt")
         summary = run_nvt(atoms, settings, out, restart=args.restart, progress=not args.no_progress,
                           metadata=metadata)
         return report(summary, out)

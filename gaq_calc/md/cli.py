@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -14,10 +15,51 @@ from pathlib import Path
 from gaq_calc.calculator import KERNELS
 from gaq_calc.export.artifact import MODES
 from gaq_calc.md.dynamics import THERMOSTATS
-from gaq_calc.md.runner import MDSettings, RestartError
+from gaq_calc.md.runner import InputError, MDSettings, RestartError
 
+EXIT_WRITE_ERROR = 1  # a write failed (disk full): frames up to the checkpoint are kept
+EXIT_USAGE = 2  # bad arguments or input, or a refused (re)start: nothing was written
 EXIT_BLOW_UP = 3
 EXIT_INTERRUPTED = 130
+
+#: Allowed values of the numeric options (argparse dest, test, requirement); every value must also be
+#: finite. Checked before anything runs, so that a bad value never starts a run that fails later.
+LIMITS = (
+    ("temperature", lambda v: v >= 0, ">= 0 K"),
+    ("timestep", lambda v: v > 0, "> 0 fs"),
+    ("time_ps", lambda v: v >= 0, ">= 0 ps"),
+    ("equilibrate_ps", lambda v: v >= 0, ">= 0 ps"),
+    ("friction", lambda v: v >= 0, ">= 0 1/fs"),
+    ("taut", lambda v: v > 0, "> 0 fs"),
+    ("tchain", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("frame", lambda v: v >= 0, ">= 0"),
+    ("threads", lambda v: v >= 1, ">= 1"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("flush_every", lambda v: v >= 1, ">= 1"),
+    ("flush_seconds", lambda v: v >= 0, ">= 0 s"),
+    ("max_temperature", lambda v: v > 0, "> 0 K"),
+    ("bond_tolerance", lambda v: v > 0, "> 0 Å"),
+)
+
+
+class UsageError(ValueError):
+    """A bad command-line value, reported in one line before anything runs."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like the programs' own (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def check_arguments(args) -> None:
+    """Raise UsageError for the first option outside its LIMITS (options a program lacks are skipped)."""
+    for name, ok, need in LIMITS:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number {need}, not {value}")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +94,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--flush-seconds", type=float, default=30.0,
                    help="at most this many seconds between flushes (default 30)")
     g.add_argument("--restart", action="store_true",
-                   help="continue the run in --out from its last checkpoint (or start it if there is none)")
+                   help="continue the run in --out from its last checkpoint, or from its last saved frame "
+                        "when the checkpoint is lost (or start it if there is neither)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = parser.add_argument_group("blow-up detection")
     g.add_argument("--max-temperature", type=float, default=None,
@@ -90,17 +133,26 @@ def _raise_on_sigterm(signum, frame):
 
 
 def setup(args, protocol: str):
-    """Threads, SIGTERM handling, calculator and structure. Returns (atoms, out_dir, metadata)."""
+    """Structure, threads, SIGTERM handling and calculator. Returns (atoms, out_dir, metadata).
+    A structure or model that cannot be loaded is a UsageError."""
     import torch
 
     from gaq_calc.calculator import GAQCalculator
     from gaq_calc.md.protocols import load_structure
+    from gaq_calc.model.serialization import ModelFileError
 
+    try:
+        atoms = load_structure(args.structure, args.frame)
+    except Exception as err:  # noqa: BLE001 - readers fail in many ways (ASE's formats, npz); all bad input
+        raise UsageError(f"--structure {args.structure or 'azobenzene'} --frame {args.frame}: {err}") from err
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    calc = GAQCalculator(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode, kernel=args.kernel)
-    atoms = load_structure(args.structure, args.frame)
+    try:
+        calc = GAQCalculator(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode,
+                             kernel=args.kernel)
+    except (ModelFileError, ValueError) as err:
+        raise UsageError(f"--model {args.model}: {err}") from err
     atoms.calc = calc
     model_path = Path(calc.model_path)
     model_name = model_path.parent.name if model_path.name == "model.pt" else model_path.stem
@@ -125,12 +177,17 @@ def report(summary: dict, out: Path) -> int:
 
 
 def run_main(fn) -> int:
-    """Run fn() -> exit status, turning Ctrl-C into status 130 (frames and summary already saved)."""
+    """Run fn() -> exit status. Ctrl-C: 130 (frames and summary already saved). Bad arguments or input,
+    refused starts and restarts: one line and 2 (nothing was written). A failed write (disk full): one
+    line and 1 (frames up to the checkpoint are kept)."""
     try:
         return fn()
     except KeyboardInterrupt:
         print("interrupted; continue with --restart", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (FileExistsError, RestartError) as err:
+    except (UsageError, InputError, FileExistsError, RestartError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"error: {err}; once there is room, continue with --restart", file=sys.stderr)
+        return EXIT_WRITE_ERROR

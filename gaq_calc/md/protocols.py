@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms
 
 from gaq_calc.md.dynamics import maxwell_boltzmann, zero_momenta
-from gaq_calc.md.runner import MDSettings, phase_paths, run_phase
+from gaq_calc.md.runner import MDSettings, check_fresh_start, has_saved_state, phase_paths, run_phase
 from gaq_calc.md.trajectory import read_json, write_json_atomic
 
 DEFAULT_MOLECULE = "azobenzene"
@@ -22,16 +22,28 @@ DEFAULT_MOLECULE = "azobenzene"
 
 def load_structure(source: str | os.PathLike | None = None, index: int = 0) -> Atoms:
     """Starting structure: None -> frame `index` of the shipped rMD17 azobenzene training split; a shipped
-    molecule name ("ethanol") -> that split's frame; otherwise any file ase.io.read can read."""
+    molecule name ("ethanol") -> that split's frame; otherwise any file ase.io.read can read.
+    IndexError, saying how many frames there are, when `index` is not one of them (frames count from 0)."""
     from gaq_calc.data import read_frames
 
+    index = int(index)
     if source is None or (not Path(source).exists() and Path(source).suffix == ""
                           and "/" not in str(source)):
-        frames = read_frames(str(source or DEFAULT_MOLECULE), "train")
+        name = str(source or DEFAULT_MOLECULE)
+        frames = read_frames(name, "train")
+        if not 0 <= index < len(frames.numbers):
+            raise IndexError(f"no frame {index}: the shipped {name} training split has {len(frames.numbers)} "
+                             "frames, numbered from 0")
         return Atoms(numbers=frames.numbers[index], positions=frames.positions[index])  # vacuum, no pbc
     from ase.io import read
 
-    atoms = read(str(source), index=index)
+    try:
+        if index < 0:  # ase.io.read counts from the end, and for some indices past the start returns a frame
+            raise IndexError
+        atoms = read(str(source), index=index)
+    except (IndexError, StopIteration):  # how ase.io.read says "no such frame", depending on the format
+        n = len(read(str(source), index=":"))
+        raise IndexError(f"no frame {index}: {source} has {n} frames, numbered from 0") from None
     atoms.calc = None  # drop stored labels: energies must come from the model
     return atoms
 
@@ -70,7 +82,10 @@ def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     equilibrate = equilibration is not None and equilibration.n_steps > 0
     eq_files, files = phase_paths(out, "equilibration"), phase_paths(out, "trajectory")
     eq_summary_path = eq_files["summary"]
-    resume_production = restart and files["checkpoint"].exists()
+    if not restart:  # before the equilibration writes anything
+        check_fresh_start(out, "trajectory")
+    # the production phase has a checkpoint or saved frames: the equilibration is over
+    resume_production = restart and has_saved_state(out, "trajectory")
     eq_summary = None
     if resume_production:
         if eq_summary_path.exists():

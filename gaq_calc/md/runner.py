@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +24,22 @@ from gaq_calc.md.analysis import plot_energies, summarize_trajectory
 from gaq_calc.md.dynamics import make_dynamics, set_thermostat_state, thermostat_state
 from gaq_calc.md.stability import BlowUp, StabilityMonitor
 from gaq_calc.md.trajectory import (
-    RestartError, TrajectoryWriter, load_checkpoint, read_attrs, read_json, read_trajectory, save_checkpoint,
-    write_json_atomic,
+    RestartError, TrajectoryWriter, load_checkpoint, read_frame, read_json, read_trajectory, save_checkpoint,
+    saved_frames, write_json_atomic,
 )
 
 #: Settings that must not change between a run and its restart (n_steps may grow: extend a run).
 RESTART_SAME_MODEL = ("model_path", "mode", "dtype")  # metadata that a restart must not change
 RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "log_every", "seed",
                      "friction_per_fs", "taut_fs", "tchain")
+#: The system a restart must continue (trajectory attributes): same atom count with other elements,
+#: masses, cell or pbc would run on silently, since positions and momenta come from the saved state.
+RESTART_SAME_SYSTEM = {"numbers": "atomic numbers", "masses": "masses", "cell": "cell", "pbc": "pbc"}
+
+
+class InputError(ValueError):
+    """A run that cannot start from its input (e.g. an element the model does not know). Nothing was
+    written."""
 
 
 @dataclass
@@ -57,10 +66,18 @@ class MDSettings:
             raise ValueError(f"ensemble must be 'nve' or 'nvt', not {self.ensemble!r}")
         if self.ensemble == "nve":
             self.thermostat = None
-        if not (self.timestep_fs > 0 and self.temperature_K >= 0 and self.n_steps >= 0):
-            raise ValueError("need timestep_fs > 0, temperature_K >= 0 and n_steps >= 0")
-        if self.log_every < 1 or self.flush_every < 1:
-            raise ValueError("log_every and flush_every must be >= 1")
+        # finite numbers (NaN fails every comparison), > 0 or >= 0
+        positive = {"timestep_fs": self.timestep_fs, "taut_fs": self.taut_fs,
+                    "bond_tolerance_A": self.bond_tolerance_A, "max_temperature_K": self.max_temperature_K}
+        non_negative = {"temperature_K": self.temperature_K, "friction_per_fs": self.friction_per_fs,
+                        "flush_seconds": self.flush_seconds, "n_steps": self.n_steps, "seed": self.seed}
+        bad = ([f"{k} = {v} (need finite > 0)" for k, v in positive.items()
+                if v is not None and not 0 < v < math.inf]
+               + [f"{k} = {v} (need finite >= 0)" for k, v in non_negative.items() if not 0 <= v < math.inf])
+        if bad:
+            raise ValueError("MDSettings: " + ", ".join(bad))
+        if self.log_every < 1 or self.flush_every < 1 or self.tchain < 1:
+            raise ValueError("log_every, flush_every and tchain must be >= 1")
 
     @property
     def temperature_limit_K(self) -> float:
@@ -132,6 +149,29 @@ def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
             "summary": out / f"{prefix}summary.json", "plot": out / f"{prefix}energies.png"}
 
 
+def check_fresh_start(out_dir: str | os.PathLike, name: str = "trajectory") -> None:
+    """Refuse to start a phase afresh over saved frames or a saved checkpoint (FileExistsError)."""
+    paths = phase_paths(out_dir, name)
+    existing = [p.name for p in (paths["h5"], paths["checkpoint"]) if p.exists()]
+    if existing:
+        raise FileExistsError(f"{out_dir} already holds {' and '.join(existing)}; pass restart=True "
+                              "(--restart) to continue that run, or choose another output folder")
+
+
+def has_saved_state(out_dir: str | os.PathLike, name: str = "trajectory") -> bool:
+    """Whether a phase has something to continue: its checkpoint, or a trajectory with a frame (an
+    unreadable trajectory counts, so that the restart reports it)."""
+    paths = phase_paths(out_dir, name)
+    if paths["checkpoint"].exists():
+        return True
+    if not paths["h5"].exists():
+        return False
+    try:
+        return len(saved_frames(paths["h5"])[0]) > 0
+    except (OSError, KeyError):
+        return True
+
+
 def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
     """Recompute the physics fields of a finished or stopped run's summary, and its energy plot, from
     its HDF5 trajectory with the current analysis code (new estimators for old runs). Status, timing
@@ -154,8 +194,10 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     """Run (or resume) one MD phase on `atoms` (calculator attached, momenta set) and return its summary.
 
     atoms: modified in place; on return it holds the last state reached (the last good one on a blow-up).
-    restart: resume from `<name>` checkpoint in out_dir when there is one (else start fresh); without it,
-        an existing trajectory is an error rather than silently overwritten.
+    restart: resume from `<name>` checkpoint in out_dir, or from the last frame of its trajectory when the
+        checkpoint is lost (not bit-exact; warns); start fresh when there is neither. Refused (RestartError,
+        before anything is written) when settings, model or system differ from the saved run's. Without
+        restart, an existing trajectory or checkpoint is an error rather than silently overwritten.
     metadata: stored as HDF5 attributes and copied into the summary (model name, structure, ...).
     reference: structure whose bonds the blow-up check watches (default: atoms as given); kept in the
         file so that a restart watches the same bonds.
@@ -171,33 +213,29 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     masses = atoms.get_masses()  # [N] amu
     n_atoms = len(atoms)
 
-    ckpt = None
-    if restart and paths["checkpoint"].exists():
-        ckpt = load_checkpoint(paths["checkpoint"])
-        _check_restart_settings(ckpt["settings"], settings)
-        if not paths["h5"].exists():
-            raise RestartError(f"{paths['checkpoint']} has no trajectory {paths['h5']} to continue")
-        saved = read_attrs(paths["h5"])
-        changed = [f"{k}: {saved.get(k)!r} -> {metadata.get(k)!r}" for k in RESTART_SAME_MODEL
-                   if k in saved and k in metadata and str(saved.get(k)) != str(metadata.get(k))]
-        if changed:
-            raise RestartError("cannot restart with a different model setup (" + "; ".join(changed) + ")")
-    elif paths["h5"].exists():
+    # Every check runs before the first write: a refused run or restart changes no file.
+    resume = _saved_state(paths, atoms, settings, metadata) if restart else None
+    if resume is None:
         if not restart:
-            raise FileExistsError(f"{paths['h5']} exists; pass restart=True (--restart) to continue it, "
-                                  "or choose another output folder")
-        # killed between creating the file and its first checkpoint: nothing worth keeping
-        paths["h5"].unlink()
+            check_fresh_start(out_dir, name)
+        try:
+            atoms.get_potential_energy()  # cached: frame 0 and the integrator's first forces reuse it
+        except (ValueError, FloatingPointError) as err:  # unknown element, overlapping atoms, NaN output
+            raise InputError(f"the model cannot evaluate the starting structure: {err}") from err
+        if paths["h5"].exists():  # restart of a run killed before its first frame: no frame to lose
+            paths["h5"].unlink()
 
-    rng = np.random.default_rng([settings.seed, 1 if name == "trajectory" else 2])
-    if ckpt is not None:
-        atoms.set_positions(ckpt["positions"], apply_constraint=False)
-        atoms.set_momenta(ckpt["momenta"], apply_constraint=False)
-        rng.bit_generator.state = ckpt["rng"]
-        start = int(ckpt["step"])
-        ref_positions = np.asarray(read_attrs(paths["h5"])["reference_positions"], dtype=np.float64)
-        reference = atoms.copy()
-        reference.set_positions(ref_positions)
+    phase = 1 if name == "trajectory" else 2
+    rng = np.random.default_rng([settings.seed, phase])
+    if resume is not None:
+        atoms.set_positions(resume["positions"], apply_constraint=False)
+        atoms.set_momenta(resume["momenta"], apply_constraint=False)
+        start = int(resume["step"])
+        if resume["rng"] is not None:
+            rng.bit_generator.state = resume["rng"]
+        else:  # rebuilt from a frame: a fresh stream, the same for every rebuild from this step
+            rng = np.random.default_rng([settings.seed, phase, start])
+        reference = resume["reference"]
     else:
         start = 0
         reference = (reference if reference is not None else atoms).copy()
@@ -205,8 +243,8 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     dyn = make_dynamics(atoms, settings.ensemble, settings.timestep_fs, temperature_K=settings.temperature_K,
                         thermostat=settings.thermostat, friction_per_fs=settings.friction_per_fs,
                         taut_fs=settings.taut_fs, tchain=settings.tchain, rng=rng)
-    if ckpt is not None:
-        set_thermostat_state(dyn, ckpt.get("thermostat", {}))
+    if resume is not None:
+        set_thermostat_state(dyn, resume["thermostat"])
     dyn.nsteps = start
     monitor = StabilityMonitor(reference, settings.temperature_limit_K, settings.bond_tolerance_A)
     dt_fs = settings.timestep_fs
@@ -218,7 +256,7 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in metadata.items()
            if v is not None},
     }
-    writer = TrajectoryWriter(paths["h5"], n_atoms, attrs, resume_step=start if ckpt is not None else None)
+    writer = TrajectoryWriter(paths["h5"], n_atoms, attrs, resume_step=start if resume is not None else None)
 
     def snapshot(step: int) -> dict:
         """The state at a logged step: appended to the trajectory; also the next checkpoint."""
@@ -244,11 +282,8 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     bar = _progress_bar(settings.n_steps, start, desc=f"{name} ({_ensemble_label(settings)})", enabled=progress)
     with _timed_calculator(calc) as timer:
         try:
-            if ckpt is None:
-                try:
-                    good = snapshot(0)
-                except (ValueError, FloatingPointError) as err:
-                    raise BlowUp(f"calculator failed on the starting structure: {err}") from err
+            if resume is None:
+                good = snapshot(0)
                 writer.flush()
                 save_checkpoint(paths["checkpoint"], good)
             timer.reset()
@@ -282,13 +317,17 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         finally:
             wall = time.perf_counter() - t_loop if t_loop is not None else 0.0
             bar.close()
-            writer.close()  # flushes everything appended, including a blown-up frame (for diagnosis)
             if good is not None:
-                save_checkpoint(paths["checkpoint"], good)
                 # leave atoms at the last good logged state (a blow-up or an interrupt may leave a
                 # half-updated or unphysical one)
                 atoms.set_positions(good["positions"], apply_constraint=False)
                 atoms.set_momenta(good["momenta"], apply_constraint=False)
+            # Flushes everything appended, including a blown-up frame (for diagnosis). Without room it
+            # raises DiskFullError: then nothing more is written, and the checkpoint stays at the
+            # last frame in the file.
+            writer.close()
+            if good is not None:
+                save_checkpoint(paths["checkpoint"], good)
             timing = {"wall_s": wall, "calculator_s": timer.seconds, "calculator_calls": timer.calls,
                       "integrator_s": t_step - timer.seconds, "protocol_s": t_protocol}
             data, _ = read_trajectory(paths["h5"])  # once, for both the summary and the plot
@@ -308,6 +347,104 @@ def _plot_title(summary: dict) -> str:
     s = summary["settings"]
     return (f"{summary.get('model', '')} {summary['protocol']} {s['temperature_K']:g} K, "
             f"dt {s['timestep_fs']:g} fs; {summary['status']}")
+
+
+def _saved_state(paths: dict[str, Path], atoms: Atoms, settings: MDSettings, metadata: dict) -> dict | None:
+    """The state a restart continues from, after every check; reads only, so a refused restart changes
+    no file. None when there is nothing to continue: no files, or a trajectory without a frame.
+
+    From the checkpoint when there is one (exact). Without it, from the last frame of the trajectory
+    (positions, velocities and step are saved per frame), with a warning that the continuation is not
+    bit-exact. Saved frames are never dropped, except the few a kill leaves after the checkpoint, which
+    the restart recomputes."""
+    h5, ckpt_path = paths["h5"], paths["checkpoint"]
+    if not h5.exists():
+        if ckpt_path.exists():
+            raise RestartError(f"{ckpt_path} has no trajectory {h5} to continue")
+        return None
+    try:
+        steps, attrs = saved_frames(h5)
+    except (OSError, KeyError) as err:
+        raise RestartError(f"cannot read {h5} ({err}); move it away to start the run afresh") from err
+    ckpt = None
+    if ckpt_path.exists():
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except (OSError, ValueError) as err:
+            raise RestartError(f"{err}; move it away and restart again to continue from the last frame "
+                               f"of {h5.name} (not bit-exact)") from err
+    elif len(steps) == 0:
+        return None  # killed before its first frame was flushed: nothing to continue, nothing to lose
+    _check_restart_settings(ckpt["settings"] if ckpt else json.loads(attrs["settings"]), settings)
+    changed = [f"{k}: {attrs.get(k)!r} -> {metadata.get(k)!r}" for k in RESTART_SAME_MODEL
+               if k in attrs and k in metadata and str(attrs.get(k)) != str(metadata.get(k))]
+    if changed:
+        raise RestartError("cannot restart with a different model setup (" + "; ".join(changed) + ")")
+    _check_same_system(attrs, atoms, h5)
+    reference = atoms.copy()
+    reference.set_positions(np.asarray(attrs["reference_positions"], dtype=np.float64))
+    if ckpt is not None:
+        _check_checkpoint_fits(ckpt, steps, h5, ckpt_path, settings)
+        return {**ckpt, "thermostat": ckpt.get("thermostat", {}), "reference": reference}
+    return {**_state_from_frame(h5, len(steps) - 1, atoms, settings, reference, ckpt_path.name),
+            "reference": reference}
+
+
+def _check_same_system(saved: dict, atoms: Atoms, h5: Path) -> None:
+    if len(saved["numbers"]) != len(atoms):
+        raise RestartError(f"cannot restart with a different system: {h5} holds {len(saved['numbers'])} atoms, "
+                           f"the structure given has {len(atoms)}")
+    given = {"numbers": atoms.numbers, "masses": atoms.get_masses(), "cell": atoms.cell.array, "pbc": atoms.pbc}
+    changed = [f"{label} (stored {np.asarray(saved[key]).tolist()}, given {given[key].tolist()})"
+               for key, label in RESTART_SAME_SYSTEM.items()
+               if key in saved and not np.array_equal(np.asarray(saved[key]), given[key])]
+    if changed:
+        raise RestartError(f"cannot restart with a different system: {h5} holds other " + "; ".join(changed))
+
+
+def _check_checkpoint_fits(ckpt: dict, steps: np.ndarray, h5: Path, ckpt_path: Path, settings: MDSettings):
+    """The checkpoint must be the state of a frame in the file, and at most one flush batch (what a kill
+    can leave) may follow it: those frames are dropped and recomputed. A checkpoint from another run or
+    an older one (restored from a backup, say) would otherwise cut saved frames."""
+    step = int(ckpt["step"])
+    k = int(np.searchsorted(steps, step))
+    if k == len(steps) or steps[k] != step:
+        last = f"its last complete frame is at step {steps[-1]}" if len(steps) else "it has no complete frame"
+        raise RestartError(f"{h5} has no frame at the checkpoint's step {step} ({last}); cannot restart "
+                           "consistently")
+    if not np.array_equal(read_frame(h5, k)["positions"], ckpt["positions"]):
+        raise RestartError(f"{ckpt_path} does not match the frame at its step {step} in {h5}: it belongs to "
+                           "another run")
+    after = len(steps) - 1 - k
+    limit = max(int(ckpt["settings"].get("flush_every", 1)), settings.flush_every)
+    if after > limit:
+        raise RestartError(f"{h5} has {after} frames after the checkpoint's step {step}, more than a kill "
+                           f"leaves ({limit}): {ckpt_path.name} is older than the trajectory; move it away "
+                           "to continue from the last frame (not bit-exact)")
+
+
+def _state_from_frame(h5: Path, index: int, atoms: Atoms, settings: MDSettings, reference: Atoms,
+                      missing: str) -> dict:
+    """A restart state rebuilt from a saved frame, when the checkpoint is lost."""
+    frame = read_frame(h5, index)
+    step = int(frame["step"])
+    monitor = StabilityMonitor(reference, settings.temperature_limit_K, settings.bond_tolerance_A)
+    try:
+        monitor.check(step, frame["positions"], frame["velocities"],
+                      (frame["potential_energy"], frame["kinetic_energy"]), frame["temperature"])
+    except BlowUp as err:  # the blown-up frame kept for diagnosis; an earlier one would mean dropping it
+        raise RestartError(f"{missing} is missing and the last frame of {h5} is no state to continue from "
+                           f"({err}); start a new run in another folder") from err
+    lost = {"langevin": " and the thermostat's random-number state cannot be recovered",
+            "bussi": " and the thermostat's random-number state cannot be recovered",
+            "nose-hoover": " and the Nose-Hoover chain variables cannot be recovered (the chain restarts at rest)",
+            }.get(settings.thermostat, "")
+    warnings.warn(f"{missing} is missing: continuing from the last frame of {h5.name} (step {step}); the "
+                  f"momenta are rebuilt from the stored velocities (rounded in the last bit){lost}, so the "
+                  "continuation is not bit-exact", RuntimeWarning, stacklevel=4)
+    return {"step": step, "positions": frame["positions"],
+            "momenta": frame["velocities"] * atoms.get_masses()[:, None] / units.fs,  # Å/fs -> ASE units
+            "rng": None, "thermostat": {}}
 
 
 def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
