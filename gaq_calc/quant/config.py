@@ -25,8 +25,12 @@ class QuantConfig:
     # (scripts/quant_sensitivity.py) found the radial filters and the readout carry most of the A8 error.
     float_act_layers: tuple = ()
 
+    def __post_init__(self):
+        self.float_act_layers = tuple(self.float_act_layers)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        # plain JSON-able data: a tuple would come back from JSON (artifact metadata) as a list
+        return {**asdict(self), "float_act_layers": list(self.float_act_layers)}
 
     @property
     def directions(self) -> int:
