@@ -208,7 +208,7 @@ def train(
             state.setdefault(key, value)  # checkpoints written before these existed
         log(f"resumed from {ckpt_path} at epoch {state['epoch']}"
             + (f", step {state['step']}" if state["step"] else "")
-            + f" ({state['train_seconds'] / 60:.1f} min trained)")
+            + f" ({(state['train_seconds'] + state['epoch_seconds']) / 60:.1f} min trained)")
     state["commands"].append(command)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
