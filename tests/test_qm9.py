@@ -181,17 +181,24 @@ def test_calculator_on_a_qm9_molecule(tmp_path, subset):
     from gaq_calc.model.serialization import save_model
 
     torch.manual_seed(0)
-    model = randomize(GAQPotential(tiny_config(species=QM9_SPECIES)), seed=3, scale=0.1)
-    model.set_energy_reference(fit_reference_energies(subset, QM9_SPECIES), 0.1)
+    # tau_init 2 and random weights: forces of order 0.1-1 eV/Å, so the comparison has something to compare
+    model = randomize(GAQPotential(tiny_config(species=QM9_SPECIES, tau_init=2.0)), seed=3, scale=0.3)
+    model.set_energy_reference(fit_reference_energies(subset, QM9_SPECIES), 0.5)
     path = tmp_path / "qm9_tiny" / "model.pt"
     save_model(path, model.eval(), {"train_data": "qm9_subset"})
     k = int(np.flatnonzero([9 in n for n in subset.numbers])[0])  # a fluorine-containing molecule
     atoms = Atoms(numbers=subset.numbers[k], positions=subset.positions[k])
-    atoms.calc = GAQCalculator(path, dtype="float64")
-    energy = atoms.get_potential_energy()
-    assert np.isfinite(energy) and abs(energy - subset.energies[k]) < 0.05 * abs(subset.energies[k])
-    fd = calculate_numerical_forces(atoms, eps=1e-4)
-    np.testing.assert_allclose(atoms.get_forces(), fd, atol=1e-5)
+    energies = []
+    for kernel in ("reference", "auto"):  # autograd, and the fused kernel where it builds
+        atoms.calc = GAQCalculator(path, dtype="float64", kernel=kernel)
+        energy = atoms.get_potential_energy()
+        assert np.isfinite(energy) and abs(energy - subset.energies[k]) < 0.05 * abs(subset.energies[k])
+        forces = atoms.get_forces()
+        assert np.abs(forces).max() > 0.05
+        fd = calculate_numerical_forces(atoms, eps=1e-4)
+        np.testing.assert_allclose(forces, fd, atol=1e-6 * max(1.0, np.abs(fd).max()) + 1e-7, rtol=1e-5)
+        energies.append(energy)
+    assert energies[0] == pytest.approx(energies[1], abs=1e-8)
 
 
 @pytest.mark.parametrize("name", ["qm9_u0_fp32", "qm9_u0_w8a8", "qm9_u0_w4a8"])
