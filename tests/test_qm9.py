@@ -243,3 +243,51 @@ def test_gaq_report_qm9_table(tmp_path, monkeypatch):
     assert "| qm9_u0_w4a8 | – | – | – | – | not trained yet |" in text
     results_block = text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     assert "qm9_u0_fp32" not in results_block  # energy-only cards stay out of the rMD17 table
+
+
+def test_dipole_features_are_the_energy_models(subset):
+    """equivariant_features mirrors GAQPotential.forward: the readout of its features is the energy."""
+    from gaq_calc.model import GAQPotential
+    from gaq_calc.model.dipole import equivariant_features
+    from gaq_calc.model.layers import scatter_sum
+
+    torch.manual_seed(0)
+    model = randomize(GAQPotential(tiny_config(species=QM9_SPECIES, tau_init=2.0)), seed=4).double().eval()
+    b = GraphDataset(subset.subset(range(3)), QM9_SPECIES, 5.0).collate([0, 1, 2]).to("cpu", torch.float64)
+    h, _ = equivariant_features(model, b.species, b.positions, b.receivers, b.senders, b.shifts)
+    atomic = model.readout(h).squeeze(-1) * model.energy_scale + model.reference_energies[b.species]
+    energy = model(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, b.n_graphs)
+    torch.testing.assert_close(scatter_sum(atomic, b.batch, 3), energy, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_dipole_is_rotation_equivariant_and_origin_free(subset, dtype, tol):
+    from gaq_calc.metrics import random_rotations, rotated
+    from gaq_calc.model.dipole import DipoleModel
+
+    torch.manual_seed(0)
+    model = randomize(DipoleModel(tiny_config(species=QM9_SPECIES, tau_init=2.0)), seed=1).to(dtype).eval()
+    b = GraphDataset(subset.subset(range(5)), QM9_SPECIES, 5.0).collate(list(range(5))).to("cpu", dtype)
+    call = lambda g: model(g.species, g.positions, g.receivers, g.senders, g.shifts, g.batch, g.n_graphs).detach()
+    mu = call(b)
+    assert mu.norm(dim=-1).min() > 0.1  # a non-trivial dipole to rotate
+    for rot in random_rotations(3, seed=2, dtype=dtype):
+        torch.testing.assert_close(call(rotated(b, rot)), mu @ rot.T, rtol=0, atol=tol * mu.abs().max().item())
+    from dataclasses import replace
+
+    shifted = replace(b, positions=b.positions + torch.tensor([3.0, -2.0, 1.0], dtype=dtype))
+    torch.testing.assert_close(call(shifted), mu, rtol=0, atol=10 * tol * mu.abs().max().item())
+
+
+def test_dipole_training_smoke(tmp_path):
+    from gaq_calc.train.dipole import dipole_mae, load_dipole_model, train_dipole
+
+    frames = read_frames("qm9_subset", "train")
+    assert np.isfinite(frames.properties["mu_debye"]).all()
+    model, history = train_dipole(frames, tiny_config(tau_init=2.0), out=tmp_path, n_val=20, epochs=3,
+                                  batch_size=16, lr=3e-3, log=lambda s: None)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    loaded, meta = load_dipole_model(tmp_path / "best.pt")
+    test = GraphDataset(read_frames("qm9_subset", "test"), loaded.config.species, 5.0)
+    assert np.isfinite(dipole_mae(loaded, test))
+    assert meta["best_val_mu_mae_debye"] == min(h["val_mu_mae_debye"] for h in history)

@@ -27,6 +27,7 @@ class Frames:
     energies: np.ndarray  # [n_frames]
     forces: Optional[list[np.ndarray]]  # each [n_atoms, 3]; None: energy-only data
     ids: Optional[np.ndarray] = None  # [n_frames] int64, e.g. QM9 gdb indices
+    properties: Optional[dict] = None  # other per-frame labels, name -> [n_frames] (QM9: "mu_debye")
 
     def __len__(self) -> int:
         return len(self.energies)
@@ -43,6 +44,7 @@ class Frames:
             energies=self.energies[index],
             forces=None if self.forces is None else [self.forces[i] for i in index],
             ids=None if self.ids is None else self.ids[index],
+            properties=None if self.properties is None else {k: v[index] for k, v in self.properties.items()},
         )
 
     @property

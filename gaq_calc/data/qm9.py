@@ -12,7 +12,8 @@ Sources understood by `read_qm9` (and so by `read_frames`, `gaq-train --train-da
   "qm9:FILE"     a CSV in qm9pack's layout, or an ASE-readable file (extxyz) whose frames carry
                  `qm9_index` in their info and either `U0_hartree` in their info or an energy in eV
 
-Units are converted once, here: U0 hartree -> eV (ase.units.Hartree). Positions stay in Å.
+Units are converted once, here: U0 hartree -> eV (ase.units.Hartree). Positions stay in Å. The dipole
+moment magnitude stays in debye (`Frames.properties["mu_debye"]`, NaN where a source lacks it).
 
 The split is fixed by the QM9 index (the gdb index, 1-based as in QM9):
   test  = every molecule whose index is divisible by 10 (13,087 of 130,831), never used for training
@@ -92,7 +93,7 @@ def _parse_xyz(text: str) -> np.ndarray:
 def read_qm9_csv(paths) -> Frames:
     """Frames (U0 in eV, no forces, ids = QM9 index) from CSV files in qm9pack's layout, in file order."""
     csv.field_size_limit(1 << 24)
-    ids, numbers, positions, u0 = [], [], [], []
+    ids, numbers, positions, u0, mu = [], [], [], [], []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
@@ -108,8 +109,9 @@ def read_qm9_csv(paths) -> Frames:
                 numbers.append(z)
                 positions.append(xyz)
                 u0.append(float(row["InternalEnergy_0K_au"]))
+                mu.append(float(row.get("Dipole_debye") or "nan"))
     return Frames(numbers, positions, hartree_to_ev(np.asarray(u0, dtype=np.float64)), None,
-                  ids=np.asarray(ids, dtype=np.int64))
+                  ids=np.asarray(ids, dtype=np.int64), properties={"mu_debye": np.asarray(mu, dtype=np.float64)})
 
 
 def read_qm9_ase(path: str | Path) -> Frames:
@@ -117,7 +119,7 @@ def read_qm9_ase(path: str | Path) -> Frames:
     from ase.io import read
 
     images = read(str(path), index=":")
-    ids, numbers, positions, energies = [], [], [], []
+    ids, numbers, positions, energies, mu = [], [], [], [], []
     for k, atoms in enumerate(images):
         if "qm9_index" not in atoms.info:
             raise ValueError(f"{path}: frame {k} has no qm9_index in its info")
@@ -132,8 +134,9 @@ def read_qm9_ase(path: str | Path) -> Frames:
         numbers.append(atoms.numbers.astype(np.int64))
         positions.append(atoms.positions.astype(np.float64))
         energies.append(float(energy))
+        mu.append(float(atoms.info.get("mu_debye", np.nan)))
     return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), None,
-                  ids=np.asarray(ids, dtype=np.int64))
+                  ids=np.asarray(ids, dtype=np.int64), properties={"mu_debye": np.asarray(mu, dtype=np.float64)})
 
 
 def read_qm9(source="qm9", split: str = "all") -> Frames:
