@@ -291,3 +291,24 @@ def test_dipole_training_smoke(tmp_path):
     test = GraphDataset(read_frames("qm9_subset", "test"), loaded.config.species, 5.0)
     assert np.isfinite(dipole_mae(loaded, test))
     assert meta["best_val_mu_mae_debye"] == min(h["val_mu_mae_debye"] for h in history)
+
+
+def test_qat_export_and_eval_on_energy_only_data(trained, tmp_path):
+    """The QM9 QAT path of configs/qm9_u0_w*a8.yaml and scripts/ship_model.sh, on the subset with a tiny model."""
+    from gaq_calc.cli import evaluate, export, quantize
+    from gaq_calc.loading import load_model
+    from gaq_calc.quant import QuantLinear
+
+    out = train(_config(tmp_path, "qat", epochs=2, init_from=str(trained / "best.pt"), quant="w4a8_frame",
+                        quant_warmup_epochs=1, lr=1e-4), progress=False, log=lambda s: None)
+    model, meta = load_model(out / "best.pt")
+    assert any(isinstance(m, QuantLinear) for m in model.modules()) and meta["train_data"] == "qm9_subset"
+    quantize.main([str(out / "best.pt"), "--conservative-reference", "--calib-frames", "32", "-o",
+                   str(tmp_path / "q.pt")])
+    export.main([str(tmp_path / "q.pt"), "-o", str(tmp_path / "q_artifact.pt")])
+    for args, name in (([str(tmp_path / "q.pt")], "card.json"),
+                       ([str(tmp_path / "q_artifact.pt"), "--data", "qm9_subset", "--mode", "conservative"],
+                        "card_conservative.json")):
+        evaluate.main(args + ["--lee-frames", "2", "--lee-rotations", "1", "--card", str(tmp_path / name)])
+        card = json.loads((tmp_path / name).read_text())
+        assert card["split"] == "test" and np.isfinite(card["energy_mae_meV"]) and "force_mae_meV_per_A" not in card
