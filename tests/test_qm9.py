@@ -312,3 +312,22 @@ def test_qat_export_and_eval_on_energy_only_data(trained, tmp_path):
         evaluate.main(args + ["--lee-frames", "2", "--lee-rotations", "1", "--card", str(tmp_path / name)])
         card = json.loads((tmp_path / name).read_text())
         assert card["split"] == "test" and np.isfinite(card["energy_mae_meV"]) and "force_mae_meV_per_A" not in card
+
+
+@pytest.mark.slow
+def test_full_qm9_from_qm9pack_matches_the_subset(subset):
+    """With qm9pack installed (extra [qm9]): the full data, its split sizes, and the subset it was cut from."""
+    import importlib.util
+
+    if importlib.util.find_spec("qm9pack") is None:  # (located, not imported: its __init__ needs pkg_resources)
+        pytest.skip("qm9pack is not installed")
+    full = read_qm9("qm9", "all")
+    assert len(full) == 130_831 and full.species == QM9_SPECIES
+    assert int(is_test_index(full.ids).sum()) == 13_087
+    row = {int(i): k for k, i in enumerate(full.ids)}
+    for k in range(0, len(subset), 7):
+        j = row[int(subset.ids[k])]
+        assert full.energies[j] == subset.energies[k]
+        assert full.properties["mu_debye"][j] == subset.properties["mu_debye"][k]
+        np.testing.assert_array_equal(full.numbers[j], subset.numbers[k])
+        np.testing.assert_allclose(full.positions[j], subset.positions[k], rtol=0, atol=1e-8)
