@@ -129,6 +129,9 @@ def main(argv=None) -> None:
             "epochs": metadata.get("epochs_total", metadata.get("epochs")),
             "selected_epoch": metadata.get("selected_epoch"),
             "train_minutes": round(metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
+            # process CPU time of the training epochs (all threads); absent from models trained before it was kept
+            "cpu_hours": (round(metadata.get("train_cpu_seconds_total", metadata["train_cpu_seconds"]) / 3600, 6)
+                          if "train_cpu_seconds" in metadata else None),
             "n_train": metadata.get("n_train"),
             "n_val": metadata.get("n_val"),
             "config": metadata.get("train_config"),
@@ -141,20 +144,21 @@ def main(argv=None) -> None:
             "train_minutes": round(snap_meta.get("train_seconds", float("nan")) / 60, 2),
             "epochs": snap_meta.get("epochs"),
             "energy_mae_meV": snap["energy_mae_meV"],
-            "force_mae_meV_per_A": snap["force_mae_meV_per_A"],
+            **({"force_mae_meV_per_A": snap["force_mae_meV_per_A"]} if "force_mae_meV_per_A" in snap else {}),
         }
     card["eval_command"] = "gaq-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     card["eval_seconds"] = round(time.perf_counter() - t0, 1)
     card["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                            "machine": platform.machine(), "threads": torch.get_num_threads()}
 
+    # energy-only test data (QM9) have no force metrics
+    f_txt = lambda m: f", F MAE {m['force_mae_meV_per_A']:.2f} meV/Å" if "force_mae_meV_per_A" in m else ""
     print(f"{card['model']} on {data} ({args.split}, {metrics['n_frames']} frames): "
-          f"E MAE {metrics['energy_mae_meV']:.2f} meV, F MAE {metrics['force_mae_meV_per_A']:.2f} meV/Å"
+          f"E MAE {metrics['energy_mae_meV']:.2f} meV" + f_txt(metrics)
           + (f", LEE {metrics['lee_meV_per_A']:.2e} meV/Å" if "lee_meV_per_A" in metrics else ""))
     if "snapshot" in card:
         s = card["snapshot"]
-        print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV, "
-              f"F MAE {s['force_mae_meV_per_A']:.2f} meV/Å")
+        print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV" + f_txt(s))
     target = Path(args.card) if args.card else (path.parent / "card.json" if args.write_card else None)
     if target is not None:
         tmp = target.with_name("." + target.name + ".tmp")

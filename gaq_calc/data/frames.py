@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -14,15 +15,26 @@ SHIPPED_DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "rmd17"
 
 @dataclass
 class Frames:
-    """A list of labelled structures; energies in eV, forces in eV/Å, positions in Å (float64)."""
+    """A list of labelled structures; energies in eV, forces in eV/Å, positions in Å (float64).
+
+    Energy-only data (QM9) has `forces=None`: no force labels at all, never NaN placeholders. The
+    trainer then drops the force loss and the metrics skip the force errors. `ids` optionally names
+    each frame in its source data set (QM9: the 1-based gdb index), and follows subsets.
+    """
 
     numbers: list[np.ndarray]  # each [n_atoms] int64
     positions: list[np.ndarray]  # each [n_atoms, 3]
     energies: np.ndarray  # [n_frames]
-    forces: list[np.ndarray]  # each [n_atoms, 3]
+    forces: Optional[list[np.ndarray]]  # each [n_atoms, 3]; None: energy-only data
+    ids: Optional[np.ndarray] = None  # [n_frames] int64, e.g. QM9 gdb indices
+    properties: Optional[dict] = None  # other per-frame labels, name -> [n_frames] (QM9: "mu_debye")
 
     def __len__(self) -> int:
         return len(self.energies)
+
+    @property
+    def has_forces(self) -> bool:
+        return self.forces is not None
 
     def subset(self, index) -> "Frames":
         index = np.asarray(index, dtype=np.int64)
@@ -30,7 +42,9 @@ class Frames:
             numbers=[self.numbers[i] for i in index],
             positions=[self.positions[i] for i in index],
             energies=self.energies[index],
-            forces=[self.forces[i] for i in index],
+            forces=None if self.forces is None else [self.forces[i] for i in index],
+            ids=None if self.ids is None else self.ids[index],
+            properties=None if self.properties is None else {k: v[index] for k, v in self.properties.items()},
         )
 
     @property
@@ -61,18 +75,28 @@ def read_rmd17(path: str | Path) -> Frames:
     )
 
 
+def _has_forces(atoms) -> bool:
+    calc = atoms.calc
+    return calc is not None and "forces" in getattr(calc, "results", {})
+
+
 def read_ase(path: str | Path, index: str = ":") -> Frames:
-    """Read any ASE-readable file whose frames carry energy and forces (e.g. extxyz)."""
+    """Read any ASE-readable file whose frames carry energy and forces (e.g. extxyz).
+
+    A file whose frames all carry energies and none carries forces is energy-only data
+    (`forces=None`); a file that mixes the two is refused.
+    """
     from ase.io import read
 
     images = read(str(path), index=index)
     if not isinstance(images, list):
         images = [images]
+    energy_only = len(images) > 0 and not any(_has_forces(atoms) for atoms in images)
     numbers, positions, energies, forces = [], [], [], []
     for k, atoms in enumerate(images):
         try:
             energy = atoms.get_potential_energy()
-            frame_forces = atoms.get_forces()
+            frame_forces = None if energy_only else atoms.get_forces()
         except Exception as err:  # ASE raises several types for missing labels
             raise ValueError(f"{path}: frame {k} has no energy/forces labels ({err})") from err
         if atoms.pbc.any():
@@ -80,8 +104,9 @@ def read_ase(path: str | Path, index: str = ":") -> Frames:
         numbers.append(atoms.numbers.astype(np.int64))
         positions.append(atoms.positions.astype(np.float64))
         energies.append(float(energy))
-        forces.append(np.asarray(frame_forces, dtype=np.float64))
-    return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), forces)
+        if not energy_only:
+            forces.append(np.asarray(frame_forces, dtype=np.float64))
+    return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), None if energy_only else forces)
 
 
 def shipped_split(molecule: str, split: str) -> Path:
@@ -94,7 +119,14 @@ def shipped_split(molecule: str, split: str) -> Path:
 
 
 def read_frames(source: str | Path, split: str = "train") -> Frames:
-    """Frames from a file path (npz = rMD17, anything else through ase.io) or a shipped molecule name."""
+    """Frames from a file path (npz = rMD17, anything else through ase.io) or a shipped molecule name.
+
+    QM9 sources ("qm9", "qm9_subset", "qm9:FILE"; see gaq_calc.data.qm9) apply QM9's fixed split.
+    """
+    from gaq_calc.data.qm9 import is_qm9_source, read_qm9
+
+    if is_qm9_source(source):
+        return read_qm9(source, split)
     path = Path(source)
     if not path.exists() and path.suffix == "" and "/" not in str(source):
         path = shipped_split(str(source), split)

@@ -109,7 +109,8 @@ class GraphDataset:
     def __init__(self, frames: Frames, species: list[int], cutoff: float):
         self.frames = frames
         self.species_idx = [species_index(n, species) for n in frames.numbers]
-        self.edges = [neighbour_graph(p, cutoff) for p in frames.positions]
+        # compact: int32 indices and no all-zero shift arrays (QM9's 10^5 molecules would need ~1.3 GB)
+        self.edges = [_compact(*neighbour_graph(p, cutoff)) for p in frames.positions]
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -118,9 +119,9 @@ class GraphDataset:
         f = self.frames
         n_atoms = np.array([len(f.numbers[k]) for k in index])
         offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
-        receivers = np.concatenate([self.edges[k][0] + o for k, o in zip(index, offsets)])
-        senders = np.concatenate([self.edges[k][1] + o for k, o in zip(index, offsets)])
-        shifts = np.concatenate([self.edges[k][2] for k in index])
+        receivers = np.concatenate([self.edges[k][0].astype(np.int64) + o for k, o in zip(index, offsets)])
+        senders = np.concatenate([self.edges[k][1].astype(np.int64) + o for k, o in zip(index, offsets)])
+        shifts = np.concatenate([_shifts(self.edges[k]) for k in index])
         return GraphBatch(
             species=torch.from_numpy(np.concatenate([self.species_idx[k] for k in index])),
             positions=torch.from_numpy(np.concatenate([f.positions[k] for k in index])),
@@ -131,13 +132,26 @@ class GraphDataset:
             n_graphs=len(index),
             n_atoms_per_graph=torch.from_numpy(n_atoms),
             energy=torch.from_numpy(f.energies[np.asarray(index)]),
-            forces=torch.from_numpy(np.concatenate([f.forces[k] for k in index])),
+            forces=None if f.forces is None else torch.from_numpy(np.concatenate([f.forces[k] for k in index])),
         )
 
-    def batches(self, batch_size: int, shuffle_seed: Optional[int] = None) -> Iterator[GraphBatch]:
-        """Batches in order, or shuffled by a seed (same seed, same order: resumable)."""
+    def batches(self, batch_size: int, shuffle_seed: Optional[int] = None, first: int = 0) -> Iterator[GraphBatch]:
+        """Batches in order, or shuffled by a seed (same seed, same order: resumable); `first` skips
+        that many batches without building them (resuming inside an epoch)."""
         order = np.arange(len(self))
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(len(self))
-        for start in range(0, len(order), batch_size):
+        for start in range(first * batch_size, len(order), batch_size):
             yield self.collate(order[start : start + batch_size])
+
+
+def _compact(receivers, senders, shifts):
+    small = len(receivers) == 0 or max(receivers.max(), senders.max()) < 2**31
+    index_dtype = np.int32 if small else np.int64
+    return (receivers.astype(index_dtype), senders.astype(index_dtype),
+            shifts if np.any(shifts) else len(receivers))  # an int: that many zero shifts
+
+
+def _shifts(edges) -> np.ndarray:
+    shifts = edges[2]
+    return np.zeros((shifts, 3)) if isinstance(shifts, int) else shifts

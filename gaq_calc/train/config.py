@@ -31,6 +31,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     checkpoint_every: int = 1  # epochs
+    checkpoint_minutes: Optional[float] = None  # also checkpoint inside an epoch this often (long epochs, QM9)
     snapshot_minutes: float = 40.0  # save the EMA model once when training time first passes this
     max_minutes: Optional[float] = None  # stop (resumable) after this much wall time in this run
     # quantization-aware training (QAT): fine-tune a trained FP32 model under a quantization preset

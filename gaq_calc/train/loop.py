@@ -2,7 +2,12 @@
 
 Resuming reproduces the uninterrupted run: batch order is a pure function of (seed, epoch), the LR a
 pure function of the epoch (or of the saved plateau state), optimizer and EMA states are saved, and no
-random numbers are drawn after the seeded initialisation.
+random numbers are drawn after the seeded initialisation. With `checkpoint_minutes` a checkpoint is also
+written inside an epoch (long QM9 epochs); it records the batches done, and a resumed run skips them.
+
+Energy-only data (`Frames.forces is None`, e.g. QM9) train on the energy term alone: the network's
+energy is evaluated without its position gradient (no double backward), unless the LEE regularizer
+asks for forces.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
-from gaq_calc.metrics import error_metrics, force_rms, random_rotations, rotated
+from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
 from gaq_calc.model.serialization import atomic_save, read_model_file, save_model
 from gaq_calc.models_dir import resolve_model
@@ -36,6 +41,8 @@ SNAPSHOT = "snapshot_{minutes:g}min.pt"
 def loss_fn(energy, forces, batch, cfg: TrainConfig) -> torch.Tensor:
     n_atoms = batch.n_atoms_per_graph.to(energy.dtype)
     e_term = (((energy - batch.energy) / n_atoms) ** 2).mean()
+    if batch.forces is None:  # energy-only data
+        return cfg.energy_weight * e_term.to(batch.positions.dtype)
     f_term = ((forces - batch.forces) ** 2).mean()
     return cfg.energy_weight * e_term.to(forces.dtype) + cfg.force_weight * f_term
 
@@ -54,7 +61,7 @@ def distilled_targets(frames, cfg: TrainConfig):
     energies, forces = predict(teacher, GraphDataset(frames, species, teacher.cutoff), batch_size=32)
     w = cfg.distill_weight
     return replace(frames, energies=w * energies + (1 - w) * frames.energies,
-                   forces=[w * f + (1 - w) * t for f, t in zip(forces, frames.forces)])
+                   forces=None if forces is None else [w * f + (1 - w) * t for f, t in zip(forces, frames.forces)])
 
 
 def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPotential:
@@ -70,7 +77,9 @@ def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPoten
             torch.manual_seed(cfg.seed)
             model = GAQPotential(cfg.model).to(dtype)
         ref = fit_reference_energies(train_frames, cfg.model.species)
-        model.set_energy_reference(ref, force_rms(train_frames.forces))
+        scale = (force_rms(train_frames.forces) if train_frames.has_forces
+                 else residual_energy_scale(train_frames, ref, cfg.model.species))
+        model.set_energy_reference(ref, scale)
     if cfg.quant:
         from gaq_calc.quant import calibrate, prepare, preset
 
@@ -103,16 +112,18 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(13, 3.6))
+    with_forces = "val_force_mae_meV_per_A" in history[0]  # absent for energy-only data
+    fig = Figure(figsize=(13 if with_forces else 9, 3.6))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(1, 3 if with_forces else 2)
     axes[0].semilogy(epochs, [h["train_loss"] for h in history], label="train")
     axes[0].semilogy(epochs, [h["val_loss"] for h in history], label="val (EMA)")
     axes[0].set_ylabel("loss")
     axes[1].semilogy(epochs, [h["val_energy_mae_meV"] for h in history])
     axes[1].set_ylabel("val energy MAE (meV)")
-    axes[2].semilogy(epochs, [h["val_force_mae_meV_per_A"] for h in history])
-    axes[2].set_ylabel("val force MAE (meV/Å)")
+    if with_forces:
+        axes[2].semilogy(epochs, [h["val_force_mae_meV_per_A"] for h in history])
+        axes[2].set_ylabel("val force MAE (meV/Å)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
@@ -124,7 +135,7 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
 
 
 # fields that only say where and for how long a run goes; a resumed run may change them
-RUN_CONTROL_FIELDS = ("out_dir", "max_minutes", "checkpoint_every")
+RUN_CONTROL_FIELDS = ("out_dir", "max_minutes", "checkpoint_every", "checkpoint_minutes")
 
 
 def _trajectory_fields(config: dict) -> dict:
@@ -147,8 +158,10 @@ def train(
     progress: bool = True,
     stop_after_epochs: Optional[int] = None,
     log: Callable[[str], None] = print,
+    stop_after_steps: Optional[int] = None,
 ) -> Path:
-    """Train (or resume) into cfg.out_dir; returns the directory. `stop_after_epochs` ends this run early."""
+    """Train (or resume) into cfg.out_dir; returns the directory. `stop_after_epochs` ends this run early;
+    `stop_after_steps` ends it inside an epoch after that many optimizer steps, with a checkpoint."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frames = read_frames(cfg.train_data, "train")
@@ -177,7 +190,9 @@ def train(
     state = {
         "epoch": 0, "train_seconds": 0.0, "history": [], "best_val_loss": math.inf,
         "plateau_lr": cfg.lr, "plateau_best": math.inf, "plateau_bad": 0, "snapshot_done": False,
-        "commands": [],
+        "commands": [], "train_cpu_seconds": 0.0,
+        # inside an epoch (checkpoint_minutes): batches done, their losses, seconds spent
+        "step": 0, "epoch_losses": [], "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0,
     }
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -188,7 +203,12 @@ def train(
         ema.model.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
-        log(f"resumed from {ckpt_path} at epoch {state['epoch']} ({state['train_seconds'] / 60:.1f} min trained)")
+        for key, value in (("train_cpu_seconds", 0.0), ("step", 0), ("epoch_losses", []), ("epoch_seconds", 0.0),
+                           ("epoch_cpu_seconds", 0.0)):
+            state.setdefault(key, value)  # checkpoints written before these existed
+        log(f"resumed from {ckpt_path} at epoch {state['epoch']}"
+            + (f", step {state['step']}" if state["step"] else "")
+            + f" ({(state['train_seconds'] + state['epoch_seconds']) / 60:.1f} min trained)")
     state["commands"].append(command)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
@@ -205,15 +225,19 @@ def train(
         return {
             "train_data": str(cfg.train_data), "n_train": len(train_frames), "n_val": len(val_frames),
             "epochs": state["epoch"], "train_seconds": state["train_seconds"],
+            "train_cpu_seconds": state["train_cpu_seconds"],
             "commands": list(state["commands"]), "train_config": cfg.to_dict(),
             "torch_version": str(torch.__version__),
         }
 
     run_start = time.perf_counter()
-    epochs_this_run = 0
+    epochs_this_run = steps_this_run = 0
+    energy_only = not train_frames.has_forces
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
-        t0 = time.perf_counter()
+        # a resumed mid-epoch checkpoint: its time counts toward this epoch
+        t0 = time.perf_counter() - state["epoch_seconds"]
+        c0 = time.process_time() - state["epoch_cpu_seconds"]
         if cfg.schedule == "cosine":
             lr = cosine_lr(epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
         elif cfg.schedule == "plateau":
@@ -230,13 +254,20 @@ def train(
             if epoch == cfg.quant_warmup_epochs > 0:  # selection only among fully quantized epochs
                 state["best_val_loss"], state["plateau_best"] = math.inf, math.inf
         model.train()
-        losses = []
-        batches = train_ds.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch)
+        first = state["step"]
+        losses = list(state["epoch_losses"])
+        batches = train_ds.batches(cfg.batch_size, shuffle_seed=cfg.seed * 1_000_003 + epoch, first=first)
         n_batches = math.ceil(len(train_ds) / cfg.batch_size)
-        for step, batch in enumerate(tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                                          disable=not progress, leave=False)):
+        last_save = time.perf_counter()
+        stopped_inside = False
+        for step, batch in enumerate(tqdm(batches, total=n_batches, initial=first, disable=not progress,
+                                          desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False), start=first):
             batch = batch.to("cpu", dtype)
-            energy, forces = energy_and_forces(model, batch, training=True)
+            if energy_only and cfg.lee_weight <= 0:  # no force labels: the energy alone, no double backward
+                energy, forces = model(batch.species, batch.positions, batch.receivers, batch.senders,
+                                       batch.shifts, batch.batch, batch.n_graphs), None
+            else:
+                energy, forces = energy_and_forces(model, batch, training=True)
             loss = loss_fn(energy, forces, batch, cfg)
             if cfg.lee_weight > 0:
                 loss = loss + cfg.lee_weight * lee_penalty(
@@ -248,6 +279,23 @@ def train(
             optimizer.step()
             ema.update(model)
             losses.append(loss.item())
+            steps_this_run += 1
+            now = time.perf_counter()
+            out_of_time = cfg.max_minutes is not None and (now - run_start) / 60 >= cfg.max_minutes
+            stop_now = (stop_after_steps is not None and steps_this_run >= stop_after_steps) or (
+                out_of_time and cfg.checkpoint_minutes is not None)
+            due = cfg.checkpoint_minutes is not None and (now - last_save) / 60 >= cfg.checkpoint_minutes
+            if step + 1 < n_batches and (stop_now or due):
+                state.update(step=step + 1, epoch_losses=list(losses), epoch_seconds=now - t0,
+                             epoch_cpu_seconds=time.process_time() - c0)
+                save_checkpoint()
+                last_save = time.perf_counter()
+                if stop_now:
+                    stopped_inside = True
+                    break
+        if stopped_inside:
+            log(f"stopped inside epoch {epoch + 1} after step {state['step']}/{n_batches}; rerun to resume")
+            break
         if not np.isfinite(losses).all():
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower the learning rate")
 
@@ -255,12 +303,16 @@ def train(
         # model selection on the validation frames only, same weighting as the training loss
         # (plain floats only: checkpoints must load with weights_only=True, which refuses numpy scalars)
         val_loss = float(cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / mean_atoms) ** 2
-                         + cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2)
+                         + (cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2 if "force_rmse_meV_per_A" in val
+                            else 0.0))
         state["epoch"] = epoch + 1
         state["train_seconds"] += time.perf_counter() - t0
+        state["train_cpu_seconds"] += time.process_time() - c0
+        state.update(step=0, epoch_losses=[], epoch_seconds=0.0, epoch_cpu_seconds=0.0)
         row = {
             "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-            "val_energy_mae_meV": val["energy_mae_meV"], "val_force_mae_meV_per_A": val["force_mae_meV_per_A"],
+            "val_energy_mae_meV": val["energy_mae_meV"],
+            **({"val_force_mae_meV_per_A": val["force_mae_meV_per_A"]} if "force_mae_meV_per_A" in val else {}),
             "train_minutes": state["train_seconds"] / 60,
         }
         state["history"].append(row)
@@ -279,14 +331,16 @@ def train(
             state["snapshot_done"] = True
             save_model(out / SNAPSHOT.format(minutes=cfg.snapshot_minutes), ema.model,
                        {**metadata(), "snapshot_minutes": cfg.snapshot_minutes, "val": val})
+        force_txt = f" F {val['force_mae_meV_per_A']:.2f} meV/A" if "force_mae_meV_per_A" in val else ""
         log(
             f"epoch {epoch + 1}: lr {lr:.2e} loss {row['train_loss']:.3e} | val E {val['energy_mae_meV']:.2f} meV"
-            f" F {val['force_mae_meV_per_A']:.2f} meV/A | {state['train_seconds'] / 60:.1f} min"
+            f"{force_txt} | {state['train_seconds'] / 60:.1f} min"
         )
         epochs_this_run += 1
         last = state["epoch"] >= cfg.epochs
         out_of_time = cfg.max_minutes is not None and (time.perf_counter() - run_start) / 60 >= cfg.max_minutes
-        stop = last or out_of_time or (stop_after_epochs is not None and epochs_this_run >= stop_after_epochs)
+        stop = (last or out_of_time or (stop_after_epochs is not None and epochs_this_run >= stop_after_epochs)
+                or (stop_after_steps is not None and steps_this_run >= stop_after_steps))
         if stop or state["epoch"] % cfg.checkpoint_every == 0:
             save_checkpoint()
             _write_log(out, state["history"])
@@ -295,5 +349,6 @@ def train(
             break
     if state["epoch"] >= cfg.epochs:
         save_model(out / FINAL, ema.model, metadata())
-        _finalize_best(out, {"epochs_total": state["epoch"], "train_seconds_total": state["train_seconds"]})
+        _finalize_best(out, {"epochs_total": state["epoch"], "train_seconds_total": state["train_seconds"],
+                             "train_cpu_seconds_total": state["train_cpu_seconds"]})
     return out

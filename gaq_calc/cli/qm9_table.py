@@ -1,0 +1,56 @@
+"""The QM9 table of gaq-report: U0 models (models/qm9_*/card*.json) on QM9's held-out test molecules.
+
+A planned model without a card gets a "not trained yet" row: no number is ever made up.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: The issue-16 models, in table order; other qm9_* cards follow them.
+QM9_MODELS = ("qm9_u0_fp32", "qm9_u0_w8a8", "qm9_u0_w4a8")
+MARKERS = ("<!-- qm9:start -->", "<!-- qm9:end -->")
+HEADER = [
+    "| model | method | inference | bits W(vec/scal) A(scal/vec) | test molecules | E MAE (meV) | LEE fp32 (meV/Å) | "
+    "LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | vs FP32 | CPU hours |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def qm9_cards(models: Path) -> list[tuple[str, dict, Path]]:
+    """(model name, card, model folder) of every card under models/qm9_*/, planned models first."""
+    cards = []
+    for path in sorted(models.glob("qm9_*/card*.json")):
+        cards.append((path.parent.name, json.loads(path.read_text()), path.parent))
+    order = {name: k for k, name in enumerate(QM9_MODELS)}
+    return sorted(cards, key=lambda c: (order.get(c[0], len(order)), c[0], c[1].get("mode") or ""))
+
+
+def qm9_table(models: Path) -> str:
+    from gaq_calc.cli.report import _bits, _converged
+
+    cards = qm9_cards(models)
+    fp32 = next((c for name, c, _ in cards if name == "qm9_u0_fp32" and not c.get("quantization")), None)
+    fp_bytes = (fp32.get("size") or {}).get("packed_bytes") if fp32 else None
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    rows = list(HEADER)
+    for name in QM9_MODELS:
+        if not any(n == name for n, _, _ in cards):
+            rows.append(f"| {name} | – | – | – | – | not trained yet | – | – | – | – | – | – | – |")
+    for name, card, folder in cards:
+        q = card.get("quantization") or {}
+        conservative = card.get("mode") == "conservative"
+        size = (card.get("size") or {}).get("packed_bytes") or (
+            (card.get("size") or {}).get("file_bytes") if card.get("artifact") else None)
+        training = card.get("training") or {}
+        converged = _converged(folder / "log.csv", column="val_energy_mae_meV")
+        rows.append(
+            f"| {Path(card['model_file']).name if card.get('artifact') else name} | {q.get('preset') or 'fp32'} | "
+            f"{card.get('mode') or ('quantized' if q else '–')} | "
+            f"{_bits(card).split(' A')[0] + ' A unrounded' if conservative else _bits(card)} | {card.get('n_frames')} | "
+            f"{card['energy_mae_meV']:.2f} | {fmt(card.get('lee_meV_per_A'), '.3g')} | "
+            f"{fmt(card.get('lee_float64_meV_per_A'), '.1e')} | {converged} | {training.get('epochs') or '–'} | "
+            f"{fmt(size and size / 1024, '.0f')} | "
+            f"{fmt(fp_bytes / size if fp_bytes and size else None, '.2f')}{'x' if fp_bytes and size else ''} | "
+            f"{fmt(training.get('cpu_hours'), '.1f')} |")
+    return "\n".join(rows)
