@@ -1,0 +1,214 @@
+"""Model files as untrusted input (issue 18): loading runs no code from the file, every model file
+carries a SHA-256 of its weights and metadata that is checked at load, and bad input gets a one-line
+error (library: a clear exception; command lines: `prog: error: ...` and exit status 2)."""
+import json
+import shutil
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from torch import nn
+
+from conftest import calibrated_qat, ethanol_batch
+from gaq_calc import GAQCalculator, ModelFileError
+from gaq_calc.cli import evaluate
+from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.model.network import EnergyForces
+from gaq_calc.model.serialization import read_model_file, save_model
+from gaq_calc.models_dir import models_dir, resolve_model
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+class WritesOnDequantize(nn.Module):
+    """A submodule whose TorchScript writes a file when its `dequantized_weight()` is called (which the
+    old loader did for every submodule with a `round_activations` attribute)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.round_activations = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.from_file(self.marker, shared=True, size=8, dtype=torch.uint8)
+
+
+class WritesOnSetstate(nn.Module):
+    """A submodule whose scripted __setstate__ writes a file: torch.jit.load itself runs it."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.buf = torch.zeros(0, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool]:
+        return (self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        self.buf = torch.from_file(state[0], shared=True, size=8, dtype=torch.uint8)
+
+
+def _metadata(path) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("extra/gaq_metadata.json"))
+        return json.loads(archive.read(name))
+
+
+def _save_scripted(scripted, metadata: dict, out: Path) -> None:
+    """Write a scripted module as an artifact with this metadata, with a valid integrity hash where the
+    package stores one: a crafted file passes every integrity check, so only its code is under test."""
+    from gaq_calc.export import artifact
+
+    metadata = {k: v for k, v in metadata.items() if k != "sha256"}
+    save = getattr(artifact, "save_artifact", None)
+    if save is not None:
+        save(scripted, metadata, out)
+    else:  # the package before the fix had no hash
+        torch.jit.save(scripted, str(out), _extra_files={"gaq_metadata.json": json.dumps(metadata)})
+
+
+def _crafted_artifact(tmp_path, model_file, marker: Path, kind) -> Tuple[Path, Path]:
+    """(legit artifact of model_file, the same network with a file-writing submodule added)."""
+    from gaq_calc.export.artifact import _swap_packed  # what gaq-export does to quantized layers
+    from gaq_calc.loading import load_model
+
+    legit = tmp_path / "legit.pt"
+    export_artifact(model_file, legit)
+    model, _ = load_model(model_file)
+    model = _swap_packed(model).eval()
+    model.extra = kind(str(marker))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(EnergyForces(model))
+    crafted = tmp_path / "crafted.pt"
+    _save_scripted(scripted, _metadata(legit), crafted)
+    assert not marker.exists()
+    return legit, crafted
+
+
+def _small_data(tmp_path) -> Path:
+    """Three labelled ethanol frames as extxyz (a quick --data for gaq-eval)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from gaq_calc.data import read_frames
+
+    frames = read_frames("ethanol", "test")
+    images = []
+    for k in (0, 1, 2):
+        atoms = Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
+        atoms.calc = SinglePointCalculator(atoms, energy=float(frames.energies[k]), forces=frames.forces[k])
+        images.append(atoms)
+    path = tmp_path / "three.extxyz"
+    write(path, images)
+    return path
+
+
+def _ethanol(k=2):
+    from gaq_calc.data import read_frames
+
+    frames = read_frames("ethanol", "test")
+    return Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
+
+
+def _flip_byte_in_place(path: Path, member_suffix: str) -> None:
+    """Flip one byte in the middle of a zip member's stored data, in place (its CRC-32 then no longer
+    matches; torch's reader does not look at it)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
+        assert info.compress_type == zipfile.ZIP_STORED
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_len = int.from_bytes(raw[header + 26:header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28:header + 30], "little")
+    offset = header + 30 + name_len + extra_len + info.file_size // 2
+    raw[offset] ^= 0x01  # the lowest bit of one byte: a float changes in its mantissa
+    path.write_bytes(bytes(raw))
+
+
+def _rewrite_member(path: Path, out: Path, member_suffix: str, edit) -> None:
+    """Copy an archive with one member's bytes edited (valid CRCs: only a content hash can tell)."""
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith(member_suffix):
+                data = edit(data)
+            dst.writestr(info, data)
+
+
+def _largest_member(path: Path) -> str:
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    return "/" + info.filename.split("/", 1)[1]
+
+
+def _one_line_error(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def qat_file(tmp_path, ethanol_frames):
+    q = calibrated_qat(ethanol_frames, "w4a8_frame")
+    path = tmp_path / "qat" / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    return path
+
+
+# --- 1. loading an artifact runs no code from the file ---------------------------------------------
+
+
+# --- 7. integrity of model files ------------------------------------------------------------------
+
+def test_a_flipped_byte_in_a_model_file_is_refused(tmp_path, tiny_model_file):
+    bad = tmp_path / "flipped.pt"
+    shutil.copy(tiny_model_file, bad)
+    _flip_byte_in_place(bad, _largest_member(bad))
+    with pytest.raises(ModelFileError, match="integrity") as info:
+        GAQCalculator(str(bad))
+    assert "flipped.pt" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_edited_weights_or_metadata_of_a_model_file_are_refused(tmp_path, tiny_model_file):
+    data = torch.load(tiny_model_file, weights_only=True)
+    data["state_dict"]["reference_energies"][0] += 1e-4
+    torch.save(data, tmp_path / "w.pt")
+    data = torch.load(tiny_model_file, weights_only=True)
+    data["metadata"]["train_data"] = "azobenzene"
+    torch.save(data, tmp_path / "m.pt")
+    for name in ("w.pt", "m.pt"):
+        with pytest.raises(ModelFileError, match=f"{name}.*integrity"):
+            read_model_file(tmp_path / name)
+
+
+def test_trainer_best_pt_keeps_a_valid_hash_after_finalizing(tmp_path, tiny_model_file):
+    from gaq_calc.train.loop import _finalize_best
+
+    shutil.copy(tiny_model_file, tmp_path / "best.pt")
+    _finalize_best(tmp_path, {"epochs_total": 3, "train_seconds_total": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = read_model_file(tmp_path / "best.pt")
+    assert data["metadata"]["epochs_total"] == 3 and "sha256" in data
+
+
+# --- 9. clear errors from the calculator and the command lines ------------------------------------
