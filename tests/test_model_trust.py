@@ -212,3 +212,59 @@ def test_trainer_best_pt_keeps_a_valid_hash_after_finalizing(tmp_path, tiny_mode
 
 
 # --- 9. clear errors from the calculator and the command lines ------------------------------------
+
+def test_unknown_keyword_is_refused(tiny_model_file):
+    with pytest.raises(TypeError, match="kernal.*kernel"):
+        GAQCalculator(str(tiny_model_file), kernal="fused")
+    calc = GAQCalculator(str(tiny_model_file), label="run1", directory=".")  # ASE's own arguments stay
+    assert calc.label == "run1"
+
+
+def test_quantized_mode_on_an_fp32_model_is_refused(tmp_path, tiny_model_file):
+    art = tmp_path / "fp32.pt"
+    export_artifact(tiny_model_file, art)
+    for model in (tiny_model_file, art):
+        with pytest.raises(ValueError, match="FP32 model"):
+            GAQCalculator(str(model), mode="quantized")
+        GAQCalculator(str(model), mode="conservative")  # the default: accepted, the same numbers
+
+
+def test_gaq_eval_on_a_foreign_torchscript_file_is_a_one_line_error(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(foreign))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(foreign)])
+    assert exit_.value.code == 2
+    assert "not a gaq_calc artifact" in _one_line_error(capsys, "gaq-eval")
+
+
+def test_gaq_eval_accepts_a_training_run_folder(tmp_path, tiny_model_file, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_model_file, run / "best.pt")
+    assert resolve_model(run) == run / "best.pt"
+    shutil.copy(tiny_model_file, run / "model.pt")
+    assert resolve_model(run) == run / "model.pt"  # a model folder's model.pt comes first
+    (run / "model.pt").unlink()
+    card = tmp_path / "card.json"
+    evaluate.main([str(run), "--data", str(_small_data(tmp_path)), "--lee-frames", "0", "--card", str(card)])
+    assert json.loads(card.read_text())["n_frames"] == 3
+
+
+@pytest.mark.parametrize("cli", ["evaluate", "export", "quantize"])
+def test_command_lines_turn_model_file_errors_into_one_line(tmp_path, capsys, cli):
+    import importlib
+
+    module = importlib.import_module(f"gaq_calc.cli.{cli}")
+    argv = [str(tmp_path / "missing.pt")] + ([] if cli == "evaluate" else ["-o", str(tmp_path / "out.pt")])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    assert "no model file" in _one_line_error(capsys, "gaq-eval" if cli == "evaluate" else f"gaq-{cli}")
+
+
+def test_gaq_eval_refuses_quantized_mode_for_an_fp32_model(tiny_model_file, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(tiny_model_file), "--mode", "quantized", "--lee-frames", "0"])
+    assert exit_.value.code == 2
+    assert "FP32" in _one_line_error(capsys, "gaq-eval")
