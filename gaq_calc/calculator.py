@@ -30,8 +30,8 @@ class GAQCalculator(Calculator):
     device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
     energies and the total energy are always accumulated in float64). Artifacts are float32.
     min_distance: atoms closer than this (Å) are rejected as overlapping.
-    jit: run an FP32 checkpoint through TorchScript (same numbers, less overhead per call); quantized
-    checkpoints run eagerly; artifacts are TorchScript already.
+    jit: run an FP32 checkpoint through TorchScript (same numbers, less overhead per call) on the
+    reference kernel; quantized checkpoints run eagerly; for artifacts, see kernel.
     mode (quantized models): "conservative" (default) keeps the quantized weights but does not round
     activations, so forces are exact gradients of the reported energy and NVE conserves energy;
     "quantized" rounds activations to 8 bits as in training (the model card's numbers), and its forces
@@ -43,6 +43,9 @@ class GAQCalculator(Calculator):
     conservative mode, and artifacts in quantized mode (integer GEMMs on int8 activation codes; not
     MDDQ); the reference path elsewhere. "fused" requires it; "reference" always runs the
     TorchScript/eager network with autograd forces. The chosen path is in self.kernel.
+    An artifact is read as data (its tensors and metadata, integrity-checked) and rebuilt in eager
+    PyTorch; only kernel="reference" runs the file's own TorchScript, which is a program: use it only
+    for artifacts you trust like code.
     Other keyword arguments: ASE's label, directory and atoms; anything else is a TypeError.
     """
 
@@ -73,7 +76,10 @@ class GAQCalculator(Calculator):
         self.dtype = _DTYPES[dtype]
         self.mode = mode
         if is_artifact(self.model_path):
-            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device)
+            # only the reference kernel runs the file's TorchScript; everything else uses the network
+            # rebuilt from the file's tensors
+            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device,
+                                                              scripted=kernel == "reference")
             if self.dtype != getattr(torch, self.metadata["dtype"]):
                 raise ValueError(f"{self.model_path.name} is a {self.metadata['dtype']} artifact; "
                                  f"dtype={dtype!r} needs the checkpoint it was exported from")

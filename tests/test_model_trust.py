@@ -176,6 +176,69 @@ def qat_file(tmp_path, ethanol_frames):
 
 # --- 1. loading an artifact runs no code from the file ---------------------------------------------
 
+@pytest.mark.parametrize("kind", [WritesOnDequantize, WritesOnSetstate])
+def test_calculator_runs_no_code_of_a_crafted_artifact(tmp_path, qat_file, kind):
+    marker = tmp_path / "marker"
+    legit, crafted = _crafted_artifact(tmp_path, qat_file, marker, kind)
+    try:
+        calc = GAQCalculator(str(crafted))  # default kernel
+    except ModelFileError:  # refusing the file is fine too; running its code is not
+        calc = None
+    assert not marker.exists(), "loading the artifact ran code from the file"
+    if calc is not None:  # the network came from the file's tensors, not from its code
+        atoms = _ethanol()
+        e_legit = GAQCalculator(str(legit)).get_potential_energy(atoms)
+        assert calc.get_potential_energy(atoms) == e_legit
+        assert not marker.exists()
+    if kind is WritesOnSetstate:  # an object with its own state protocol is not a gaq_calc artifact
+        assert calc is None
+
+
+@pytest.mark.parametrize("kind", [WritesOnDequantize, WritesOnSetstate])
+def test_gaq_eval_and_metadata_run_no_code_of_a_crafted_artifact(tmp_path, tiny_model_file, kind, capsys):
+    marker = tmp_path / "marker"
+    _, crafted = _crafted_artifact(tmp_path, tiny_model_file, marker, kind)
+    args = [str(crafted), "--data", str(_small_data(tmp_path)), "--lee-frames", "0", "--card", str(tmp_path / "c.json")]
+    try:
+        evaluate.main(args)
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        _one_line_error(capsys, "gaq-eval")
+    assert not marker.exists(), "gaq-eval ran code from the file"
+    from gaq_calc.export import artifact_metadata
+
+    assert artifact_metadata(crafted)["format"] == "gaq_calc.artifact"
+    assert not marker.exists()
+
+
+def test_default_load_is_eager_and_reference_load_is_checked(tmp_path, qat_file, ethanol_frames, monkeypatch):
+    out = tmp_path / "q.pt"
+    export_artifact(qat_file, out)
+    eager, meta = load_artifact(out)
+    assert not isinstance(eager, torch.jit.ScriptModule)  # rebuilt from data, nothing scripted
+    scripted, meta2 = load_artifact(out, scripted=True)
+    assert isinstance(scripted, torch.jit.ScriptModule) and meta2 == meta
+    b = ethanol_batch(ethanol_frames, [3], torch.float32)
+    for mode in ("quantized", "conservative"):
+        set_mode(eager, mode)
+        set_mode(scripted, mode)
+        e1, f1 = eager(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
+        e2, f2 = scripted(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
+        assert torch.equal(e1, e2)  # the same function; TorchScript's autodiff differs in the last bits
+        torch.testing.assert_close(f1, f2, rtol=0, atol=1e-5)
+    # a scripted module whose tensors are not the verified payload (e.g. changed while loading) is refused
+    real_load = torch.jit.load
+
+    def tampering_load(*args, **kwargs):
+        module = real_load(*args, **kwargs)
+        with torch.no_grad():
+            module.potential.embedding.weight.add_(1e-3)
+        return module
+
+    monkeypatch.setattr(torch.jit, "load", tampering_load)
+    with pytest.raises(ModelFileError, match="differ"):
+        load_artifact(out, scripted=True)
+
 
 # --- 7. integrity of model files ------------------------------------------------------------------
 
@@ -198,6 +261,43 @@ def test_edited_weights_or_metadata_of_a_model_file_are_refused(tmp_path, tiny_m
     for name in ("w.pt", "m.pt"):
         with pytest.raises(ModelFileError, match=f"{name}.*integrity"):
             read_model_file(tmp_path / name)
+
+
+def test_a_flipped_byte_in_an_artifact_is_refused(tmp_path, qat_file):
+    out = tmp_path / "q.pt"
+    export_artifact(qat_file, out)
+    in_place = tmp_path / "in_place.pt"
+    shutil.copy(out, in_place)
+    _flip_byte_in_place(in_place, _largest_member(in_place))
+    rewritten = tmp_path / "rewritten.pt"  # the same edit with a valid CRC-32
+    member = _largest_member(out)
+    _rewrite_member(out, rewritten, member, lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 1]) + d[len(d) // 2 + 1:])
+    edited = tmp_path / "edited_metadata.pt"  # a metadata edit with a valid CRC-32
+    _rewrite_member(out, edited, "extra/gaq_metadata.json", lambda d: d.replace(b'"cutoff": 5.0', b'"cutoff": 4.0'))
+    for bad in (in_place, rewritten, edited):
+        for load in (lambda p: load_artifact(p), lambda p: GAQCalculator(str(p))):
+            with pytest.raises(ModelFileError, match="integrity") as info:
+                load(bad)
+            assert bad.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_files_without_a_hash_load_with_a_warning(tmp_path, tiny_model_file, qat_file):
+    from gaq_calc.model.serialization import UnverifiedModelWarning
+
+    data = torch.load(tiny_model_file, weights_only=True)
+    data.pop("sha256")
+    old = tmp_path / "old.pt"
+    torch.save(data, old)
+    with pytest.warns(UnverifiedModelWarning, match="old.pt.*gaq-resave"):
+        read_model_file(old)
+    art = tmp_path / "q.pt"
+    export_artifact(qat_file, art)
+    old_art = tmp_path / "old_artifact.pt"
+    _rewrite_member(art, old_art, "extra/gaq_metadata.json",
+                    lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
+    with pytest.warns(UnverifiedModelWarning, match="old_artifact.pt.*gaq-resave"):
+        module, meta = load_artifact(old_art)
+    assert "sha256" not in meta
 
 
 def test_trainer_best_pt_keeps_a_valid_hash_after_finalizing(tmp_path, tiny_model_file):

@@ -25,7 +25,7 @@ from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
 from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import is_artifact, load_artifact, set_mode
+from gaq_calc.export import artifact_metadata, is_artifact, load_artifact, set_mode
 from gaq_calc.quant.api import set_quant_mode, storage_bytes
 
 
@@ -40,7 +40,8 @@ def _quantization(config: dict | None, metadata: dict) -> dict | None:
 
 
 def _load(path: Path, dtype: torch.dtype, mode: str | None):
-    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact."""
+    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact.
+    An artifact is rebuilt from its tensors and metadata: none of its code runs."""
     if is_artifact(path):
         if dtype != torch.float32:
             raise ValueError(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
-    meta = load_artifact(path)[1] if is_artifact(path) else read_model_file(path).get("metadata", {})
+    meta = artifact_metadata(path) if is_artifact(path) else read_model_file(path).get("metadata", {})
     data = args.data
     if data is None:
         trained_on = str(meta.get("train_data", ""))
