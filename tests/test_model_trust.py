@@ -300,6 +300,40 @@ def test_files_without_a_hash_load_with_a_warning(tmp_path, tiny_model_file, qat
     assert "sha256" not in meta
 
 
+def test_gaq_resave_adds_a_hash_and_changes_no_number(tmp_path, tiny_model_file, qat_file, ethanol_frames):
+    from gaq_calc.cli import resave
+    from gaq_calc.model.serialization import UnverifiedModelWarning
+
+    data = torch.load(tiny_model_file, weights_only=True)
+    data.pop("sha256")
+    old = tmp_path / "old.pt"
+    torch.save(data, old)
+    art = tmp_path / "q.pt"
+    export_artifact(qat_file, art)
+    old_art = tmp_path / "old_artifact.pt"
+    _rewrite_member(art, old_art, "extra/gaq_metadata.json",
+                    lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
+    atoms = _ethanol(4)
+    with pytest.warns(UnverifiedModelWarning):
+        before = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+    resave.main([str(old), str(old_art)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedModelWarning)
+        assert read_model_file(old)["metadata"] == data["metadata"]
+        after = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+        module, meta = load_artifact(old_art)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    kept = {k: v for k, v in _metadata(art).items() if k != "sha256"}
+    assert {k: v for k, v in meta.items() if k not in ("sha256", "rewritten")} == kept
+    assert meta["rewritten"][-1]["command"].startswith("gaq-resave")
+    # the rewritten artifact still loads without gaq_calc's loader (plain torch.jit.load)
+    plain = torch.jit.load(str(old_art))
+    b = ethanol_batch(ethanol_frames, [2], torch.float32)
+    set_mode(module, "quantized")
+    e_plain, _ = plain(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
+    assert torch.equal(e_plain, module(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)[0])
+
+
 def test_trainer_best_pt_keeps_a_valid_hash_after_finalizing(tmp_path, tiny_model_file):
     from gaq_calc.train.loop import _finalize_best
 
