@@ -345,6 +345,22 @@ def test_trainer_best_pt_keeps_a_valid_hash_after_finalizing(tmp_path, tiny_mode
     assert data["metadata"]["epochs_total"] == 3 and "sha256" in data
 
 
+def test_every_shipped_model_file_carries_a_verified_hash():
+    from gaq_calc.export import artifact_metadata, is_artifact
+
+    files = sorted(models_dir().glob("**/*.pt"))
+    names = {str(p.relative_to(models_dir())) for p in files}
+    assert {"azobenzene_fp32/model.pt", "azobenzene_fp32/snapshot_40min.pt", "azobenzene_w4a8.pt",
+            "baselines/azobenzene_naive_int8.pt"} <= names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unverified file warns: none may
+        for path in files:
+            if is_artifact(path):
+                assert len(artifact_metadata(path)["sha256"]) == 64, path
+            else:
+                assert len(read_model_file(path)["sha256"]) == 64, path
+
+
 # --- 9. clear errors from the calculator and the command lines ------------------------------------
 
 def test_unknown_keyword_is_refused(tiny_model_file):
