@@ -18,6 +18,8 @@ from gaq_calc.quant import QuantLinear, set_quant_mode
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 KERNELS = ("auto", "fused", "reference")
+ARGUMENTS = ("model", "device", "dtype", "min_distance", "jit", "mode", "kernel")
+ASE_ARGUMENTS = ("label", "directory", "atoms")  # ase.calculators.calculator.Calculator's, passed on
 
 
 class GAQCalculator(Calculator):
@@ -28,24 +30,37 @@ class GAQCalculator(Calculator):
     device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
     energies and the total energy are always accumulated in float64). Artifacts are float32.
     min_distance: atoms closer than this (Å) are rejected as overlapping.
-    jit: run an FP32 checkpoint through TorchScript (same numbers, less overhead per call); quantized
-    checkpoints run eagerly; artifacts are TorchScript already.
+    jit: run an FP32 checkpoint through TorchScript (same numbers, less overhead per call) on the
+    reference kernel; quantized checkpoints run eagerly; for artifacts, see kernel.
     mode (quantized models): "conservative" (default) keeps the quantized weights but does not round
     activations, so forces are exact gradients of the reported energy and NVE conserves energy;
     "quantized" rounds activations to 8 bits as in training (the model card's numbers), and its forces
     are the straight-through gradient of an energy that jumps where rounding decisions flip, not its
     exact derivative.
+    mode="quantized" on an FP32 model is refused (ValueError): it has no quantized mode.
     kernel: "auto" (default) runs the fused C++ CPU kernel (gaq_calc.kernels: one call, hand-written
     backward; built on first use) wherever it applies: on CPU, for FP32 models, quantized models in
     conservative mode, and artifacts in quantized mode (integer GEMMs on int8 activation codes; not
     MDDQ); the reference path elsewhere. "fused" requires it; "reference" always runs the
     TorchScript/eager network with autograd forces. The chosen path is in self.kernel.
+    An artifact is read as data (its tensors and metadata, integrity-checked) and rebuilt in eager
+    PyTorch; only kernel="reference" runs the file's own TorchScript, which is a program: use it only
+    for artifacts you trust like code.
+    Other keyword arguments: ASE's label, directory and atoms; anything else is a TypeError.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, jit=True,
                  mode="conservative", kernel="auto", **kwargs):
+        unknown = [k for k in kwargs if k not in ASE_ARGUMENTS]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], ARGUMENTS + ASE_ARGUMENTS, n=1)
+            raise TypeError(f"GAQCalculator got an unexpected keyword argument {unknown[0]!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; it takes {', '.join(ARGUMENTS)} and ASE's {', '.join(ASE_ARGUMENTS)}")
         super().__init__(**kwargs)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
@@ -61,13 +76,17 @@ class GAQCalculator(Calculator):
         self.dtype = _DTYPES[dtype]
         self.mode = mode
         if is_artifact(self.model_path):
-            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device)
+            # only the reference kernel runs the file's TorchScript; everything else uses the network
+            # rebuilt from the file's tensors
+            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device,
+                                                              scripted=kernel == "reference")
             if self.dtype != getattr(torch, self.metadata["dtype"]):
                 raise ValueError(f"{self.model_path.name} is a {self.metadata['dtype']} artifact; "
                                  f"dtype={dtype!r} needs the checkpoint it was exported from")
             self.cutoff = float(self.metadata["cutoff"])
             self.species = [int(z) for z in self.metadata["species"]]
             self.quantized = bool(self.metadata.get("quantization"))
+            self._check_mode()
             if self.quantized:
                 set_mode(self.energy_forces, mode)
             self._choose_kernel(kernel, self.energy_forces.potential)
@@ -76,6 +95,7 @@ class GAQCalculator(Calculator):
         self.cutoff = float(self.model.cutoff)
         self.species = [int(z) for z in self.model.atomic_numbers.tolist()]
         self.quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        self._check_mode()
         if self.quantized:
             set_quant_mode(self.model, mode)
         self.energy_forces = EnergyForces(self.model)
@@ -84,6 +104,11 @@ class GAQCalculator(Calculator):
             with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.energy_forces = torch.jit.script(self.energy_forces)
+
+    def _check_mode(self) -> None:
+        if self.mode == "quantized" and not self.quantized:
+            raise ValueError(f"mode='quantized' needs a quantized model; {self.model_path} is an FP32 model "
+                             "(it has one mode: leave mode at its default)")
 
     def _choose_kernel(self, kernel: str, potential) -> None:
         self.kernel = "reference"

@@ -20,13 +20,14 @@ def available_models() -> list[str]:
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """A file path, a model folder (holding model.pt), or the name of a shipped model."""
+    """A file path, a model folder (holding model.pt), a gaq-train run folder (holding best.pt, the
+    selected weights), or the name of a shipped model."""
     path = Path(model)
-    candidates = [path, path / "model.pt", models_dir() / path, models_dir() / path / "model.pt"]
+    candidates = [path, path / "model.pt", path / "best.pt", models_dir() / path, models_dir() / path / "model.pt"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise ModelFileError(
-        f"no model file for {str(model)!r}: not a file, a folder with model.pt, or a shipped model "
-        f"(shipped in {models_dir()}: {available_models()})"
+        f"no model file for {str(model)!r}: not a file, a folder with model.pt, a gaq-train run folder with "
+        f"best.pt, or a shipped model (shipped in {models_dir()}: {available_models()})"
     )

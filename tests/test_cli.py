@@ -17,15 +17,16 @@ def test_gaq_eval_writes_a_card(tmp_path, tiny_model_file, capsys):
     assert "E MAE" in capsys.readouterr().out
 
 
-def test_gaq_eval_refuses_to_default_to_a_training_file(tmp_path, tiny_model_file):
-    import torch
+def test_gaq_eval_refuses_to_default_to_a_training_file(tmp_path, tiny_model_file, capsys):
+    from gaq_calc.model.serialization import read_model_file, write_model_file
 
-    data = torch.load(tiny_model_file, weights_only=True)
+    data = read_model_file(tiny_model_file)
     data["metadata"]["train_data"] = "/some/where/train.extxyz"
     path = tmp_path / "m.pt"
-    torch.save(data, path)
+    write_model_file(path, data)  # a valid file (fresh integrity hash) trained on a file
     with pytest.raises(SystemExit):
         evaluate.main([str(path)])
+    assert "pass --data" in capsys.readouterr().err
 
 
 def test_gaq_report_rewrites_only_the_generated_block(tmp_path, monkeypatch):

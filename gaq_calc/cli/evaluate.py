@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from gaq_calc.cli import one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
 from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import is_artifact, load_artifact, set_mode
+from gaq_calc.export import artifact_metadata, is_artifact, load_artifact, set_mode
 from gaq_calc.quant.api import set_quant_mode, storage_bytes
 
 
@@ -39,19 +40,28 @@ def _quantization(config: dict | None, metadata: dict) -> dict | None:
 
 
 def _load(path: Path, dtype: torch.dtype, mode: str | None):
-    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact."""
+    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact.
+    An artifact is rebuilt from its tensors and metadata: none of its code runs."""
     if is_artifact(path):
         if dtype != torch.float32:
-            raise SystemExit(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
+            raise ValueError(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
         module, metadata = load_artifact(path)
-        if metadata.get("quantization"):
+        config = metadata.get("quantization")
+        _check_mode(path, mode, config)
+        if config:
             set_mode(module, mode or "quantized")
-        return module.potential, metadata, metadata.get("quantization")
+        return module.potential, metadata, config
     model, metadata = load_model(path, dtype=dtype)
     config = read_model_file(path).get("quant_config")
+    _check_mode(path, mode, config)
     if mode is not None and config:
         set_quant_mode(model, mode)
     return model, metadata, config
+
+
+def _check_mode(path: Path, mode: str | None, config) -> None:
+    if mode == "quantized" and not config:
+        raise ValueError(f"--mode quantized needs a quantized model; {path} is an FP32 model")
 
 
 def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
@@ -74,10 +84,11 @@ def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_fra
     return metrics, metadata, model, config
 
 
+@one_line_errors("gaq-eval")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="shipped model name, model folder or model file")
+    parser.add_argument("model", help="shipped model name, model folder, gaq-train run folder (best.pt) or model file")
     parser.add_argument("--data", help="molecule name or data file (default: the model's training molecule)")
     parser.add_argument("--split", default="test", help="split of a shipped molecule (default test)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -97,7 +108,7 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
-    meta = load_artifact(path)[1] if is_artifact(path) else read_model_file(path).get("metadata", {})
+    meta = artifact_metadata(path) if is_artifact(path) else read_model_file(path).get("metadata", {})
     data = args.data
     if data is None:
         trained_on = str(meta.get("train_data", ""))

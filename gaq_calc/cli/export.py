@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from gaq_calc.cli import one_line_errors
 from gaq_calc.export import export_artifact
 from gaq_calc.models_dir import resolve_model
 
@@ -22,6 +23,7 @@ CARD_KEYS = ("test_data", "split", "n_frames", "energy_mae_meV", "force_mae_meV_
              "lee_float64_meV_per_A", "lee_frames", "lee_rotations", "eval_command", "model_sha256")
 
 
+@one_line_errors("gaq-export")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+from gaq_calc.cli import one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.loading import load_model
 from gaq_calc.model import energy_and_forces
@@ -28,6 +29,7 @@ from gaq_calc.models_dir import resolve_model
 from gaq_calc.quant import PRESETS, calibrate, fit_conservative_reference, prepare, preset
 
 
+@one_line_errors("gaq-quantize")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-quantize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from gaq_calc.cli import one_line_errors
 from gaq_calc.models_dir import models_dir
 
 RESULTS = ("<!-- results:start -->", "<!-- results:end -->")
@@ -276,6 +277,7 @@ def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, abl
     os.replace(tmp, readme)
 
 
+@one_line_errors("gaq-report")
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-report", description=__doc__)
     parser.add_argument("--readme", default=str(REPO / "README.md"))

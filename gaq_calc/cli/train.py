@@ -9,6 +9,7 @@ from dataclasses import fields
 
 import torch
 
+from gaq_calc.cli import one_line_errors
 from gaq_calc.model.config import ModelConfig
 from gaq_calc.train import TrainConfig, train
 
@@ -45,6 +46,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     return cfg, args
 
 
+@one_line_errors("gaq-train")
 def main(argv=None) -> None:
     cfg, args = parse_config(argv)
     if args.threads:

@@ -1,11 +1,22 @@
 """The deployable artifact: one TorchScript file (EnergyForces over a network whose quantized layers are
 PackedLinear) plus a JSON metadata record stored inside it. It loads with torch.jit.load in a process
-that never imports the training code; GAQCalculator reads its metadata back at load."""
+that never imports the training code.
+
+gaq_calc itself reads an artifact as data: the zip archive's members are hashed and checked against
+the SHA-256 in the metadata, the module's tensors are unpickled by a restricted reader that resolves no
+class and calls no code of the file, and the network is rebuilt in eager PyTorch from the metadata's
+model and quantization configs and those tensors (load_artifact's default). Only
+load_artifact(..., scripted=True), the calculator's kernel="reference", runs the file's TorchScript;
+its tensors are then checked against the verified ones."""
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import pickle
+import struct
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -15,13 +26,31 @@ import torch
 from torch import nn
 
 from gaq_calc.export.modules import ACT_FRAME, ACT_LINEAR, ACT_MDDQ, ACT_NONE, PackedLinear
+from gaq_calc.export.packing import unpack_int4
 from gaq_calc.model.network import EnergyForces
-from gaq_calc.model.serialization import ModelFileError
+from gaq_calc.model.serialization import ModelFileError, UnverifiedModelWarning, unverified_warning
 
 ARTIFACT_FORMAT = "gaq_calc.artifact"
 ARTIFACT_VERSION = 1
 METADATA_FILE = "gaq_metadata.json"
 MODES = ("quantized", "conservative")
+INTEGRITY_KEY = "sha256"
+# archive members outside the integrity hash: the metadata record (which holds the hash) and the id
+# torch draws anew at every save
+UNHASHED_MEMBERS = (f"extra/{METADATA_FILE}", ".data/serialization_id")
+
+
+def _act_kind(qat) -> int:
+    """The PackedLinear activation quantizer kind of a QAT QuantLinear (from its quant config alone)."""
+    if qat.act_bits is None:
+        return ACT_NONE
+    if qat.branch == "vector" and qat.vector_method == "kmeans":
+        raise ValueError("SVQ-KMeans (a baseline without gradients) cannot be exported")
+    if qat.branch == "vector" and qat.vector_method == "frame":
+        return ACT_FRAME
+    if qat.branch == "vector" and qat.vector_method == "mddq":
+        return ACT_MDDQ
+    return ACT_LINEAR
 
 
 def _packed(qat) -> PackedLinear:
@@ -31,16 +60,7 @@ def _packed(qat) -> PackedLinear:
     from gaq_calc.quant.modules import require_inference_ready
 
     require_inference_ready(qat, "export")
-    if qat.act_bits is None:
-        kind = ACT_NONE
-    elif qat.branch == "vector" and qat.vector_method == "kmeans":
-        raise ValueError("SVQ-KMeans (a baseline without gradients) cannot be exported")
-    elif qat.branch == "vector" and qat.vector_method == "frame":
-        kind = ACT_FRAME
-    elif qat.branch == "vector" and qat.vector_method == "mddq":
-        kind = ACT_MDDQ
-    else:
-        kind = ACT_LINEAR
+    kind = _act_kind(qat)
     step = qat.weight_step.detach()
     return PackedLinear(quantize_int(qat.weight.detach(), step, qat.weight_bits), step, qat.weight_bits,
                         qat.bias, kind, qat.act_step.detach(), qat.act_bits or 0,
@@ -57,19 +77,26 @@ def _swap_packed(model: nn.Module) -> nn.Module:
     return model
 
 
+def _script(model: nn.Module):
+    with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(EnergyForces(model))
+
+
 def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None = None) -> dict:
     """Write the TorchScript artifact of a model file (FP32 or QAT/PTQ) to `out`; returns its metadata."""
     from gaq_calc.loading import load_model
     from gaq_calc.model.serialization import read_model_file
 
     model_path = Path(model_path)
+    if is_artifact(model_path):
+        raise ModelFileError(f"{model_path} is an artifact already (gaq-export takes a model file; gaq-resave "
+                             "rewrites an artifact)")
     raw = read_model_file(model_path)
     model, meta = load_model(model_path, dtype=torch.float32)
     model = _swap_packed(model).eval()
     model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
-    with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(EnergyForces(model))
+    scripted = _script(model)
     metadata = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
@@ -90,19 +117,53 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
         "torch": torch.__version__,
         **(extra or {}),
     }
+    return save_artifact(scripted, metadata, out)
+
+
+def save_artifact(scripted, metadata: dict, out: str | Path) -> dict:
+    """Write a scripted EnergyForces with its metadata record and the SHA-256 of both (metadata "sha256");
+    atomic. Returns the metadata as stored."""
+    metadata = json.loads(json.dumps({k: v for k, v in metadata.items() if k != INTEGRITY_KEY}))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmps = []
     try:
+        for _ in range(2):
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata)})
-        os.replace(tmp, out)
+            # the hash covers every archive member, so it is known once the archive is written: write it
+            # once to learn it, then again with it (torch writes the same members both times; checked)
+            torch.jit.save(scripted, tmps[0], _extra_files={METADATA_FILE: json.dumps(metadata)})
+            digest = _artifact_digest(_read_members(tmps[0]), metadata)
+            stored = {**metadata, INTEGRITY_KEY: digest}
+            torch.jit.save(scripted, tmps[1], _extra_files={METADATA_FILE: json.dumps(stored)})
+        if _artifact_digest(_read_members(tmps[1]), stored) != digest:
+            raise RuntimeError("torch.jit.save wrote different archives for the same module; cannot stamp a hash")
+        os.replace(tmps[1], out)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return metadata
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return stored
+
+
+def rewrite_artifact(path: str | Path, out: str | Path, record: dict | None = None) -> dict:
+    """Write an artifact again in the current format (with its integrity hash) from its own tensors and
+    metadata, without its checkpoint and without running its code: every number and metadata entry stays
+    (`record`, e.g. the command, is appended to metadata "rewritten"). Returns the stored metadata."""
+    path = Path(path)
+    file_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    with warnings.catch_warnings():  # rewriting an unverified file is how it gets its hash
+        warnings.simplefilter("ignore", UnverifiedModelWarning)
+        metadata, tensors, attrs = _read_artifact(path)
+    potential = _rebuild(path, metadata, tensors, attrs)  # dequantized caches stay empty: codes only
+    metadata = dict(metadata)
+    metadata["rewritten"] = list(metadata.get("rewritten") or []) + [
+        {**(record or {}), "previous_file_sha256": file_sha256, "torch": torch.__version__}]
+    return save_artifact(_script(potential), metadata, out)
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -114,25 +175,369 @@ def is_artifact(path: str | Path) -> bool:
         return False
 
 
-def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
-    """(scripted EnergyForces, metadata) of an artifact; clear errors for anything else."""
-    extra = {METADATA_FILE: ""}
+# --- reading an artifact as data ------------------------------------------------------------------
+
+def _read_members(path: str | Path) -> dict:
+    """{name inside the archive's root folder: bytes} of every member; the zip CRC-32s are checked."""
     try:
-        with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-        metadata = json.loads(extra[METADATA_FILE] or "{}")
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if len({name.split("/", 1)[0] for name in names}) != 1 or any("/" not in name for name in names):
+                raise ModelFileError(f"{path} is not a TorchScript archive (no single root folder)")
+            if len(set(names)) != len(names):
+                raise ModelFileError(f"{path} is not a TorchScript archive (a member name occurs twice)")
+            if any(info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for info in infos):
+                raise ModelFileError(f"{path} is not a TorchScript archive (unsupported compression)")
+            # torch stores tensors as they are and deflates only code: refuse a decompression bomb
+            if sum(info.file_size for info in infos) > 64 * os.path.getsize(path) + 2**24:
+                raise ModelFileError(f"{path} is not a TorchScript archive (members far larger than the file)")
+            return {info.filename.split("/", 1)[1]: archive.read(info) for info in infos}
+    except ModelFileError:
+        raise
+    except zipfile.BadZipFile as err:  # includes a member whose CRC-32 does not match its bytes
+        raise ModelFileError(f"{path}: integrity check failed: corrupt archive ({_one_line(err)})") from err
+    except Exception as err:  # unreadable file, truncated or malformed archive
+        raise ModelFileError(f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: "
+                             f"{_one_line(err)})") from err
+
+
+def _artifact_digest(members: dict, metadata: dict) -> str:
+    """SHA-256 over every archive member (name and bytes; the module's code, its pickled state and its
+    tensors) but the metadata record, and the metadata in canonical JSON without its own hash."""
+    h = hashlib.sha256(b"gaq_calc.artifact content v1\0")
+    for name in sorted(members):
+        if name in UNHASHED_MEMBERS:
+            continue
+        encoded = name.encode()
+        h.update(struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", len(members[name])))
+        h.update(members[name])
+    record = {k: v for k, v in metadata.items() if k != INTEGRITY_KEY}
+    h.update(json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+    return h.hexdigest()
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class _ScriptClass:
+    """Stands for a TorchScript class named in the pickle; its code is never looked up."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class _ScriptObject:
+    """A TorchScript object's attributes, as data."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.state = None
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+def _identity(value):
+    return value
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """A tensor from a storage read out of the archive; bounds checked, a contiguous copy."""
+    if not isinstance(storage, torch.Tensor) or not all(isinstance(x, int) for x in (offset, *size, *stride)):
+        raise pickle.UnpicklingError("malformed tensor record")
+    if len(size) != len(stride) or offset < 0 or any(x < 0 for x in (*size, *stride)):
+        raise pickle.UnpicklingError("malformed tensor record")
+    if 0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel():
+        raise pickle.UnpicklingError("tensor record reaches beyond its storage")
+    if 0 in size:
+        return torch.empty(size, dtype=storage.dtype)
+    return torch.as_strided(storage, size, stride, offset).clone(memory_format=torch.contiguous_format)
+
+
+class _DataOnlyUnpickler(pickle._Unpickler):
+    """Reads a TorchScript module's data.pkl as plain data: TorchScript classes become _ScriptObjects
+    (their code, including any __setstate__, is never run), tensors are rebuilt from the archive's
+    storages, and no other global resolves. Only the opcodes TorchScript's pickler writes are accepted."""
+
+    ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        **{("torch.jit._pickle", name): _identity for name in (
+            "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_stringlist",
+            "restore_type_tag")},
+    }
+    CALLABLE = (_rebuild_tensor, collections.OrderedDict, _identity)
+
+    def __init__(self, data: bytes, members: dict):
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.members = members
+        self.storages = {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptClass(f"{module}.{name}")
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise pickle.UnpicklingError("malformed storage record")
+        _, kind, key, _location, numel = pid
+        if key not in self.storages:
+            raw = self.members.get(f"data/{key}")
+            itemsize = torch.empty((), dtype=kind.dtype).element_size()
+            if raw is None or len(raw) != numel * itemsize:
+                raise pickle.UnpicklingError(f"storage {key} is missing or has the wrong size")
+            self.storages[key] = (torch.frombuffer(bytearray(raw), dtype=kind.dtype) if numel
+                                  else torch.empty(0, dtype=kind.dtype))
+        storage = self.storages[key]
+        if storage.dtype != kind.dtype:
+            raise pickle.UnpicklingError(f"storage {key} is read with two dtypes")
+        return storage
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if isinstance(cls, _ScriptClass) and args == ():
+            self.append(_ScriptObject(cls.name))
+        elif cls is collections.OrderedDict and args == ():
+            self.append(collections.OrderedDict())
+        else:
+            raise pickle.UnpicklingError("refused object construction")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if not any(func is f for f in self.CALLABLE) or not isinstance(args, tuple):
+            raise pickle.UnpicklingError("refused call")
+        self.stack[-1] = func(*args)
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, _ScriptObject) or inst.state is not None:
+            raise pickle.UnpicklingError("refused object state")
+        inst.state = state
+
+    def load_setitem(self):
+        value = self.stack.pop()
+        key = self.stack.pop()
+        if not isinstance(self.stack[-1], dict):
+            raise pickle.UnpicklingError("refused item assignment")
+        self.stack[-1][key] = value
+
+    def load_setitems(self):
+        items = self.pop_mark()
+        if not isinstance(self.stack[-1], dict):
+            raise pickle.UnpicklingError("refused item assignment")
+        for i in range(0, len(items), 2):
+            self.stack[-1][items[i]] = items[i + 1]
+
+    def load_append(self):
+        value = self.stack.pop()
+        if not isinstance(self.stack[-1], list):
+            raise pickle.UnpicklingError("refused append")
+        self.stack[-1].append(value)
+
+    def load_appends(self):
+        items = self.pop_mark()
+        if not isinstance(self.stack[-1], list):
+            raise pickle.UnpicklingError("refused append")
+        self.stack[-1].extend(items)
+
+    dispatch = {op[0]: pickle._Unpickler.dispatch[op[0]] for op in (
+        pickle.PROTO, pickle.FRAME, pickle.STOP, pickle.MARK, pickle.POP, pickle.POP_MARK, pickle.DUP,
+        pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.INT, pickle.BININT, pickle.BININT1, pickle.BININT2,
+        pickle.LONG, pickle.LONG1, pickle.LONG4, pickle.FLOAT, pickle.BINFLOAT, pickle.BINUNICODE,
+        pickle.SHORT_BINUNICODE, pickle.BINUNICODE8, pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1,
+        pickle.TUPLE2, pickle.TUPLE3, pickle.EMPTY_LIST, pickle.LIST, pickle.EMPTY_DICT, pickle.DICT,
+        pickle.BINPUT, pickle.LONG_BINPUT, pickle.MEMOIZE, pickle.BINGET, pickle.LONG_BINGET, pickle.GET,
+        pickle.PUT, pickle.GLOBAL, pickle.BINPERSID)}
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+
+def _payload(path, members: dict) -> tuple[dict, dict]:
+    """({dotted name: tensor}, {dotted name: plain attribute}) of the module pickled in data.pkl."""
+    if "data.pkl" not in members:
+        raise ModelFileError(f"{path} is not a TorchScript archive (no data.pkl)")
+    order = members.get("byteorder", sys.byteorder.encode()).decode(errors="replace")
+    if order != sys.byteorder:
+        raise ModelFileError(f"{path}: stored {order}-endian; this machine is {sys.byteorder}-endian")
+    try:
+        root = _DataOnlyUnpickler(members["data.pkl"], members).load()
     except Exception as err:
-        raise ModelFileError(f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != ARTIFACT_FORMAT:
+        raise ModelFileError(f"{path}: the module's data is not a gaq_calc network "
+                             f"({type(err).__name__}: {_one_line(err)})") from err
+    tensors, attrs, seen = {}, {}, set()
+
+    def walk(obj, prefix: str) -> None:
+        if not isinstance(obj.state, dict):  # a class with its own __getstate__/__setstate__
+            raise ModelFileError(f"{path}: {obj.name} ({prefix.rstrip('.') or 'root'}) has its own state protocol; "
+                                 "not a gaq_calc network")
+        if id(obj) in seen or prefix.count(".") > 32 or not all(isinstance(k, str) for k in obj.state):
+            raise ModelFileError(f"{path}: malformed module structure at {prefix.rstrip('.') or 'root'}")
+        seen.add(id(obj))
+        for key, value in obj.state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + key] = value
+            elif isinstance(value, _ScriptObject):
+                walk(value, prefix + key + ".")
+            else:
+                attrs[prefix + key] = value
+
+    if not isinstance(root, _ScriptObject):
+        raise ModelFileError(f"{path}: the archive holds no TorchScript module")
+    walk(root, "")
+    return tensors, attrs
+
+
+def _read_artifact(path, payload: bool = True) -> tuple[dict, dict, dict]:
+    """(metadata, tensors, attributes) of an artifact, integrity-checked; runs nothing from the file.
+    payload=False: the metadata only (tensors and attributes empty)."""
+    members = _read_members(path)
+    record = members.get(f"extra/{METADATA_FILE}")
+    if record is None or not any(name.startswith("code/") for name in members):
+        raise ModelFileError(f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)"
+                             if record is None else f"{path} is not a TorchScript archive (no code)")
+    try:
+        metadata = json.loads(record)
+    except ValueError as err:
+        raise ModelFileError(f"{path}: unreadable metadata record ({_one_line(err)})") from err
+    if not isinstance(metadata, dict) or metadata.get("format") != ARTIFACT_FORMAT:
         raise ModelFileError(f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)")
     if metadata.get("format_version") != ARTIFACT_VERSION:
         raise ModelFileError(f"{path}: unsupported artifact version {metadata.get('format_version')}")
-    with torch.inference_mode(False), torch.no_grad():  # dequantize once, as ordinary tensors
-        for _, sub in module.named_modules():
-            if hasattr(sub, "round_activations"):
+    stored = metadata.get(INTEGRITY_KEY)
+    if stored is None:
+        unverified_warning(path, "artifact")
+    elif stored != _artifact_digest(members, metadata):
+        raise ModelFileError(f"{path}: integrity check failed: the archive's code, tensors or metadata do not "
+                             "match the SHA-256 stored in it (corrupted or edited after export)")
+    if not payload:
+        return metadata, {}, {}
+    tensors, attrs = _payload(path, members)
+    return metadata, tensors, attrs
+
+
+def artifact_metadata(path: str | Path) -> dict:
+    """The metadata record of an artifact, integrity-checked; runs nothing from the file."""
+    return _read_artifact(path, payload=False)[0]
+
+
+PACKED_ATTRIBUTES = ("in_features", "weight_bits", "has_bias", "act_kind", "act_bits", "act_qmax", "act_levels")
+
+
+def _rebuild(path, metadata: dict, tensors: dict, attrs: dict) -> nn.Module:
+    """The artifact's network in eager PyTorch (float32, on CPU): built from the metadata's model and
+    quantization configs, exactly as gaq-export builds it, then filled with the file's tensors."""
+    from gaq_calc.model import GAQPotential, ModelConfig
+    from gaq_calc.quant import QuantConfig, QuantLinear, prepare
+
+    try:
+        model = GAQPotential(ModelConfig.from_dict(metadata["model_config"]))
+        if metadata.get("quantization"):
+            model = prepare(model, QuantConfig(**metadata["quantization"]))
+            for module in list(model.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, QuantLinear):
+                        out_features, in_features = child.weight.shape
+                        kind = _act_kind(child)
+                        setattr(module, name, PackedLinear(
+                            torch.zeros(out_features, in_features, dtype=torch.int8),
+                            torch.zeros_like(child.weight_step.detach()), child.weight_bits, child.bias, kind,
+                            torch.zeros(()), child.act_bits or 0,
+                            child.codebook if kind == ACT_MDDQ else torch.zeros(0, 3)))
+            model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
+    except Exception as err:
+        raise ModelFileError(f"{path}: the metadata does not describe a gaq_calc network "
+                             f"({type(err).__name__}: {_one_line(err)})") from err
+    module = EnergyForces(model).eval()
+    expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if set(expected) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+        raise ModelFileError(f"{path}: the module's tensors do not match its metadata's network "
+                             f"(unexpected: {extra[:3]}, missing: {missing[:3]})")
+    for name, target in expected.items():
+        source = tensors[name]
+        # artifacts exported before the per-mode reference energies were kept in float64 hold them in
+        # float32; widening them is exact, and the network uses them as float64 either way
+        widened = name.endswith("_reference_energies") and (source.dtype, target.dtype) == (torch.float32,
+                                                                                             torch.float64)
+        if (source.dtype != target.dtype and not widened) or source.shape != target.shape:
+            raise ModelFileError(f"{path}: tensor {name} is {source.dtype} {list(source.shape)}, the network "
+                                 f"needs {target.dtype} {list(target.shape)}")
+    for name, layer in module.named_modules():
+        if isinstance(layer, PackedLinear):
+            for attr in PACKED_ATTRIBUTES:
+                key = f"{name}.{attr}"
+                if key in attrs and attrs[key] != getattr(layer, attr):
+                    raise ModelFileError(f"{path}: {key} is {attrs[key]!r}; the quantization config says "
+                                         f"{getattr(layer, attr)!r}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+    return module.potential
+
+
+def _dequantize(module: nn.Module) -> None:
+    """Fill every PackedLinear's dequantized weight cache once, as ordinary tensors (package code)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, PackedLinear):
                 sub.dequantized_weight()
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu", scripted: bool = False):
+    """(EnergyForces, metadata) of an artifact; clear errors for anything else.
+
+    Default: the network rebuilt in eager PyTorch from the file's verified tensors and metadata; no code
+    from the file runs. scripted=True: the file's own TorchScript module (torch.jit.load runs code from
+    the file: trust it like a program), checked to hold exactly the verified tensors."""
+    path = Path(path)
+    metadata, tensors, attrs = _read_artifact(path)
+    potential = _rebuild(path, metadata, tensors, attrs)
+    _dequantize(potential)
+    if not scripted:
+        return EnergyForces(potential).to(device).eval(), metadata
+    try:
+        with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as err:
+        raise ModelFileError(f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: "
+                             f"{_one_line(err)})") from err
+    loaded = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if set(loaded) != set(tensors) or any(
+            loaded[k].dtype != tensors[k].dtype or not torch.equal(loaded[k].cpu(), tensors[k]) for k in tensors):
+        raise ModelFileError(f"{path}: the TorchScript module's tensors differ from the artifact's verified data")
+    packed = {f"potential.{name}": sub for name, sub in potential.named_modules() if isinstance(sub, PackedLinear)}
+    for name, sub in module.named_modules():
+        if name in packed:  # the dequantized weights as the package computed them, not the file's code
+            sub.weight = packed[name].weight.to(device)
     return module.eval(), metadata
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def set_mode(module, mode: str) -> None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
-from gaq_calc.model.serialization import atomic_save, read_model_file, save_model
+from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, write_model_file
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
@@ -148,7 +148,7 @@ def _finalize_best(out: Path, totals: dict) -> None:
     """Record the run's totals (epochs, minutes) in best.pt beside the epoch it was selected at."""
     data = read_model_file(out / BEST)
     data["metadata"].update(totals)
-    atomic_save(data, out / BEST)
+    write_model_file(out / BEST, data)  # a fresh integrity hash over the updated metadata
 
 
 def train(
