@@ -147,7 +147,7 @@ def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
     entries += [(p.name, p) for p in sorted(ablation.glob("*")) if (p / "card.json").exists()]
     ref = json.loads((models / fp32 / "card.json").read_text()) if (models / fp32 / "card.json").exists() else None
     rows = ["| run | levers | bits W(vec/scal) A(scal/vec) | E MAE (meV) | F MAE (meV/Å) | vs FP32 (E, F) | "
-            "conservative E / F | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | CPU min |",
+            "conservative E / F | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | train min |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     records = []
     fmt = lambda x, f: "–" if x is None else format(x, f)
