@@ -257,7 +257,7 @@ def peers_markdown(data: dict) -> str:
         "calculators take turns block by block in one process per thread count. **call (E+F)**: one energy + "
         f"forces `calc.calculate`, no integrator, median of {st.get('calls', '?')}. so3krates-torch: "
         f"{fmt(peer.get('parameters'), ',')} parameters, random weights, run through "
-        f"{peer.get('calculator_kind', 'its own ASE calculator')} (`{peer.get('calculator', '?')}`); gaq_calc "
+        f"{peer.get('calculator_kind', 'its own ASE calculator')}: `{peer.get('calculator', '?')}`. gaq_calc "
         f"({fmt(data.get('gaq', {}).get('parameters'), ',')} parameters): `GAQCalculator`, default kernel. "
         "Ratio: so3krates-torch's ms over the row's, same measure and threads.",
         "",
