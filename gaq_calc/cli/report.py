@@ -1,6 +1,6 @@
 """gaq-report: regenerate README's tables from the model cards (models/*/card.json; QM9: models/qm9_*), the quantization
 baselines' cards (results/quant_baselines/*/card.json, written by scripts/baseline.sh) and the benchmark
-results (benchmarks/results/{md_step,deploy,kernel_agreement}.json). Also writes results/quant_table.md and .json."""
+results (benchmarks/results/{md_step,deploy,kernel_agreement,peers}.json). Also writes results/quant_table.md and .json."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ MD = ("<!-- md:start -->", "<!-- md:end -->")
 DEPLOY = ("<!-- deploy:start -->", "<!-- deploy:end -->")
 SPEED = ("<!-- speed:start -->", "<!-- speed:end -->")
 KERNELS = ("<!-- kernels:start -->", "<!-- kernels:end -->")
+PEERS = ("<!-- peers:start -->", "<!-- peers:end -->")
 ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 REPO = Path(__file__).resolve().parents[2]
@@ -243,6 +244,55 @@ def speed_table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def peers_markdown(data: dict) -> str:
+    """The table of benchmarks/peers.py --json: so3krates-torch and gaq_calc, MD steps and calls."""
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    st, peer, load = data.get("settings", {}), data.get("peer", {}), data.get("load_average", {})
+    load_txt = lambda xs: " / ".join(f"{x:.2f}" for x in xs) if xs else "?"
+    lines = [
+        f"`{data['command']}` on {data['machine']} ({data.get('cpu_model', 'unknown CPU')}), torch {data['torch']}, "
+        f"so3krates-torch {data.get('so3krates_torch', '?')}, ASE {data.get('ase', '?')}; load average (1 / 5 / 15 min) "
+        f"{load_txt(load.get('start'))} at the start, {load_txt(load.get('end'))} at the end.",
+        "",
+        f"{data.get('atoms', '?')}-atom {data.get('structure', 'azobenzene')}, ASE VelocityVerlet at "
+        f"{st.get('timestep_fs', 0.5):g} fs, float32. **MD step**: ms per step, median of {st.get('blocks', '?')} "
+        f"blocks of {st.get('steps_per_block', '?')} steps after {st.get('warmup_steps', '?')} warm-up steps; every "
+        f"block restarts from the same positions and {st.get('temperature_K', 300):g} K velocities, and the "
+        "calculators take turns block by block in one process per thread count. **call (E+F)**: one energy + "
+        f"forces `calc.calculate`, no integrator, median of {st.get('calls', '?')}. so3krates-torch: "
+        f"{fmt(peer.get('parameters'), ',')} parameters, random weights, run through "
+        f"{peer.get('calculator_kind', 'its own ASE calculator')}: `{peer.get('calculator', '?')}`. gaq_calc "
+        f"({fmt(data.get('gaq', {}).get('parameters'), ',')} parameters): `GAQCalculator`, default kernel. "
+        "Ratio: so3krates-torch's ms over the row's, same measure and threads.",
+        "",
+        "| measure | threads | calculator | model | mode | kernel | ms (median) | min–max | so3krates-torch / this | "
+        "in calculate | pairs < cutoff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        share = r.get("calculate_share")
+        lines.append(
+            f"| {r['measure']} | {r['threads']} | {r['calculator']} | {r['model']} | {r['mode']} | {r['kernel']} | "
+            f"{r['ms']:.2f} | {r['ms_min']:.2f}–{r['ms_max']:.2f} | {fmt(r.get('peer_over_this'), '.2f')}"
+            f"{'x' if r.get('peer_over_this') else ''} | {fmt(share and 100 * share, '.0f')}{'%' if share else ''} | "
+            f"{fmt(r.get('pairs_at_block_end'), '.0f')} |")
+    if peer.get("constructor"):
+        args = ", ".join(f"{k}={v!r}" for k, v in peer["constructor"].items())
+        lines += ["", f"so3krates-torch model: `So3krates({args})`."]
+    if peer.get("mapping"):
+        lines += ["", "Mapping (gaq_calc -> so3krates-torch): " + "; ".join(peer["mapping"]) + "."]
+    if peer.get("unmatched"):
+        lines += ["", "Not matched:", ""] + [f"- {u}" for u in peer["unmatched"]]
+    return "\n".join(lines)
+
+
+def peers_table(path: Path) -> str:
+    """README's peers block, from benchmarks/peers.py --json."""
+    if not path.exists():
+        return "(not run yet: `python benchmarks/peers.py --json benchmarks/results/peers.json`)"
+    return peers_markdown(json.loads(path.read_text()))
+
+
 def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -> str:
     start, end = markers
     if start not in text or end not in text:
@@ -270,6 +320,9 @@ def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, abl
         if markers[0] in text:
             body = json.loads(path.read_text())["markdown"] if path.exists() else "(not run yet)"
             text = replace_block(text, markers, body, f"benchmarks/results/{name}.json")
+    if PEERS[0] in text:
+        text = replace_block(text, PEERS, peers_table(REPO / "benchmarks" / "results" / "peers.json"),
+                             "benchmarks/results/peers.json")
     text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
     tmp = readme.with_name("." + readme.name + ".tmp")
