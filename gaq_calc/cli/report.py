@@ -23,6 +23,13 @@ SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _relative(path) -> str:
+    """A card's path relative to the repository (the JSON tables are committed; absolute paths would
+    change with the checkout's location)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def results_table(root: Path) -> str:
     rows = [
         "| model | test set | frames | E MAE (meV) | F MAE (meV/Å) | params | epochs | train time | "
@@ -115,7 +122,7 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
             "epochs": ((card.get("training") or {}).get("epochs") or "–") if q.get("mode") != "PTQ" else 0,
             "packed_bytes": size,
             "size_ratio_vs_fp32": (fp_bytes / size) if (fp_bytes and size) else None,
-            "card": card_file,
+            "card": _relative(card_file),
         }
         records.append(record)
         fmt = lambda x, f: "–" if x is None else format(x, f)
@@ -168,7 +175,7 @@ def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
             "lee_meV_per_A": card.get("lee_meV_per_A"), "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
             "converged": _converged(folder / "log.csv") if card.get("quantization") else "–",
             "epochs": training.get("epochs"), "cpu_minutes": training.get("train_minutes"),
-            "card": str(folder / "card.json"),
+            "card": _relative(folder / "card.json"),
         }
         records.append(record)
         rows.append(
