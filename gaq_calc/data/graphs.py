@@ -53,6 +53,31 @@ def neighbour_graph(
     return i.astype(np.int64), j.astype(np.int64), shifts
 
 
+def centred(positions: np.ndarray) -> np.ndarray:
+    """Positions relative to their mean, formed in float64 before any cast to the network's dtype.
+
+    Absolute coordinates far from the origin (a molecule at 1e6 Å) keep few float32 digits, and the
+    edge vectors formed from them would lose the rest; energies and forces do not change under a rigid
+    shift, so the network sees each structure about its own centre."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if len(positions) == 0:
+        return positions.copy()
+    return positions - positions.mean(axis=0)
+
+
+def wrap_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Positions moved by whole lattice vectors into the cell along periodic directions (float64).
+
+    Energies and forces of a periodic structure do not change, and the neighbour list's shifts stay a few
+    cell vectors long instead of growing with the distance from the origin."""
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    fractional = np.linalg.solve(cell.T, positions.T).T  # positions = fractional @ cell
+    whole = np.where(pbc, np.floor(fractional), 0.0)
+    return positions - whole @ cell
+
+
 @dataclass
 class GraphBatch:
     """Several structures as one graph. Energies/forces are labels (absent at inference)."""
@@ -123,7 +148,8 @@ class GraphDataset:
         shifts = np.concatenate([self.edges[k][2] for k in index])
         return GraphBatch(
             species=torch.from_numpy(np.concatenate([self.species_idx[k] for k in index])),
-            positions=torch.from_numpy(np.concatenate([f.positions[k] for k in index])),
+            # each structure about its own centre, in float64 (see `centred`)
+            positions=torch.from_numpy(np.concatenate([centred(f.positions[k]) for k in index])),
             receivers=torch.from_numpy(receivers),
             senders=torch.from_numpy(senders),
             shifts=torch.from_numpy(shifts),
