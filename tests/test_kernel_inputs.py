@@ -294,3 +294,110 @@ def test_valid_inputs_still_run_bit_identically(ethanol_frames):
     q = _valid_inputs(quantized=True)
     eq, fq = _call(q)
     assert torch.isfinite(eq).all() and torch.isfinite(fq).all()
+
+
+# ---- item 6: a killed first build must not hang later processes -----------------------------------------
+
+LOAD = """
+import json, sys, time, warnings
+t0 = time.monotonic()
+from gaq_calc import GAQCalculator
+from gaq_calc.kernels import KernelUnavailable
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        calc = GAQCalculator(sys.argv[1], kernel=sys.argv[2])
+        kernel, error = calc.kernel, None
+    except KernelUnavailable as err:
+        kernel, error = None, str(err)
+print(json.dumps({"kernel": kernel, "error": error, "seconds": time.monotonic() - t0,
+                  "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
+"""
+
+
+@pytest.fixture
+def extensions_dir(tmp_path, monkeypatch):
+    """A private TORCH_EXTENSIONS_DIR holding a copy of this source's build (so that a test that gets to
+    build runs ninja on up-to-date files instead of compiling), and its build folder."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from gaq_calc.kernels.fused import build_spec, load_extension
+
+    load_extension()  # the shared build exists
+    name, _ = build_spec()
+    shared = Path(cpp_extension._get_build_directory(name, False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build = Path(cpp_extension._get_build_directory(name, False))
+    shutil.copytree(shared, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock", "*.lock"))
+    return build
+
+
+def _load_in_subprocess(model, kernel, wait_seconds, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "GAQ_KERNEL_BUILD_WAIT": str(wait_seconds)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", LOAD, str(model), kernel], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"loading the kernel hung for over {timeout} s") from None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hold_build_lock(build):
+    """A process that takes the build lock the way a builder does and then sleeps (the test kills it)."""
+    from gaq_calc.kernels.fused import BUILD_LOCK
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); open(sys.argv[2], 'w').close(); print('held', flush=True); "
+            "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(build / BUILD_LOCK), str(build / "lock")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_build_in_progress_is_waited_for_a_bounded_time(extensions_dir, tiny_model_file):
+    """Another live process is building: wait GAQ_KERNEL_BUILD_WAIT seconds, then the reference kernel
+    with a RuntimeWarning ("auto") or KernelUnavailable ("fused"), instead of waiting forever."""
+    holder = _hold_build_lock(extensions_dir)
+    try:
+        auto = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3, timeout=120)
+        fused = _load_in_subprocess(tiny_model_file, "fused", wait_seconds=1, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert auto["kernel"] == "reference" and auto["seconds"] < 60
+    assert any("building the fused kernel" in w and "reference kernel" in w for w in auto["warnings"]), auto
+    assert fused["kernel"] is None and "building the fused kernel" in fused["error"]
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(extensions_dir, tiny_model_file):
+    """The builder was killed (SIGKILL, no cleanup): its lock file stays, fresh, but its owner is dead.
+    The next process notices at once, removes it with a warning and builds (here: finds it built)."""
+    holder = _hold_build_lock(extensions_dir)
+    holder.kill()
+    holder.wait()
+    assert (extensions_dir / "lock").exists()
+    result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3)
+    assert result["kernel"] == "fused", result
+    assert any("interrupted build" in w for w in result["warnings"]), result
+    assert not (extensions_dir / "lock").exists()
+
+
+def test_compilers_left_by_a_killed_build_are_not_raced(extensions_dir, tiny_model_file):
+    """A killed build can leave its compiler running in the build folder: wait for it (bounded), and if
+    it outlives the wait, run the reference kernel rather than build over it."""
+    (extensions_dir / "lock").touch()
+    leftover = subprocess.Popen(["sleep", "120"], cwd=str(extensions_dir))
+    try:
+        result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3, timeout=120)
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert result["kernel"] == "reference", result
+    assert any(str(leftover.pid) in w for w in result["warnings"]), result
+    result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3)  # the leftover is gone: build
+    assert result["kernel"] == "fused", result
