@@ -6,7 +6,7 @@ import torch
 from ase import Atoms
 
 from gaq_calc import GAQCalculator
-from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.data import GraphDataset, read_frames, shipped_split
 from gaq_calc.model import energy_and_forces
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
@@ -115,3 +115,116 @@ def test_quantizers_take_empty_inputs():
         assert not bool(q.calibrated)  # nothing seen yet
         q(torch.ones((2,) + shape[1:]))
         assert bool(q.calibrated) and q.act_step.item() > 0
+
+
+# ---- item 9: training data with NaN/inf labels; periodic cells with much vacuum -------------------------
+
+def _rmd17_file(path, k, key, value):
+    """12 ethanol frames as an rMD17 npz, with `key`[k] (one number of frame k) set to `value`."""
+    with np.load(shipped_split("ethanol", "train")) as raw:
+        data = {name: raw[name][:12].copy() if raw[name].ndim else raw[name] for name in raw.files}
+    if data[key].ndim == 1:
+        data[key][k] = value
+    else:
+        data[key][k, 2, 1] = value
+    np.savez(path, **data)
+    return path
+
+
+def _extxyz_file(path, k, what, value):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = read_frames("ethanol", "train").subset(np.arange(8))
+    images = []
+    for i in range(len(frames)):
+        energy, forces = frames.energies[i], frames.forces[i].copy()
+        if i == k and what == "energy":
+            energy = value
+        if i == k and what == "forces":
+            forces[2, 1] = value
+        atoms = Atoms(numbers=frames.numbers[i], positions=frames.positions[i])
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        images.append(atoms)
+    write(path, images)
+    return path
+
+
+@pytest.mark.parametrize("key,value", [("energies", np.nan), ("forces", np.inf), ("coords", -np.inf),
+                                       ("forces", np.nan)])
+def test_gaq_train_refuses_nan_or_inf_in_an_rmd17_file(tmp_path, key, value):
+    from gaq_calc.cli.train import main
+
+    path = _rmd17_file(tmp_path / "bad.npz", 7, key, value)
+    what = {"energies": "energy", "forces": "forces", "coords": "positions"}[key]
+    with pytest.raises(ValueError, match=rf"bad\.npz: frame 7 has a non-finite {what} label") as err:
+        main(["--train-data", str(path), "--out-dir", str(tmp_path / "out"), "--epochs", "1", "--n-val", "2",
+              "--batch-size", "4", "--model-num-features", "8", "--model-num-layers", "1", "--no-progress"])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("what,value", [("energy", np.nan), ("forces", -np.inf)])
+def test_reading_an_ase_file_refuses_nan_or_inf_labels(tmp_path, what, value):
+    path = _extxyz_file(tmp_path / "bad.extxyz", 3, what, value)
+    with pytest.raises(ValueError, match=rf"bad\.extxyz: frame 3 has a non-finite {what} label"):
+        read_frames(path)
+
+
+VACUUM_PROBE = """
+import resource, sys
+import numpy as np
+from gaq_calc.data import read_frames
+from gaq_calc.data.graphs import neighbour_graph
+positions = read_frames("ethanol", "test").positions[0]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r, s, shifts = neighbour_graph(positions, 5.0, np.diag([2500.0, 2500.0, 2500.0]), np.ones(3, bool))
+print(len(r), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_periodic_cell_with_much_vacuum_takes_little_memory():
+    """A molecule in a 2500 Å periodic box: binning it into 5 Å cells took ~500 MB (4 GB at 4000 Å).
+    Measured in a subprocess (peak resident memory) so the test process keeps its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", VACUUM_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_edges, extra_kb = map(int, proc.stdout.split())
+    assert n_edges == 72  # ethanol within 5 Å: every pair, no periodic image
+    assert extra_kb < 50_000, f"the neighbour list took {extra_kb / 1000:.0f} MB"
+
+
+def test_vacuum_cells_give_the_same_graph_and_energy():
+    from gaq_calc.data.graphs import _periodic_pairs, neighbour_graph
+
+    positions = read_frames("ethanol", "test").positions[4]
+    # a slab: periodic images 6 Å apart along z (matscipy bins it cheaply); the all-pairs images agree
+    for cell, pbc in [(np.diag([3000.0, 3000.0, 6.0]), [True, True, True]),
+                      (np.array([[7.0, 0.0, 0.0], [2.0, 6.5, 0.0], [1.0, -1.5, 6.0]]), [True, False, True])]:
+        shifted = positions + np.array([30.3, -17.1, 11.9])  # outside the cell: wrapped by whole lattice vectors
+        expected = neighbour_graph(shifted, 5.0, cell, np.array(pbc))
+        got = _periodic_pairs(shifted, 5.0, cell, np.array(pbc))
+        key = lambda g: sorted(zip(g[0].tolist(), g[1].tolist(), np.round(g[2], 6).tolist()))
+        assert len(got[0]) == len(expected[0]) > 72 and key(got) == key(expected)
+    # in a huge box, periodic or not, ethanol has the same energy
+    atoms = ethanol_atoms(4)
+    calc = GAQCalculator("ethanol_fp32", dtype="float64")
+    e0, f0 = _energy_forces(calc, atoms)
+    boxed = atoms.copy()
+    boxed.cell, boxed.pbc = np.diag([4000.0, 3000.0, 5000.0]), True
+    e1, f1 = _energy_forces(calc, boxed)
+    assert e1 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f1, f0, rtol=0, atol=1e-9)
+
+
+def test_many_atoms_in_a_vacuum_cell_get_a_clear_error():
+    from gaq_calc.data.graphs import neighbour_graph
+
+    positions = np.random.default_rng(0).uniform(0, 40, (600, 3))
+    with pytest.raises(ValueError, match="vacuum"):
+        neighbour_graph(positions, 5.0, np.diag([3000.0, 3000.0, 3000.0]), np.ones(3, bool))

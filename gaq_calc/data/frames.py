@@ -43,6 +43,17 @@ class Frames:
         return int(sum(len(n) for n in self.numbers))
 
 
+def check_finite(path, positions, energies, forces) -> None:
+    """One-line ValueError naming the file and the first frame with a NaN or infinite label or position:
+    a single one makes the training loss NaN, which otherwise surfaces epochs later as a message about
+    the learning rate."""
+    for what, values in (("energy", energies), ("forces", forces), ("positions", positions)):
+        for k, frame in enumerate(values):
+            if not np.isfinite(frame).all():
+                raise ValueError(f"{path}: frame {k} has a non-finite {what} label (NaN or inf); "
+                                 "fix or drop that frame")
+
+
 def read_rmd17(path: str | Path) -> Frames:
     """Read an rMD17 npz split; converts kcal/mol(/Å) to eV(/Å). The noisy `old_*` labels are ignored."""
     with np.load(path) as data:
@@ -53,6 +64,7 @@ def read_rmd17(path: str | Path) -> Frames:
         coords = data["coords"].astype(np.float64)
         energies = kcal_mol_to_ev(data["energies"].astype(np.float64))
         forces = kcal_mol_to_ev(data["forces"].astype(np.float64))
+    check_finite(path, coords, energies, forces)
     return Frames(
         numbers=[numbers] * len(energies),
         positions=list(coords),
@@ -81,6 +93,7 @@ def read_ase(path: str | Path, index: str = ":") -> Frames:
         positions.append(atoms.positions.astype(np.float64))
         energies.append(float(energy))
         forces.append(np.asarray(frame_forces, dtype=np.float64))
+    check_finite(path, positions, energies, forces)
     return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), forces)
 
 
