@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
+from gaq_calc.data.graphs import GraphBatch, centred, neighbour_graph, species_index, wrap_positions
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
@@ -144,6 +144,10 @@ class GAQCalculator(Calculator):
                     f"periodic boundary conditions {pbc.tolist()} need a cell of non-zero volume; "
                     "set pbc=False for a molecule in vacuum"
                 )
+            positions = wrap_positions(positions, cell, pbc)  # short shifts wherever the atoms are
+        # float64 until the graph is built: about its centre, a structure keeps its float32 digits for
+        # the edge vectors however far from the origin it sits (forces do not change under a rigid shift)
+        positions = centred(positions)
         receivers, senders, shifts = neighbour_graph(positions, self.cutoff, cell, pbc)
         if len(receivers):
             dist = np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1)

@@ -153,20 +153,3 @@ def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):
     with pytest.raises(ValueError, match="kernel must be"):
         GAQCalculator(str(tiny_model_file), kernel="cuda-int4")
 
-
-def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
-    import os
-    import time
-
-    from gaq_calc.kernels.fused import STALE_LOCK_SECONDS, _remove_stale_lock
-
-    lock = tmp_path / "lock"
-    lock.touch()
-    _remove_stale_lock(tmp_path)  # a build in progress: its lock stays
-    assert lock.exists()
-    old = time.time() - STALE_LOCK_SECONDS - 60
-    os.utime(lock, (old, old))
-    with pytest.warns(RuntimeWarning, match="stale build lock"):
-        _remove_stale_lock(tmp_path)
-    assert not lock.exists()
-    _remove_stale_lock(tmp_path)  # no lock: nothing to do

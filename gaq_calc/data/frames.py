@@ -57,6 +57,18 @@ class Frames:
         return int(sum(len(n) for n in self.numbers))
 
 
+def check_finite(path, positions, energies, forces) -> None:
+    """One-line ValueError naming the file and the first frame with a NaN or infinite label or position:
+    a single one makes the training loss NaN, which otherwise surfaces epochs later as a message about
+    the learning rate."""
+    for what, values in (("energy", energies), ("forces", forces if forces is not None else []),
+                         ("positions", positions)):
+        for k, frame in enumerate(values):
+            if not np.isfinite(frame).all():
+                raise ValueError(f"{path}: frame {k} has a non-finite {what} label (NaN or inf); "
+                                 "fix or drop that frame")
+
+
 def read_rmd17(path: str | Path) -> Frames:
     """Read an rMD17 npz split; converts kcal/mol(/Å) to eV(/Å). The noisy `old_*` labels are ignored."""
     with np.load(path) as data:
@@ -67,6 +79,7 @@ def read_rmd17(path: str | Path) -> Frames:
         coords = data["coords"].astype(np.float64)
         energies = kcal_mol_to_ev(data["energies"].astype(np.float64))
         forces = kcal_mol_to_ev(data["forces"].astype(np.float64))
+    check_finite(path, coords, energies, forces)
     return Frames(
         numbers=[numbers] * len(energies),
         positions=list(coords),
@@ -106,6 +119,7 @@ def read_ase(path: str | Path, index: str = ":") -> Frames:
         energies.append(float(energy))
         if not energy_only:
             forces.append(np.asarray(frame_forces, dtype=np.float64))
+    check_finite(path, positions, energies, [] if energy_only else forces)
     return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), None if energy_only else forces)
 
 

@@ -30,8 +30,19 @@ def neighbour_graph(
     """
     n = len(positions)
     if pbc is not None and np.any(pbc):
-        i, j, s = neighbour_list("ijS", positions=positions, cutoff=cutoff, cell=cell, pbc=pbc)
-        shifts = s.astype(np.float64) @ np.asarray(cell, dtype=np.float64)
+        cell = np.asarray(cell, dtype=np.float64)
+        bins = _cell_bins(cell, cutoff)
+        if not bins > MAX_BINS:  # (a degenerate cell, NaN here, goes to matscipy's own error)
+            i, j, s = neighbour_list("ijS", positions=positions, cutoff=cutoff, cell=cell, pbc=pbc)
+            shifts = s.astype(np.float64) @ cell
+        elif n <= BRUTE_FORCE_MAX_ATOMS:  # a small structure in a cell of mostly vacuum: all pairs, few images
+            i, j, shifts = _periodic_pairs(positions, cutoff, cell, np.asarray(pbc, dtype=bool))
+        else:
+            raise ValueError(
+                f"a periodic cell of {np.linalg.norm(cell, axis=1).round(1).tolist()} Å with {n} atoms is mostly "
+                f"vacuum: its neighbour list would need {bins:.2g} cutoff-sized bins; use a smaller cell, or "
+                "pbc=False for an isolated structure"
+            )
     elif n <= BRUTE_FORCE_MAX_ATOMS:
         # small molecules: all pairs is cheaper than binning, and safe for any spread of coordinates
         d2 = ((positions[:, None, :] - positions[None, :, :]) ** 2).sum(-1)  # [n, n]
@@ -51,6 +62,75 @@ def neighbour_graph(
         i, j = neighbour_list("ij", positions=shifted, cutoff=cutoff, cell=box, pbc=np.zeros(3, bool))
         shifts = np.zeros((len(i), 3))
     return i.astype(np.int64), j.astype(np.int64), shifts
+
+
+def centred(positions: np.ndarray) -> np.ndarray:
+    """Positions relative to their mean, formed in float64 before any cast to the network's dtype.
+
+    Absolute coordinates far from the origin (a molecule at 1e6 Å) keep few float32 digits, and the
+    edge vectors formed from them would lose the rest; energies and forces do not change under a rigid
+    shift, so the network sees each structure about its own centre."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if len(positions) == 0:
+        return positions.copy()
+    return positions - positions.mean(axis=0)
+
+
+def wrap_positions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """Positions moved by whole lattice vectors into the cell along periodic directions (float64).
+
+    Energies and forces of a periodic structure do not change, and the neighbour list's shifts stay a few
+    cell vectors long instead of growing with the distance from the origin."""
+    positions = np.asarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    fractional = np.linalg.solve(cell.T, positions.T).T  # positions = fractional @ cell
+    whole = np.where(pbc, np.floor(fractional), 0.0)
+    return positions - whole @ cell
+
+
+def _cell_heights(cell: np.ndarray) -> np.ndarray:
+    """Distances between opposite faces of the cell (Å), one per cell vector."""
+    volume = abs(np.linalg.det(cell))
+    cross = [np.cross(cell[1], cell[2]), np.cross(cell[2], cell[0]), np.cross(cell[0], cell[1])]
+    return volume / np.linalg.norm(cross, axis=1)
+
+
+def _cell_bins(cell: np.ndarray, cutoff: float) -> float:
+    """About how many cutoff-sized bins matscipy allocates for this cell (~4 bytes each, measured)."""
+    return float(np.prod(np.maximum(1.0, np.floor(_cell_heights(cell) / cutoff))))
+
+
+def _periodic_pairs(positions: np.ndarray, cutoff: float, cell: np.ndarray, pbc: np.ndarray):
+    """neighbour_graph for a few atoms in a periodic cell, by all pairs over the periodic images that can
+    lie within the cutoff: memory n^2 per image, whatever the size of the cell."""
+    positions = np.asarray(positions, dtype=np.float64)
+    n = len(positions)
+    fractional = np.linalg.solve(cell.T, positions.T).T
+    whole = np.where(pbc, np.floor(fractional), 0.0)  # [n, 3] lattice vectors that wrap each atom
+    wrapped = positions - whole @ cell
+    # |r_j - r_i + S cell| < cutoff needs |(f_j - f_i + S)_d| < cutoff / height_d, with |f_j - f_i|_d < 1
+    reach = np.where(pbc, np.ceil(cutoff / _cell_heights(cell)), 0).astype(np.int64)
+    ranges = [np.arange(-r, r + 1) for r in reach]
+    images = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)  # [M, 3]
+    if len(images) * n * n > 200_000_000:
+        raise ValueError(f"a periodic cell with heights {_cell_heights(cell).round(2).tolist()} Å is too thin for "
+                         f"a {cutoff} Å cutoff with {n} atoms ({len(images)} periodic images)")
+    delta = wrapped[None, :, :] - wrapped[:, None, :]  # [i, j] r_j - r_i
+    found = []
+    for image in images:
+        d2 = ((delta + image @ cell) ** 2).sum(-1)
+        if not image.any():
+            np.fill_diagonal(d2, np.inf)
+        i, j = np.nonzero(d2 < cutoff * cutoff)
+        found.append((i, j, np.broadcast_to(image, (len(i), 3))))
+    i = np.concatenate([f[0] for f in found])
+    j = np.concatenate([f[1] for f in found])
+    image = np.concatenate([f[2] for f in found]).astype(np.float64)
+    order = np.argsort(i, kind="stable")  # grouped by receiver, as matscipy returns them
+    i, j, image = i[order], j[order], image[order]
+    shifts = (image - whole[j] + whole[i]) @ cell  # for the positions as given, not the wrapped ones
+    return i, j, shifts
 
 
 @dataclass
@@ -124,7 +204,8 @@ class GraphDataset:
         shifts = np.concatenate([_shifts(self.edges[k]) for k in index])
         return GraphBatch(
             species=torch.from_numpy(np.concatenate([self.species_idx[k] for k in index])),
-            positions=torch.from_numpy(np.concatenate([f.positions[k] for k in index])),
+            # each structure about its own centre, in float64 (see `centred`)
+            positions=torch.from_numpy(np.concatenate([centred(f.positions[k]) for k in index])),
             receivers=torch.from_numpy(receivers),
             senders=torch.from_numpy(senders),
             shifts=torch.from_numpy(shifts),

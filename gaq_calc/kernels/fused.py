@@ -12,67 +12,155 @@ rescale per output) and the forces are QAT's straight-through gradient, as in th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import threading
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 _lock = threading.Lock()
 _loaded = False
+_gave_up = False  # a wait for another process's build timed out: later calls do not wait again
 
 
 class KernelUnavailable(RuntimeError):
     """The fused kernel cannot be built or does not support this model/mode."""
 
 
-def load_extension(verbose: bool = False) -> None:
-    """Compile (once per source version, cached) and load the op library; KernelUnavailable on failure."""
-    global _loaded
+def load_extension(verbose: bool = False, wait_seconds: Optional[float] = None) -> None:
+    """Compile (once per source version, cached) and load the op library; KernelUnavailable on failure.
+
+    Processes that build at the same time take turns on a lock in the build folder. One that cannot get
+    the lock within `wait_seconds` (default: the GAQ_KERNEL_BUILD_WAIT environment variable, else
+    BUILD_WAIT_SECONDS) raises KernelUnavailable instead of waiting forever, and so does one that finds a
+    killed build's compiler still running there; later calls in that process do not wait again."""
+    global _loaded, _gave_up
     with _lock:
         if _loaded:
             return
         from torch.utils import cpp_extension
 
-        flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
-        if os.uname().machine in ("x86_64", "AMD64"):
-            flags.append("-march=native")  # compiled on the machine that runs it
+        if wait_seconds is None:
+            wait_seconds = 0.0 if _gave_up else _default_wait()
+        name, flags = build_spec()
         try:
             _ninja_on_path()
-            # one build folder per source version: a rebuild never overwrites a library that a running
-            # process (a long MD run) has loaded
-            digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-            name = f"gaq_fused_cpu_{digest}"
-            _remove_stale_lock(Path(cpp_extension._get_build_directory(name, verbose)))
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                               is_python_module=False, verbose=verbose)
+            build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+            with _build_lock(build_dir, wait_seconds):
+                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+                                   is_python_module=False, verbose=verbose)
+        except KernelUnavailable:
+            _gave_up = True
+            raise
         except Exception as err:  # no compiler, no ninja, read-only cache, ...
             raise KernelUnavailable(f"the fused CPU kernel could not be built ({type(err).__name__}: {err})") from err
         _loaded = True
 
 
-STALE_LOCK_SECONDS = 600  # a build takes about a minute; a lock this old was left by a killed build
+def build_spec() -> Tuple[str, List[str]]:
+    """(extension name, compiler flags): one build folder per source version and flags, so a rebuild
+    never overwrites a library that a running process (a long MD run) has loaded."""
+    flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
+    if os.uname().machine in ("x86_64", "AMD64"):
+        flags.append("-march=native")  # compiled on the machine that runs it
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return f"gaq_fused_cpu_{digest}", flags
 
 
-def _remove_stale_lock(build_dir: Path) -> None:
-    """torch's builder waits forever on the lock file of a build that was killed (Ctrl-C during the
-    first call); remove a lock older than any real build so the next process builds again."""
+BUILD_LOCK = "gaq_build.lock"  # in the build folder, beside torch's own "lock"
+BUILD_WAIT_SECONDS = 300.0  # a build takes about a minute on 2 busy cores; then the reference kernel
+
+
+def _default_wait() -> float:
+    value = os.environ.get("GAQ_KERNEL_BUILD_WAIT")
+    if value is None:
+        return BUILD_WAIT_SECONDS
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise KernelUnavailable(f"GAQ_KERNEL_BUILD_WAIT must be a number of seconds, not {value!r}") from None
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path, wait_seconds: float) -> Iterator[None]:
+    """Hold the build folder's lock (an flock, which the kernel releases when its holder dies, even by
+    SIGKILL) around torch's build and load.
+
+    torch's own lock is a bare file that waits forever once a build is killed. Every builder holds this
+    lock while torch's file exists, so whoever gets this lock and finds torch's file knows its owner is
+    dead: the file is removed (with a RuntimeWarning) once no leftover compiler of the killed build still
+    runs in the folder. Waits at most `wait_seconds` in all, then KernelUnavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    import time
+
+    deadline = time.monotonic() + wait_seconds
+    fd = os.open(build_dir / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held by a live process
+                if time.monotonic() >= deadline:
+                    raise KernelUnavailable(
+                        f"waited {wait_seconds:g} s for another process building the fused kernel "
+                        f"(lock {build_dir / BUILD_LOCK}; GAQ_KERNEL_BUILD_WAIT sets the wait)") from None
+                time.sleep(0.1)
+                continue
+            except OSError:  # a file system without locks: torch's lock alone, as before
+                break
+            _clear_dead_build(build_dir, deadline)
+            break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _clear_dead_build(build_dir: Path, deadline: float) -> None:
+    """Remove torch's lock file of a killed build, after waiting (until `deadline`) for any process
+    still running in the folder (its compiler or ninja, orphaned by the kill) to finish."""
     import time
     import warnings
 
     lock = build_dir / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
+    if not lock.exists():
         return
-    if age > STALE_LOCK_SECONDS:
-        warnings.warn(f"removing a stale build lock ({age / 60:.0f} min old, left by an interrupted build): "
-                      f"{lock}", RuntimeWarning, stacklevel=3)
-        lock.unlink(missing_ok=True)
+    while True:
+        leftover = _processes_in(build_dir)
+        if not leftover:
+            break
+        if time.monotonic() >= deadline:
+            raise KernelUnavailable(f"processes {leftover} of an interrupted build still run in {build_dir}")
+        time.sleep(0.2)
+    warnings.warn(f"removing a build lock left by an interrupted build: {lock}", RuntimeWarning, stacklevel=2)
+    lock.unlink(missing_ok=True)
+
+
+def _processes_in(folder: Path) -> List[int]:
+    """Ids of other processes whose working directory is `folder` (Linux /proc; [] where unreadable)."""
+    folder = os.path.realpath(folder)
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/cwd") == folder:
+                found.append(int(entry))
+        except OSError:  # gone, or another user's
+            continue
+    return found
 
 
 def _ninja_on_path() -> None:

@@ -675,15 +675,161 @@ std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
   return {energy, forces};
 }
 
+// ---- input checks. The op is reachable from Python and TorchScript with any arguments, and the loops
+// above index raw pointers with receivers, senders, species and batch, so every shape, dtype and index
+// range is checked first: bad input raises ValueError (TORCH_CHECK_VALUE) with a one-line message, never
+// reads or writes out of bounds. Integer passes over n + E entries; valid input is not copied.
+#define GAQ_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "gaq::energy_forces: ", __VA_ARGS__)
+
+void check_index_tensor(const at::Tensor& t, const char* name, int64_t len, const char* len_name) {
+  GAQ_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name, " must be an integer tensor, not ",
+            t.scalar_type());
+  GAQ_CHECK(t.dim() == 1, name, " must be 1-D, not of shape ", t.sizes());
+  GAQ_CHECK(t.size(0) == len, name, " has ", t.size(0), " entries, expected ", len, " (", len_name, ")");
+}
+
+// every entry of x (int64, contiguous) in [0, hi)
+void check_range(const at::Tensor& x, const char* name, int64_t hi, const char* hi_name) {
+  const int64_t* v = x.data_ptr<int64_t>();
+  const int64_t m = x.numel();
+  int64_t lo_seen = 0, hi_seen = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    lo_seen = std::min(lo_seen, v[i]);
+    hi_seen = std::max(hi_seen, v[i]);
+  }
+  if (lo_seen >= 0 && (m == 0 || hi_seen < hi)) return;
+  int64_t i = 0;
+  while (v[i] >= 0 && v[i] < hi) ++i;
+  GAQ_CHECK(false, name, "[", i, "] = ", v[i], " is out of range: ", name, " must lie in [0, ", hi, ") (", hi_name,
+            " = ", hi, ")");
+}
+
+// params[i] has exactly `shape`; an optional bias may also be empty
+void check_param(const at::TensorList& params, int64_t i, at::IntArrayRef shape, const char* what,
+                 bool optional = false) {
+  const at::Tensor& t = params[i];
+  GAQ_CHECK(t.is_floating_point(), "params[", i, "] (", what, ") must be floating point, not ", t.scalar_type());
+  if (optional && t.numel() == 0) return;
+  GAQ_CHECK(t.sizes() == shape, "params[", i, "] (", what, ") has shape ", t.sizes(), ", expected ", shape,
+            optional ? " or empty" : "", ": the parameter list does not match the model layout");
+}
+
+void check_inputs(const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers,
+                  const at::Tensor& senders, const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs,
+                  at::TensorList params, at::ArrayRef<double> consts, at::TensorList quant) {
+  GAQ_CHECK(positions.scalar_type() == at::kFloat || positions.scalar_type() == at::kDouble,
+            "positions must be float32 or float64, not ", positions.scalar_type());
+  GAQ_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3], not ",
+            positions.sizes());
+  const int64_t n = positions.size(0), E = receivers.dim() >= 1 ? receivers.size(0) : -1;
+  check_index_tensor(species, "species", n, "n_atoms, from positions");
+  check_index_tensor(receivers, "receivers", E, "n_edges");
+  check_index_tensor(senders, "senders", E, "n_edges, from receivers");
+  check_index_tensor(batch, "batch", n, "n_atoms, from positions");
+  GAQ_CHECK(shifts.is_floating_point(), "shifts must be floating point, not ", shifts.scalar_type());
+  GAQ_CHECK(shifts.dim() == 2 && shifts.size(0) == E && shifts.size(1) == 3, "shifts must be [n_edges, 3] = [", E,
+            ", 3], not ", shifts.sizes());
+  GAQ_CHECK(n_graphs >= 1, "n_graphs must be >= 1, not ", n_graphs);
+  // constants and the parameter layout (kept in step with gaq_calc/kernels/fused.py)
+  GAQ_CHECK(consts.size() == 5, "consts must be [cutoff, envelope p, rbf prefactor, layer-norm eps, heads], got ",
+            consts.size(), " values");
+  for (double c : consts) GAQ_CHECK(std::isfinite(c), "consts must be finite, got ", consts);
+  GAQ_CHECK(consts[0] > 0, "the cutoff (consts[0]) must be > 0, not ", consts[0]);
+  const int64_t np = static_cast<int64_t>(params.size());
+  GAQ_CHECK(np >= kGlobal + kReadout && (np - kGlobal - kReadout) % kPerLayer == 0, "params has ", np,
+            " tensors, expected ", kGlobal, " + ", kPerLayer, " per layer + ", kReadout,
+            ": the parameter list does not match the model layout");
+  const int64_t L = (np - kGlobal - kReadout) / kPerLayer;
+  GAQ_CHECK(params[0].dim() == 2 && params[0].size(0) >= 1 && params[0].size(1) >= 1,
+            "params[0] (embedding) must be [n_species, features], not ", params[0].sizes());
+  const int64_t S = params[0].size(0), F = params[0].size(1);
+  const double heads = consts[4];
+  GAQ_CHECK(heads >= 1 && heads == std::floor(heads) && heads <= static_cast<double>(F) &&
+                F % static_cast<int64_t>(heads) == 0,
+            "the number of heads (consts[4] = ", heads, ") must be a positive divisor of the feature count ", F);
+  const int64_t H = static_cast<int64_t>(heads), W = 3 * F + H;
+  check_param(params, 0, {S, F}, "embedding");
+  GAQ_CHECK(params[1].dim() == 1, "params[1] (radial frequencies) must be 1-D, not ", params[1].sizes());
+  const int64_t K = params[1].size(0);
+  check_param(params, 1, {K}, "radial frequencies");
+  const bool hidden = params[2].numel() > 0;
+  int64_t R = K;
+  if (hidden) {
+    GAQ_CHECK(params[2].dim() == 2, "params[2] (radial hidden weight) must be 2-D, not ", params[2].sizes());
+    R = params[2].size(0);
+    check_param(params, 2, {R, K}, "radial hidden weight");
+    check_param(params, 3, {R}, "radial hidden bias", true);
+  } else {
+    GAQ_CHECK(params[3].numel() == 0, "params[3] (radial hidden bias) must be empty without a hidden layer");
+  }
+  check_param(params, 4, {L * W, R}, "radial filter weight");
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t b = kGlobal + l * kPerLayer;
+    check_param(params, b + 0, {F}, "layer norm gain");
+    check_param(params, b + 1, {F}, "layer norm bias");
+    check_param(params, b + 2, {2 * F, F}, "query-key weight");
+    check_param(params, b + 3, {2 * F, F}, "value weight");
+    check_param(params, b + 4, {2 * F}, "value bias", true);
+    check_param(params, b + 5, {H}, "log tau");
+    check_param(params, b + 6, {F, 2 * F}, "exchange-in weight");
+    check_param(params, b + 7, {F}, "exchange-in bias", true);
+    check_param(params, b + 8, {3 * F, F}, "exchange-out weight");
+    check_param(params, b + 9, {3 * F}, "exchange-out bias", true);
+    check_param(params, b + 10, {2 * F, F}, "vector-mix weight");
+  }
+  const int64_t r = kGlobal + L * kPerLayer;
+  check_param(params, r + 0, {F}, "readout norm gain");
+  check_param(params, r + 1, {F}, "readout norm bias");
+  check_param(params, r + 2, {F, F}, "readout hidden weight");
+  check_param(params, r + 3, {F}, "readout hidden bias", true);
+  check_param(params, r + 4, {1, F}, "readout output weight");
+  check_param(params, r + 5, {1}, "readout output bias", true);
+  GAQ_CHECK(params[r + 6].is_floating_point() && params[r + 6].numel() == 1, "params[", r + 6,
+            "] (energy scale) must be one floating-point number, not of shape ", params[r + 6].sizes());
+  check_param(params, r + 7, {S}, "reference energies");
+  // activation quantizers: none, or one (meta, weight codes, weight steps) triple per Linear, in order
+  std::vector<int64_t> linear;  // the param index of each Linear's weight
+  if (hidden) linear.push_back(2);
+  linear.push_back(4);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k : {2, 3, 6, 8, 10}) linear.push_back(kGlobal + l * kPerLayer + k);
+  linear.push_back(r + 2);
+  linear.push_back(r + 4);
+  const int64_t nq = static_cast<int64_t>(quant.size());
+  GAQ_CHECK(nq == 0 || nq == 3 * static_cast<int64_t>(linear.size()), "quant has ", nq, " tensors, expected 0 or ",
+            3 * linear.size(), " (meta, weight codes, weight steps per Linear)");
+  for (int64_t i = 0; i < nq / 3; ++i) {
+    const at::Tensor &meta = quant[3 * i], &codes = quant[3 * i + 1], &steps = quant[3 * i + 2];
+    GAQ_CHECK(meta.is_floating_point() && meta.numel() == 3, "quant[", 3 * i,
+              "] (meta) must be 3 floats [kind, act step, qmax], not ", meta.scalar_type(), " ", meta.sizes());
+    const at::Tensor m = meta.to(at::kDouble).contiguous();
+    const double kind = m.data_ptr<double>()[0], step = m.data_ptr<double>()[1], qmax = m.data_ptr<double>()[2];
+    GAQ_CHECK(kind == 0 || kind == 1 || kind == 2, "quantizer ", i, ": kind must be 0 (none), 1 (linear) or ",
+              "2 (frame), not ", kind);
+    if (kind == 0) continue;
+    const bool vector_mix = i >= static_cast<int64_t>(linear.size()) - 2 - 5 * L &&
+                            i < static_cast<int64_t>(linear.size()) - 2 &&
+                            (i - (static_cast<int64_t>(linear.size()) - 2 - 5 * L)) % 5 == 4;
+    GAQ_CHECK(kind == 1 || vector_mix, "quantizer ", i, ": frame rounding (kind 2) applies to the vector mix only");
+    GAQ_CHECK(std::isfinite(step) && step > 0, "quantizer ", i, ": the activation step must be > 0, not ", step);
+    GAQ_CHECK(qmax >= 1 && qmax <= 127 && qmax == std::floor(qmax), "quantizer ", i,
+              ": qmax must be an integer in [1, 127] (int8 codes), not ", qmax);
+    const at::Tensor& w = params[linear[i]];
+    GAQ_CHECK(codes.scalar_type() == at::kChar || codes.is_floating_point(), "quantizer ", i,
+              ": weight codes must be int8 or floating point, not ", codes.scalar_type());
+    GAQ_CHECK(codes.sizes() == w.sizes(), "quantizer ", i, ": weight codes of shape ", codes.sizes(),
+              " do not match the weight params[", linear[i], "] of shape ", w.sizes());
+    GAQ_CHECK(steps.is_floating_point() && steps.numel() == w.size(0), "quantizer ", i, ": ", w.size(0),
+              " floating-point weight steps expected, got ", steps.scalar_type(), " ", steps.sizes());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> energy_forces(
     const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers, const at::Tensor& senders,
     const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, at::TensorList params,
     at::ArrayRef<double> consts, at::TensorList quant) {
   TORCH_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3]");
-  TORCH_CHECK(consts.size() == 5, "consts: cutoff, envelope p, rbf prefactor, layer-norm eps, heads");
-  TORCH_CHECK(quant.size() % 3 == 0,
-              "quant: (meta [kind, act step, qmax], weight codes (int8, or exact as floats), weight steps) per Linear");
+  check_inputs(positions, species, receivers, senders, shifts, batch, n_graphs, params, consts, quant);
   c10::InferenceMode guard;
   const auto dtype = positions.scalar_type();
   std::vector<at::Tensor> p;
@@ -695,11 +841,9 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
   std::vector<ActQuant> Q(quant.size() / 3);
   for (size_t i = 0; i < Q.size(); ++i) {
     at::Tensor meta = quant[3 * i].to(at::kDouble).contiguous();
-    TORCH_CHECK(meta.numel() == 3, "quant meta must be [kind, act step, qmax]");
     Q[i].kind = static_cast<int>(meta.data_ptr<double>()[0]);
     Q[i].step = meta.data_ptr<double>()[1];
     Q[i].qmax = static_cast<int>(meta.data_ptr<double>()[2]);
-    TORCH_CHECK(Q[i].kind >= 0 && Q[i].kind <= 2, "activation kind must be 0 (none), 1 (linear) or 2 (frame)");
     // weight codes given as floats select engine 1 (the caller checked exactness: in * qmax * max|code|
     // below 2^24 for float32); int8 codes select the int32 loop. (No copies when dtypes already match.)
     const at::Tensor& codes = quant[3 * i + 1];
@@ -715,9 +859,12 @@ std::tuple<at::Tensor, at::Tensor> energy_forces(
   auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
        sd = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
   auto sh = shifts.to(dtype).contiguous();
+  check_range(sp, "species", p[0].size(0), "n_species, from the embedding");
+  check_range(rc, "receivers", pos.size(0), "n_atoms");
+  check_range(sd, "senders", pos.size(0), "n_atoms");
+  check_range(bt, "batch", n_graphs, "n_graphs");
   if (dtype == at::kDouble)
     return energy_forces_impl<double>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
-  TORCH_CHECK(dtype == at::kFloat, "gaq::energy_forces supports float32 and float64");
   return energy_forces_impl<float>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
 }
 

@@ -77,6 +77,8 @@ class QuantLinear(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         """Min-max (or percentile) range over the batches seen: the step covers the largest |x|, or
         |v| for MDDQ, or the largest local-frame component for "frame"."""
+        if x.numel() == 0:  # a batch without edges says nothing about the range of edge activations
+            return
         bits = int(self.act_bits)
         if self.branch == "vector" and self.vector_method == "kmeans":
             vectors = x.detach().transpose(-1, -2).reshape(-1, 3)

@@ -37,6 +37,12 @@ def positive(step: torch.Tensor) -> torch.Tensor:
     return step.abs().clamp_min(1e-12)
 
 
+def lsq_grad_scale(n_elements: float, qmax: int) -> float:
+    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N = elements sharing one step. An empty input
+    (a structure without edges) gives the step no gradient at all, so any finite scale does: N >= 1."""
+    return 1.0 / math.sqrt(max(n_elements, 1) * qmax)
+
+
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:
     """Symmetric linear fake quantization: step * clamp(round(x / step)).
 
@@ -47,7 +53,7 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = Tr
     qmin, qmax = qrange(bits)
     step = positive(step)
     if lsq:
-        step = grad_scale(step, 1.0 / math.sqrt(x.numel() / step.numel() * qmax))
+        step = grad_scale(step, lsq_grad_scale(x.numel() / step.numel(), qmax))
     return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
 
@@ -125,7 +131,7 @@ def mddq(
     """
     norm = torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)  # [..., 1], smooth at 0
     levels = 2**magnitude_bits - 1
-    step = grad_scale(positive(magnitude_step), 1.0 / math.sqrt(norm.numel() * levels))
+    step = grad_scale(positive(magnitude_step), lsq_grad_scale(norm.numel(), levels))
     magnitude = round_ste(torch.clamp(norm / step, 0, levels)) * step
     return magnitude * quantize_direction(v / norm, codebook)
 

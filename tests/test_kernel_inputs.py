@@ -1,0 +1,403 @@
+"""torch.ops.gaq.energy_forces on bad input: a clear ValueError/RuntimeError, never a crash or wrong numbers.
+
+The op trusts nothing it is given. Each bad input runs in a worker subprocess, so that a crash
+(SIGSEGV, SIGFPE, SIGABRT) fails one case instead of killing pytest; a crashed worker is restarted
+for the cases after the one that killed it.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _valid_inputs(quantized: bool = False):
+    """A tiny random model and a valid two-molecule batch, as the op's arguments (a dict)."""
+    from conftest import randomize, tiny_config
+    from gaq_calc.data.graphs import neighbour_graph
+    from gaq_calc.kernels.fused import _cast_quantizers, gather_parameters
+    from gaq_calc.model import GAQPotential
+
+    torch.manual_seed(0)
+    model = randomize(GAQPotential(tiny_config()), seed=2, scale=0.3).eval()
+    params, consts, quant = gather_parameters(model)
+    if quantized:  # linear int8 rounding of every Linear's input, frame rounding of the vector mix
+        quant = _synthetic_quantizers(params)
+    mol = torch.tensor([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0], [0.2, -0.5, 0.9], [2.0, 1.0, -0.5]],
+                       dtype=torch.float64)
+    species = torch.tensor([1, 0, 0, 2, 0, 1, 0, 0, 2, 0])
+    pos = torch.cat([mol, mol + torch.tensor([20.0, 0.0, 0.0], dtype=torch.float64)])
+    rcv, snd, sh = [], [], []
+    for g in range(2):
+        r, s, shift = neighbour_graph(mol.numpy(), 5.0)
+        rcv.append(torch.from_numpy(r) + 5 * g)
+        snd.append(torch.from_numpy(s) + 5 * g)
+        sh.append(torch.from_numpy(shift))
+    return dict(
+        positions=pos.float(), species=species, receivers=torch.cat(rcv), senders=torch.cat(snd),
+        shifts=torch.cat(sh).float(), batch=torch.tensor([0] * 5 + [1] * 5), n_graphs=2,
+        params=[t.float() for t in params[:-1]] + [params[-1].double()], consts=consts,
+        quant=_cast_quantizers(quant, torch.float32, True) if quant else [],
+    )
+
+
+def _synthetic_quantizers(params):
+    """Per Linear: [kind, act step, qmax], int8 weight codes of the Linear's shape, per-row steps."""
+    L = (len(params) - 5 - 8) // 11
+    weights = [params[2], params[4]]  # radial hidden, radial filter
+    kinds = [1, 1]
+    for l in range(L):
+        q = params[5 + 11 * l: 5 + 11 * (l + 1)]
+        weights += [q[2], q[3], q[6], q[8], q[10]]
+        kinds += [1, 1, 1, 1, 2]
+    weights += [params[5 + 11 * L + 2], params[5 + 11 * L + 4]]
+    kinds += [1, 1]
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for w, kind in zip(weights, kinds):
+        codes = torch.randint(-7, 8, w.shape, generator=gen, dtype=torch.int8)
+        out += [torch.tensor([float(kind), 0.05, 127.0], dtype=torch.float64), codes,
+                torch.full((w.shape[0],), 0.02)]
+    return out
+
+
+def _call(a):
+    return torch.ops.gaq.energy_forces(a["positions"], a["species"], a["receivers"], a["senders"], a["shifts"],
+                                       a["batch"], a["n_graphs"], a["params"], a["consts"], a["quant"])
+
+
+def _set(key, value):
+    def f(a):
+        a[key] = value(a) if callable(value) else value
+    return f
+
+
+def _param(i, value):
+    def f(a):
+        a["params"] = list(a["params"])
+        a["params"][i] = value(a["params"][i])
+    return f
+
+
+def _quant(i, value):
+    def f(a):
+        a["quant"] = list(a["quant"])
+        a["quant"][i] = value(a["quant"][i])
+    return f
+
+
+def _with(key, i, v):
+    def f(t):
+        t = t.clone()
+        t[i] = v
+        return t
+    return _set(key, lambda a: f(a[key]))
+
+
+N_SPECIES, N_ATOMS = 3, 10
+BIG = 1 << 40
+# layer 0 of the parameter list starts at 5: ln g, ln b, Wqk, Wv, bv, log_tau, Win, bin, Wout, bout, Wvm
+BAD = {
+    # index ranges
+    "species >= n_species": _with("species", 0, N_SPECIES),
+    "species < 0": _with("species", 3, -1),
+    "species far out": _with("species", 3, BIG),
+    "receiver >= n_atoms": _with("receivers", 0, N_ATOMS),
+    "receiver < 0": _with("receivers", 4, -1),
+    "receiver far out": _with("receivers", 4, BIG),
+    "sender >= n_atoms": _with("senders", -1, N_ATOMS),
+    "sender < 0": _with("senders", 2, -3),
+    "sender far out": _with("senders", 2, -BIG),
+    "batch >= n_graphs": _with("batch", -1, 2),
+    "batch < 0": _with("batch", 0, -1),
+    "batch far out": _with("batch", 0, BIG),
+    "n_graphs = 0": _set("n_graphs", 0),
+    "n_graphs < 0": _set("n_graphs", -5),
+    # lengths that do not match
+    "senders short": _set("senders", lambda a: a["senders"][:-3]),
+    "receivers short": _set("receivers", lambda a: a["receivers"][:-1]),
+    "shifts short": _set("shifts", lambda a: a["shifts"][:-2]),
+    "species short": _set("species", lambda a: a["species"][:-1]),
+    "batch short": _set("batch", lambda a: a["batch"][:-4]),
+    "batch long": _set("batch", lambda a: torch.cat([a["batch"], a["batch"]])),
+    # shapes and dtypes
+    "positions [n, 2]": _set("positions", lambda a: a["positions"][:, :2]),
+    "positions [n, 3, 1]": _set("positions", lambda a: a["positions"][..., None]),
+    "positions float16": _set("positions", lambda a: a["positions"].half()),
+    "positions int64": _set("positions", lambda a: a["positions"].long()),
+    "shifts [E, 2]": _set("shifts", lambda a: a["shifts"][:, :2]),
+    "shifts [E]": _set("shifts", lambda a: a["shifts"][:, 0]),
+    "shifts int64": _set("shifts", lambda a: a["shifts"].long()),
+    "receivers float": _set("receivers", lambda a: a["receivers"].double()),
+    "senders bool": _set("senders", lambda a: a["senders"] > 3),
+    "species float": _set("species", lambda a: a["species"].float()),
+    "batch [n, 1]": _set("batch", lambda a: a["batch"][:, None]),
+    "receivers [E, 2]": _set("receivers", lambda a: torch.stack([a["receivers"], a["receivers"]], 1)),
+    # the parameter list and constants
+    "one parameter missing": _set("params", lambda a: a["params"][:-1]),
+    "no parameters": _set("params", []),
+    "embedding narrower": _param(0, lambda t: t[:, :-1]),
+    "embedding 1-D": _param(0, lambda t: t[0]),
+    "frequencies longer": _param(1, lambda t: torch.cat([t, t])),
+    "radial hidden weight short": _param(2, lambda t: t[:-1]),
+    "radial hidden bias short": _param(3, lambda t: t[:-1]),
+    "radial filter weight short": _param(4, lambda t: t[:-5]),
+    "layer norm gain short": _param(5, lambda t: t[:-1]),
+    "query-key weight transposed": _param(7, lambda t: t.t()),
+    "value weight short": _param(8, lambda t: t[:-2]),
+    "value bias short": _param(9, lambda t: t[:-1]),
+    "log tau short": _param(10, lambda t: t[:-1]),
+    "exchange-in weight short": _param(11, lambda t: t[:, :-1]),
+    "exchange-out bias long": _param(14, lambda t: torch.cat([t, t])),
+    "vector-mix weight short": _param(15, lambda t: t[:-1]),
+    "readout weight short": _param(-6, lambda t: t[:-1]),
+    "readout output weight [2, F]": _param(-4, lambda t: torch.cat([t, t])),
+    "energy scale empty": _param(-2, lambda t: t.reshape(-1)[:0]),
+    "reference energies short": _param(-1, lambda t: t[:-1]),
+    "integer parameter": _param(6, lambda t: t.long()),
+    "heads = 0": _set("consts", lambda a: a["consts"][:4] + [0.0]),
+    "heads do not divide features": _set("consts", lambda a: a["consts"][:4] + [3.0]),
+    "heads negative": _set("consts", lambda a: a["consts"][:4] + [-2.0]),
+    "consts short": _set("consts", lambda a: a["consts"][:3]),
+}
+BAD_QUANTIZED = {
+    "quantizers short": _set("quant", lambda a: a["quant"][:-3]),
+    "quantizer codes transposed": _quant(1 + 3 * 3, lambda t: t.t().contiguous()),
+    "quantizer codes short": _quant(1 + 3 * 4, lambda t: t[:-1]),
+    "quantizer steps short": _quant(2 + 3 * 2, lambda t: t[:-1]),
+    "quantizer qmax above int8": _quant(3 * 2, lambda t: torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64)),
+    "quantizer step zero": _quant(3 * 2, lambda t: torch.tensor([1.0, 0.0, 127.0], dtype=torch.float64)),
+    "frame rounding on a scalar Linear": _quant(3 * 2, lambda t: torch.tensor([2.0, 0.05, 127.0],
+                                                                               dtype=torch.float64)),
+    "frame rounding of the radial filter": _quant(3 * 1, lambda t: torch.tensor([2.0, 0.05, 127.0],
+                                                                                 dtype=torch.float64)),
+    "quantizer meta short": _quant(0, lambda t: t[:2]),
+}
+
+
+def _worker(cases):
+    """Run cases in order; one JSON line per case, flushed before the next starts. Stops after a case
+    that returned (bad input accepted), since it may have corrupted memory."""
+    from gaq_calc.kernels import load_extension
+
+    load_extension()
+    base = {False: _valid_inputs(False), True: _valid_inputs(True)}
+    for name in cases:
+        quantized = name in BAD_QUANTIZED
+        a = dict(base[quantized])
+        (BAD_QUANTIZED if quantized else BAD)[name](a)
+        print(json.dumps({"start": name}), flush=True)
+        try:
+            energy, forces = _call(a)
+            result = {"case": name, "outcome": "returned", "energy": energy.tolist()}
+        except Exception as err:
+            result = {"case": name, "outcome": type(err).__name__, "message": str(err).splitlines()[0]}
+        print(json.dumps(result), flush=True)
+        if result["outcome"] == "returned":  # it may have written out of bounds: the next case runs afresh
+            return
+
+
+def _run_isolated(cases, case_seconds=60):
+    """{case: result}; a case whose worker died gets {"outcome": "crashed", "returncode": rc}, one that ran
+    longer than case_seconds {"outcome": "hung"} (the worker is killed and restarted after it)."""
+    import selectors
+    import time
+
+    results, todo = {}, list(cases)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    while todo:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys, json, test_kernel_inputs as t; t._worker(json.loads(sys.argv[1]))",
+             json.dumps(todo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(HERE))
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        started, deadline, hung = None, time.monotonic() + 600, False  # the first case also waits for the build
+        while True:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                hung = True
+                proc.kill()
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if not line.startswith("{"):
+                continue
+            msg = json.loads(line)
+            if "start" in msg:
+                started = msg["start"]
+                deadline = time.monotonic() + case_seconds
+            else:
+                results[msg["case"]] = msg
+                started = None
+        sel.close()
+        stderr = proc.stderr.read()
+        proc.wait()
+        if started is None and (hung or proc.returncode != 0):
+            raise AssertionError(f"the worker failed outside a case (rc {proc.returncode}): {stderr[-2000:]}")
+        if started is not None:
+            results[started] = {"case": started, "outcome": "hung" if hung else "crashed",
+                                "returncode": proc.returncode, "stderr": stderr[-300:]}
+        todo = [c for c in todo if c not in results]
+    return results
+
+
+def test_bad_inputs_raise_clear_errors_and_never_crash():
+    results = _run_isolated(list(BAD) + list(BAD_QUANTIZED))
+    wrong = {name: r for name, r in results.items() if r["outcome"] not in ("ValueError", "RuntimeError")}
+    assert not wrong, "\n".join(f"{name}: {r}" for name, r in wrong.items())
+    for r in results.values():  # one line, says what is wrong
+        assert len(r["message"]) > 15 and "\n" not in r["message"]
+
+
+def test_checks_name_the_problem():
+    results = _run_isolated(["receiver >= n_atoms", "batch >= n_graphs", "n_graphs = 0", "species >= n_species",
+                             "shifts short", "value weight short"])
+    assert "receivers" in results["receiver >= n_atoms"]["message"]
+    assert "batch" in results["batch >= n_graphs"]["message"]
+    assert "n_graphs" in results["n_graphs = 0"]["message"]
+    assert "species" in results["species >= n_species"]["message"]
+    assert "shifts" in results["shifts short"]["message"]
+    assert "param" in results["value weight short"]["message"]
+
+
+def test_valid_inputs_still_run_bit_identically(ethanol_frames):
+    """Valid variants the checks must let through: int32 indices, non-contiguous views, no edges, one
+    graph, an empty graph at the end. The fused op is compared with itself (bits) and the reference."""
+    from gaq_calc.kernels import load_extension
+
+    load_extension()
+    a = _valid_inputs()
+    e0, f0 = _call(a)
+    assert torch.isfinite(e0).all() and f0.abs().max() > 0
+    b = dict(a, receivers=a["receivers"].int(), senders=a["senders"].int(), species=a["species"].int(),
+             batch=a["batch"].int())
+    e1, f1 = _call(b)
+    assert torch.equal(e0, e1) and torch.equal(f0, f1)
+    c = dict(a, positions=a["positions"].t().contiguous().t(), shifts=a["shifts"].t().contiguous().t())
+    assert not c["positions"].is_contiguous()
+    e2, f2 = _call(c)
+    assert torch.equal(e0, e2) and torch.equal(f0, f2)
+    # one more, empty graph: its energy is zero and nothing else changes
+    e3, f3 = _call(dict(a, n_graphs=3))
+    assert torch.equal(e3[:2], e0) and e3[2].item() == 0 and torch.equal(f3, f0)
+    # no edges at all: atoms on their own
+    none = torch.zeros(0, dtype=torch.long)
+    e4, f4 = _call(dict(a, receivers=none, senders=none, shifts=torch.zeros(0, 3)))
+    assert torch.isfinite(e4).all() and torch.equal(f4, torch.zeros_like(f4))
+    # quantized mode, valid
+    q = _valid_inputs(quantized=True)
+    eq, fq = _call(q)
+    assert torch.isfinite(eq).all() and torch.isfinite(fq).all()
+
+
+# ---- item 6: a killed first build must not hang later processes -----------------------------------------
+
+LOAD = """
+import json, sys, time, warnings
+t0 = time.monotonic()
+from gaq_calc import GAQCalculator
+from gaq_calc.kernels import KernelUnavailable
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        calc = GAQCalculator(sys.argv[1], kernel=sys.argv[2])
+        kernel, error = calc.kernel, None
+    except KernelUnavailable as err:
+        kernel, error = None, str(err)
+print(json.dumps({"kernel": kernel, "error": error, "seconds": time.monotonic() - t0,
+                  "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}))
+"""
+
+
+@pytest.fixture
+def extensions_dir(tmp_path, monkeypatch):
+    """A private TORCH_EXTENSIONS_DIR holding a copy of this source's build (so that a test that gets to
+    build runs ninja on up-to-date files instead of compiling), and its build folder."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from gaq_calc.kernels.fused import build_spec, load_extension
+
+    load_extension()  # the shared build exists
+    name, _ = build_spec()
+    shared = Path(cpp_extension._get_build_directory(name, False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    build = Path(cpp_extension._get_build_directory(name, False))
+    shutil.copytree(shared, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns("lock", "*.lock"))
+    return build
+
+
+def _load_in_subprocess(model, kernel, wait_seconds, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "GAQ_KERNEL_BUILD_WAIT": str(wait_seconds)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", LOAD, str(model), kernel], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"loading the kernel hung for over {timeout} s") from None
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _hold_build_lock(build):
+    """A process that takes the build lock the way a builder does and then sleeps (the test kills it)."""
+    from gaq_calc.kernels.fused import BUILD_LOCK
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); open(sys.argv[2], 'w').close(); print('held', flush=True); "
+            "time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(build / BUILD_LOCK), str(build / "lock")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_build_in_progress_is_waited_for_a_bounded_time(extensions_dir, tiny_model_file):
+    """Another live process is building: wait GAQ_KERNEL_BUILD_WAIT seconds, then the reference kernel
+    with a RuntimeWarning ("auto") or KernelUnavailable ("fused"), instead of waiting forever."""
+    holder = _hold_build_lock(extensions_dir)
+    try:
+        auto = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3, timeout=120)
+        fused = _load_in_subprocess(tiny_model_file, "fused", wait_seconds=1, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert auto["kernel"] == "reference" and auto["seconds"] < 60
+    assert any("building the fused kernel" in w and "reference kernel" in w for w in auto["warnings"]), auto
+    assert fused["kernel"] is None and "building the fused kernel" in fused["error"]
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over(extensions_dir, tiny_model_file):
+    """The builder was killed (SIGKILL, no cleanup): its lock file stays, fresh, but its owner is dead.
+    The next process notices at once, removes it with a warning and builds (here: finds it built)."""
+    holder = _hold_build_lock(extensions_dir)
+    holder.kill()
+    holder.wait()
+    assert (extensions_dir / "lock").exists()
+    result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3)
+    assert result["kernel"] == "fused", result
+    assert any("interrupted build" in w for w in result["warnings"]), result
+    assert not (extensions_dir / "lock").exists()
+
+
+def test_compilers_left_by_a_killed_build_are_not_raced(extensions_dir, tiny_model_file):
+    """A killed build can leave its compiler running in the build folder: wait for it (bounded), and if
+    it outlives the wait, run the reference kernel rather than build over it."""
+    (extensions_dir / "lock").touch()
+    leftover = subprocess.Popen(["sleep", "120"], cwd=str(extensions_dir))
+    try:
+        result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3, timeout=120)
+    finally:
+        leftover.kill()
+        leftover.wait()
+    assert result["kernel"] == "reference", result
+    assert any(str(leftover.pid) in w for w in result["warnings"]), result
+    result = _load_in_subprocess(tiny_model_file, "auto", wait_seconds=3)  # the leftover is gone: build
+    assert result["kernel"] == "fused", result
