@@ -312,12 +312,14 @@ def test_client_reports_a_missing_server_in_one_line(tiny_model_file, capsys, so
 def test_client_refuses_bad_input_in_one_line(tiny_model_file, capsys, tmp_path):
     from gaq_calc.cli.ipi import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["--model", str(tiny_model_file), "--unix", "a", "--host", "h"])
-    assert exit_.value.code == 2
-    with pytest.raises(SystemExit):
-        main(["--model", str(tiny_model_file)])  # no server given
-    capsys.readouterr()
+    for argv in (["--unix", "a", "--host", "h"], [], ["--unix", "a", "--wait", "nan"], ["--unix", "a", "--frame", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tiny_model_file), *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gaq-ipi: error: "), err
+    assert main(["--model", str(tiny_model_file), "--host", "localhost", "--port", "70000"]) == 2
+    assert "port must be in 1..65535" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing.pt"), "--unix", "a"]) == 2
     assert main(["--model", str(tiny_model_file), "--unix", "a", "--structure", str(tmp_path / "none.xyz")]) == 2
     write_xyz(tmp_path / "azo.xyz", load_structure("azobenzene"))  # nitrogen: not in the tiny model

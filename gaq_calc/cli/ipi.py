@@ -25,9 +25,15 @@ EXIT_CONNECTION = 1
 EXIT_BAD_INPUT = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gaq-ipi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="gaq-ipi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="azobenzene_fp32",
                    help="shipped model name, model folder, model file or artifact (e.g. azobenzene_w4a8.pt)")
@@ -77,6 +83,10 @@ def _main(argv) -> int:
         parser.error("give --unix NAME (i-PI on this machine) or --host HOST --port PORT")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if not 0 <= args.wait < float("inf"):
+        parser.error(f"--wait must be a finite number of seconds >= 0, not {args.wait}")
+    if args.frame < 0:
+        parser.error(f"--frame must be >= 0, not {args.frame}")
 
     import torch
 
