@@ -106,6 +106,26 @@ def _batch_size(init: bytes) -> int:
     return 1
 
 
+def _read_positions(protocol: IPIProtocol, batch: int, n_expected: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rest of a POSDATA message: cells [batch, 3, 3] (rows are cell vectors) and positions
+    [batch, N, 3], in Å. Classic layout (batch 1): h, h^-1, N, positions. Batched layout (i-PI >= 3.3):
+    N, batch x (h, h^-1), batch x positions. i-PI's h has the cell vectors as columns. The atom count
+    is checked before the positions are read."""
+    if batch == 1:
+        h = protocol.recv((1, 2, 3, 3), np.float64)[:, 0]
+        n_atoms = int(protocol.recv(1, np.int32)[0])
+    else:
+        n_atoms = int(protocol.recv(1, np.int32)[0])
+    if n_atoms != n_expected:
+        raise ProtocolError(
+            f"i-PI sent {n_atoms} atoms, but the structure template has {n_expected}: --structure must hold the "
+            "same atoms, in the same order, as i-PI's input file")
+    if batch > 1:
+        h = protocol.recv((batch, 2, 3, 3), np.float64)[:, 0]
+    positions = protocol.recv((batch, n_atoms, 3), np.float64) * units.Bohr
+    return np.transpose(h, (0, 2, 1)) * units.Bohr, positions
+
+
 class _Replicas:
     """Copies of the template that receive i-PI's positions (and cell, for a periodic template)."""
 
@@ -117,11 +137,6 @@ class _Replicas:
 
     def fill(self, cells: np.ndarray, positions: np.ndarray) -> list[Atoms]:
         """cells [n, 3, 3] (rows are cell vectors, Å), positions [n, N, 3] (Å)."""
-        n_atoms = positions.shape[1]
-        if n_atoms != len(self.template):
-            raise ProtocolError(
-                f"i-PI sent {n_atoms} atoms, but the structure template has {len(self.template)}: --structure must "
-                "hold the same atoms, in the same order, as i-PI's input file")
         while len(self.copies) < len(positions):
             self.copies.append(self.template.copy())
         for atoms, cell, pos in zip(self.copies, cells, positions):
@@ -188,17 +203,7 @@ def serve(calc, template: Atoms, sock: socket.socket, log=None) -> ServeStats:
             elif msg == "POSDATA":
                 if state != "READY":
                     raise ProtocolError(f"i-PI sent positions while this client was in state {state}")
-                if stats.batch_size == 1:
-                    cell, _, pos = protocol.recvposdata()  # converted to Å by ASE
-                    cells, positions = cell[None], pos[None]
-                else:  # batched layout (i-PI >= 3.3): atom count, n x (h, h^-1), n x positions
-                    n = stats.batch_size
-                    n_atoms = int(protocol.recv(1, np.int32)[0])
-                    if not 0 < n_atoms <= 10_000_000:
-                        raise ProtocolError(f"i-PI sent an atom count of {n_atoms}")
-                    h = protocol.recv((n, 2, 3, 3), np.float64)[:, 0]
-                    cells = np.transpose(h, (0, 2, 1)) * units.Bohr  # i-PI's h has cell vectors as columns
-                    positions = protocol.recv((n, n_atoms, 3), np.float64) * units.Bohr
+                cells, positions = _read_positions(protocol, stats.batch_size, len(template))
                 structures = replicas.fill(cells, positions)
                 asked = _take_if_waiting(sock, "GETFORCE")
                 if asked:
