@@ -1,6 +1,6 @@
 """gaq-ipi against the real i-PI server: same energies and forces as a direct call, path-integral MD with
-several clients, a client killed and replaced, a restart from i-PI's RESTART file; and the client's
-command-line errors.
+several clients, a client killed and replaced, a restart from i-PI's RESTART file. (The client's
+command-line errors and its protocol without i-PI: tests/test_ipi_client.py.)
 
 Every test bounds its waits with timeouts, stops every process it started (also on failure), and puts
 its unix sockets in a short temporary folder (unix socket paths are limited to ~100 characters). The
@@ -29,6 +29,8 @@ pytest.importorskip("ipi", reason="i-PI is not installed (pip install -e .[ipi],
 
 REPO = Path(__file__).resolve().parents[1]
 IPI = shutil.which("i-pi", path=str(Path(sys.executable).parent)) or shutil.which("i-pi")
+if IPI is None:
+    pytest.skip("the ipi package is installed but its i-pi program is not on PATH", allow_module_level=True)
 START_TIMEOUT = 240  # seconds for i-PI plus the clients to start and run a short job on a loaded machine
 
 
@@ -292,60 +294,3 @@ def test_ipi_restart_file_resumes_the_run(tmp_path, sockets, processes, tiny_mod
     # the same dynamics: positions, momenta and the thermostat's random state come back from RESTART
     for s, e in expected:
         assert abs(by_step[int(s)] - e) * units.Ha < 1e-9, (s, by_step[int(s)], e)
-
-
-# ---- gaq-ipi's command line --------------------------------------------------------------------
-
-def test_client_reports_a_missing_server_in_one_line(tiny_model_file, capsys, sockets):
-    from gaq_calc.cli.ipi import main
-
-    common = ["--model", str(tiny_model_file), "--structure", "ethanol"]
-    assert main(common + ["--unix", "nobody", "--sockets-prefix", sockets]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "cannot connect to i-PI at unix socket" in err and "Traceback" not in err
-    with socket_bound() as port:  # a TCP port nobody listens on
-        assert main(common + ["--host", "127.0.0.1", "--port", str(port)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and f"127.0.0.1:{port}" in err and "refused" in err.lower()
-
-
-def test_client_refuses_bad_input_in_one_line(tiny_model_file, capsys, tmp_path):
-    from gaq_calc.cli.ipi import main
-
-    for argv in (["--unix", "a", "--host", "h"], [], ["--unix", "a", "--wait", "nan"], ["--unix", "a", "--frame", "-1"]):
-        with pytest.raises(SystemExit) as exit_:
-            main(["--model", str(tiny_model_file), *argv])
-        assert exit_.value.code == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("gaq-ipi: error: "), err
-    assert main(["--model", str(tiny_model_file), "--host", "localhost", "--port", "70000"]) == 2
-    assert "port must be in 1..65535" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "missing.pt"), "--unix", "a"]) == 2
-    assert main(["--model", str(tiny_model_file), "--unix", "a", "--structure", str(tmp_path / "none.xyz")]) == 2
-    write_xyz(tmp_path / "azo.xyz", load_structure("azobenzene"))  # nitrogen: not in the tiny model
-    assert main(["--model", str(tiny_model_file), "--unix", "a", "--structure", str(tmp_path / "azo.xyz")]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("gaq-ipi: error: ") for line in lines), lines
-    assert "not known to this model" in lines[2]
-
-
-def test_console_scripts_are_declared():
-    text = (REPO / "setup.cfg").read_text()
-    for script, target in [("gaq-ipi", "gaq_calc.cli.ipi:main"), ("gaq-nve", "gaq_calc.cli.nve:main"),
-                           ("gaq-nvt", "gaq_calc.cli.nvt:main")]:
-        assert f"{script} = {target}" in text
-    assert "ipi =" in text  # the optional [ipi] extra
-
-
-class socket_bound:
-    """A free TCP port, bound (so nobody else takes it) but not listening: connections are refused."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        return self.sock.getsockname()[1]
-
-    def __exit__(self, *exc):
-        self.sock.close()

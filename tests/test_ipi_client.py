@@ -1,8 +1,9 @@
 """gaq_calc.ipi.serve in-process, against a scripted server on a socket pair (no i-PI needed): the classic
-and the batched exchange, a wrong atom count, a server that goes away. tests/test_ipi.py runs the real
-i-PI."""
+and the batched exchange, a wrong atom count, a server that goes away; and gaq-ipi's command-line
+errors. tests/test_ipi.py runs the real i-PI."""
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,19 @@ from ase.calculators.socketio import IPIProtocol
 from gaq_calc import GAQCalculator
 from gaq_calc.ipi import ProtocolError, serve
 from gaq_calc.md.protocols import load_structure
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sockets():
+    """A short folder for unix socket paths (/tmp/gqXXXXXX/), removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="gq", dir="/tmp")
+    yield folder + "/"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -123,3 +137,60 @@ def test_a_message_out_of_turn_is_a_protocol_error(calc):
     client.init()
     client.server.sendmsg("GETFORCE")  # no positions yet
     assert "asked for forces" in str(client.finish()["error"])
+
+
+# ---- gaq-ipi's command line --------------------------------------------------------------------
+
+def test_client_reports_a_missing_server_in_one_line(tiny_model_file, capsys, sockets):
+    from gaq_calc.cli.ipi import main
+
+    common = ["--model", str(tiny_model_file), "--structure", "ethanol"]
+    assert main(common + ["--unix", "nobody", "--sockets-prefix", sockets]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot connect to i-PI at unix socket" in err and "Traceback" not in err
+    with socket_bound() as port:  # a TCP port nobody listens on
+        assert main(common + ["--host", "127.0.0.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"127.0.0.1:{port}" in err and "refused" in err.lower()
+
+
+def test_client_refuses_bad_input_in_one_line(tiny_model_file, capsys, tmp_path):
+    from gaq_calc.cli.ipi import main
+
+    for argv in (["--unix", "a", "--host", "h"], [], ["--unix", "a", "--wait", "nan"], ["--unix", "a", "--frame", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(tiny_model_file), *argv])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("gaq-ipi: error: "), err
+    assert main(["--model", str(tiny_model_file), "--host", "localhost", "--port", "70000"]) == 2
+    assert "port must be in 1..65535" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing.pt"), "--unix", "a"]) == 2
+    assert main(["--model", str(tiny_model_file), "--unix", "a", "--structure", str(tmp_path / "none.xyz")]) == 2
+    load_structure("azobenzene").write(tmp_path / "azo.xyz")  # nitrogen: not in the tiny model
+    assert main(["--model", str(tiny_model_file), "--unix", "a", "--structure", str(tmp_path / "azo.xyz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("gaq-ipi: error: ") for line in lines), lines
+    assert "not known to this model" in lines[2]
+
+
+def test_console_scripts_are_declared():
+    text = (REPO / "setup.cfg").read_text()
+    for script, target in [("gaq-ipi", "gaq_calc.cli.ipi:main"), ("gaq-nve", "gaq_calc.cli.nve:main"),
+                           ("gaq-nvt", "gaq_calc.cli.nvt:main")]:
+        assert f"{script} = {target}" in text
+    assert "ipi =" in text  # the optional [ipi] extra
+
+
+class socket_bound:
+    """A free TCP port, bound (so nobody else takes it) but not listening: connections are refused."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.sock.close()
