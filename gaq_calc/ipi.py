@@ -16,9 +16,13 @@ the classic protocol: one structure per request.
 Units on the wire are atomic (Bohr, Hartree); the model works in Å and eV. The virial is sent as zero:
 the calculator computes no stress, so constant-pressure runs are not supported.
 
-A client may be killed at any time: i-PI re-queues its request for another client. To keep that true
-with i-PI 3.3.1's default exchange, the client reads a GETFORCE that came with the positions before it
-computes (see `_take_if_waiting`).
+A client may be stopped at any time: i-PI re-queues its request for another client. i-PI 3.3.1's default
+exchange (consolidate_messages) survives that only when the client's socket ends cleanly, not when it
+is reset, which happens if the client dies with data unread. So the client reads a GETFORCE that came
+with the positions before it computes (`_take_if_waiting`), and drains its socket when it stops for
+any reason (`close_cleanly`: EXIT, errors, Ctrl-C, SIGTERM). A SIGKILL can still land while data is
+unread; runs whose clients may die that way should set <consolidate_messages>false</consolidate_messages>,
+whose exchange i-PI keeps running through resets (tested).
 """
 from __future__ import annotations
 
@@ -226,7 +230,25 @@ def serve(calc, template: Atoms, sock: socket.socket, log=None) -> ServeStats:
         stats.reason = "closed"
         return stats
     finally:
-        sock.close()
+        close_cleanly(sock)
+
+
+def close_cleanly(sock: socket.socket) -> None:
+    """Close so that i-PI sees an orderly end of stream, whatever stopped the client (EXIT, an error,
+    Ctrl-C, SIGTERM): stop receiving, read what is still queued, then close. A socket closed with
+    unread data is reset instead, which i-PI 3.3.1's default exchange does not survive (see
+    `_take_if_waiting`); i-PI re-queues the request of a client that ends cleanly."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
+        sock.setblocking(False)
+        while sock.recv(65536):
+            pass
+    except OSError:  # nothing left (BlockingIOError), or the server is gone
+        pass
+    sock.close()
 
 
 def _send_results(protocol: IPIProtocol, stats: ServeStats, energies: np.ndarray, forces: list) -> None:

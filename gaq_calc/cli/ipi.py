@@ -6,8 +6,9 @@
 
 Start as many clients as you like, anywhere the socket reaches: i-PI hands each a structure (a bead, a
 replica) at a time, or a batch of them with <batch_size> in its <ffsocket>, which a client evaluates in
-one kernel call. A client runs until i-PI says EXIT or goes away, and may be killed and replaced at any
-time: i-PI sends the lost request to another client. --structure must hold the same atoms, in the same
+one kernel call. A client runs until i-PI says EXIT or goes away, and may be stopped (Ctrl-C, SIGTERM) and
+replaced at any time: i-PI sends the lost request to another client. (Clients that may be SIGKILLed:
+give i-PI's <ffsocket> <consolidate_messages>false</consolidate_messages>; see examples/ipi/README.md.) --structure must hold the same atoms, in the same
 order, as i-PI's input file (the file itself will do); its positions are not used.
 Exit status: 0 when i-PI ends the run or goes away, 1 when the connection fails or a structure cannot
 be served, 2 for bad input (model, structure, options).
@@ -66,12 +67,28 @@ def _say(text: str) -> None:
     print(f"gaq-ipi: {text}", file=sys.stderr, flush=True)
 
 
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that the socket is closed cleanly on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # (a console program's own process state)
     try:
         return _main(argv)
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    except _Terminated:
+        _say("terminated (SIGTERM); i-PI gives this client's request to another one")
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv) -> int:
