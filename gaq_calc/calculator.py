@@ -202,3 +202,12 @@ class GAQCalculator(Calculator):
         if not (np.isfinite(energy) and np.isfinite(forces).all()):
             raise FloatingPointError("the model returned a non-finite energy or forces for this structure")
         self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+
+    def energies_and_forces(self, structures):
+        """Energies (eV, float64 [n]) and forces (list of [n_atoms_k, 3], eV/Å) of a list of Atoms in one
+        kernel call on the whole batch (replicas, beads, ...); sizes may differ. Same numbers as one call
+        per structure, to float rounding. Does not touch this calculator's ASE state (atoms, results).
+        See gaq_calc.batched."""
+        from gaq_calc.batched import energies_and_forces
+
+        return energies_and_forces(self, structures)

@@ -1,44 +1,9 @@
 #!/usr/bin/env python
-"""NVE molecular dynamics (velocity Verlet) with a gaq_calc model, for energy-conservation tests.
-
-Starts from Maxwell-Boltzmann velocities at --temperature (zero linear and angular momentum), then runs
---equilibrate-ps of NVT (recorded separately, not part of the drift) unless that is 0, then NVE.
-Example: python md_protocols/nve.py --model azobenzene_fp32 --time-ps 1000 --out runs/md/nve
-Writes OUT/trajectory.h5, OUT/summary.json, OUT/energies.png; see md_protocols/README.md.
-"""
-import argparse
-import dataclasses
+"""NVE molecular dynamics with a gaq_calc model: the same program as the `gaq-nve` console script
+(gaq_calc/cli/nve.py), same options; `python md_protocols/nve.py --help` lists them."""
 import sys
 
-from gaq_calc.md.cli import (
-    ArgumentParser, add_common_arguments, add_thermostat_arguments, check_arguments, n_steps, report, run_main,
-    settings_from_args, setup,
-)
-from gaq_calc.md.protocols import run_nve
-
-
-def main(argv=None) -> int:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    parser.add_argument("--equilibrate-ps", type=float, default=1.0,
-                        help="NVT equilibration before NVE, in ps (default 1; 0: start NVE from "
-                             "Maxwell-Boltzmann velocities)")
-    add_thermostat_arguments(parser, prefix="equilibrate-")
-    args = parser.parse_args(argv)
-
-    def go() -> int:
-        check_arguments(args)
-        settings = settings_from_args(args, "nve", None, args.time_ps)
-        equilibration = dataclasses.replace(
-            settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
-            n_steps=n_steps(args.equilibrate_ps, args.timestep))
-        atoms, out, metadata = setup(args, "nve")
-        summary = run_nve(atoms, settings, out, equilibration=equilibration, restart=args.restart,
-                          progress=not args.no_progress, metadata=metadata)
-        return report(summary, out)
-
-    return run_main(go)
-
+from gaq_calc.cli.nve import main
 
 if __name__ == "__main__":
     sys.exit(main())
