@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -163,15 +164,14 @@ def main() -> None:
         out = subprocess.run(base + ["--breakdown", name, mode, kernel, str(min(args.threads))],
                              capture_output=True, text=True, env=env, check=True).stdout
         parts[f"{name} {mode}, {kernel} kernel"] = json.loads(out.strip().splitlines()[-1])
-    result = {"command": "python benchmarks/deploy.py " + " ".join(sys.argv[1:]),
+    result = {"command": shlex.join(["python", "benchmarks/deploy.py", *sys.argv[1:]]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows, "breakdown": parts}
     result["markdown"] = format_tables(result)
     print(result["markdown"])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        from gaq_calc.io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
 
 def format_tables(result: dict) -> str:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
+import shlex
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.io import write_text_atomic
 from gaq_calc.loading import load_model
 from gaq_calc.metrics import predict
 from gaq_calc.quant import QuantLinear, set_quant_mode
@@ -111,14 +111,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "frames": len(frames), "torch": torch.__version__,
-              "command": "python scripts/quant_sensitivity.py " + " ".join(
-                  f"--{k} {v}" for k, v in vars(args).items()),
+              "command": shlex.join(["python", "scripts/quant_sensitivity.py",
+                                    *(s for k, v in vars(args).items() for s in (f"--{k}", str(v)))]),
               "cpu_minutes": (time.perf_counter() - start) / 60, "rows": rows}
     for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", to_markdown(record))):
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, out.with_suffix(suffix))
+        write_text_atomic(out.with_suffix(suffix), text)
 
 
 def to_markdown(record: dict) -> str:

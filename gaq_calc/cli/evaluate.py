@@ -9,17 +9,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.io import write_text_atomic
 from gaq_calc.metrics import error_metrics, local_equivariance_error
 from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
@@ -157,7 +155,7 @@ def main(argv=None) -> None:
             "energy_mae_meV": snap["energy_mae_meV"],
             **({"force_mae_meV_per_A": snap["force_mae_meV_per_A"]} if "force_mae_meV_per_A" in snap else {}),
         }
-    card["eval_command"] = "gaq-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    card["eval_command"] = command_line("gaq-eval", argv)
     card["eval_seconds"] = round(time.perf_counter() - t0, 1)
     card["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                            "machine": platform.machine(), "threads": torch.get_num_threads()}
@@ -172,9 +170,7 @@ def main(argv=None) -> None:
         print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV" + f_txt(s))
     target = Path(args.card) if args.card else (path.parent / "card.json" if args.write_card else None)
     if target is not None:
-        tmp = target.with_name("." + target.name + ".tmp")
-        tmp.write_text(json.dumps(card, indent=1) + "\n")
-        os.replace(tmp, target)
+        write_text_atomic(target, json.dumps(card, indent=1) + "\n")
         print(f"card written: {target}")
 
 

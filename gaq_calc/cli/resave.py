@@ -12,12 +12,10 @@ never re-stamped. Re-save only files you trust: the new hash vouches for their c
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import warnings
 from pathlib import Path
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 
 
 @one_line_errors("gaq-resave")
@@ -33,7 +31,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out and len(args.files) != 1:
         parser.error("--out takes one input file")
-    command = "gaq-resave " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("gaq-resave", argv)
     for name in args.files:
         path = Path(name)
         out = Path(args.out) if args.out else path

@@ -17,7 +17,6 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from gaq_calc.export.modules import ACT_FRAME, ACT_LINEAR, ACT_MDDQ, ACT_NONE, PackedLinear
 from gaq_calc.export.packing import unpack_int4
+from gaq_calc.io import atomic_path
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import ModelFileError, UnverifiedModelWarning, unverified_warning
 
@@ -124,29 +124,16 @@ def save_artifact(scripted, metadata: dict, out: str | Path) -> dict:
     """Write a scripted EnergyForces with its metadata record and the SHA-256 of both (metadata "sha256");
     atomic. Returns the metadata as stored."""
     metadata = json.loads(json.dumps({k: v for k, v in metadata.items() if k != INTEGRITY_KEY}))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmps = []
-    try:
-        for _ in range(2):
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-            os.close(fd)
-            tmps.append(tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # the hash covers every archive member, so it is known once the archive is written: write it
-            # once to learn it, then again with it (torch writes the same members both times; checked)
-            torch.jit.save(scripted, tmps[0], _extra_files={METADATA_FILE: json.dumps(metadata)})
-            digest = _artifact_digest(_read_members(tmps[0]), metadata)
-            stored = {**metadata, INTEGRITY_KEY: digest}
-            torch.jit.save(scripted, tmps[1], _extra_files={METADATA_FILE: json.dumps(stored)})
-        if _artifact_digest(_read_members(tmps[1]), stored) != digest:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the hash covers every archive member, so it is known once the archive is written: write it
+        # once to learn it, then again with it (torch writes the same members both times; checked)
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        digest = _artifact_digest(_read_members(tmp), metadata)
+        stored = {**metadata, INTEGRITY_KEY: digest}
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(stored)})
+        if _artifact_digest(_read_members(tmp), stored) != digest:
             raise RuntimeError("torch.jit.save wrote different archives for the same module; cannot stamp a hash")
-        os.replace(tmps[1], out)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return stored
 
 

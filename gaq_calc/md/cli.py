@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -162,7 +163,7 @@ def setup(args, protocol: str):
         "model": str(args.model), "model_path": str(model_path), "structure": str(args.structure or "azobenzene"),
         "frame": args.frame, "device": args.device, "dtype": args.dtype,
         "mode": args.mode if calc.quantized else None,
-        "kernel": calc.kernel, "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "kernel": calc.kernel, "torch_threads": torch.get_num_threads(), "command": shlex.join(sys.argv),
     }
     return atoms, out, metadata
 

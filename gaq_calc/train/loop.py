@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
@@ -96,15 +96,11 @@ def lee_penalty(model, batch, forces, seed: int) -> torch.Tensor:
 
 
 def _write_log(out: Path, history: list[dict]) -> None:
-    tmp = out / ".log.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, out / "log.csv")
-    tmp = out / ".log.json.tmp"
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, out / "log.json")
+    write_text_atomic(out / "log.json", json.dumps(history, indent=1))
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
@@ -129,9 +125,8 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 # fields that only say where and for how long a run goes; a resumed run may change them
