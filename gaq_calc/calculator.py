@@ -11,10 +11,9 @@ from gaq_calc.data.graphs import GraphBatch, neighbour_graph, species_index
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.loading import load_model
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import is_artifact, load_artifact, set_mode
-from gaq_calc.export.artifact import MODES
+from gaq_calc.export import is_artifact, load_artifact
 from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable, load_extension
-from gaq_calc.quant import QuantLinear, set_quant_mode
+from gaq_calc.quant import MODES, QuantLinear, set_mode
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 KERNELS = ("auto", "fused", "reference")
@@ -97,7 +96,7 @@ class GAQCalculator(Calculator):
         self.quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
         self._check_mode()
         if self.quantized:
-            set_quant_mode(self.model, mode)
+            set_mode(self.model, mode)
         self.energy_forces = EnergyForces(self.model)
         self._choose_kernel(kernel, self.model)
         if self.kernel == "reference" and jit and not self.quantized:  # (no scripting for a fused run)

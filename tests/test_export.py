@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import calibrated_qat, ethanol_batch
-from gaq_calc.export import export_artifact, is_artifact, load_artifact, pack_int4, set_mode, unpack_int4
+from gaq_calc.export import export_artifact, is_artifact, load_artifact, pack_int4, unpack_int4
 from gaq_calc.model import energy_and_forces
 from gaq_calc.model.serialization import ModelFileError, save_model
-from gaq_calc.quant import convert, preset
+from gaq_calc.quant import convert, preset, set_mode
 
 
 @pytest.mark.parametrize("n", [1, 6, 7, 64])
@@ -132,3 +132,36 @@ def test_fp32_export_and_bad_files(tmp_path, tiny_model_file, ethanol_frames):
     module, _ = load_artifact(out)
     with pytest.raises(ValueError, match="mode"):
         set_mode(module, "fast")
+
+
+def test_format_1_artifacts_load_and_rewrite_to_the_same_numbers(tmp_path):
+    """The shipped artifacts were written in format 1 (before issue 14: activation-quantizer tensors on the
+    layer, a live copy of one mode's reference energies). They load as data and as their own TorchScript,
+    both modes switch, and gaq-resave rewrites them in the current format with the same numbers."""
+    from gaq_calc.data import GraphDataset, read_frames
+    from gaq_calc.export import artifact_metadata, rewrite_artifact
+    from gaq_calc.export.artifact import ARTIFACT_VERSION
+    from gaq_calc.models_dir import models_dir
+    from gaq_calc.quant import MODES
+
+    source = models_dir() / "azobenzene_w4a8.pt"
+    assert artifact_metadata(source)["format_version"] == 1
+    out = tmp_path / "w4a8.pt"
+    rewrite_artifact(source, out, {"command": "test"})
+    assert artifact_metadata(out)["format_version"] == ARTIFACT_VERSION
+    b = GraphDataset(read_frames("azobenzene", "test").subset([3]), [1, 6, 7], 5.0).collate([0]).to("cpu", torch.float32)
+    args = (b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
+    energies = {}
+    for mode in MODES:
+        results = {}
+        for path, scripted in ((source, False), (source, True), (out, False), (out, True)):
+            module, _ = load_artifact(path, scripted=scripted)
+            set_mode(module, mode)
+            results[path.name, scripted] = module(*args)
+        (e1, f1), (e2, f2) = results[source.name, False], results[out.name, False]
+        assert torch.equal(e1, e2) and torch.equal(f1, f2)  # the same eager network
+        for e, f in (results[source.name, True], results[out.name, True]):  # the files' own TorchScript
+            assert torch.equal(e, e1)
+            torch.testing.assert_close(f, f1, rtol=0, atol=1e-5)
+        energies[mode] = e1.item()
+    assert energies["quantized"] != energies["conservative"]

@@ -5,12 +5,12 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from conftest import calibrated_qat, ethanol_batch, randomize, tiny_config
-from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.export import export_artifact, load_artifact
 from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
 from gaq_calc.model import GAQPotential, energy_and_forces
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import save_model
-from gaq_calc.quant import set_quant_mode
+from gaq_calc.quant import set_mode
 
 
 def _call(f, b):
@@ -69,7 +69,7 @@ def test_fused_runs_quantized_models_in_both_modes(tmp_path, ethanol_frames):
     b = ethanol_batch(ethanol_frames, [6], torch.float32)
     with pytest.raises(KernelUnavailable, match="quantized mode"):
         FusedEnergyForces(q)  # an eager QAT model with rounded activations: its artifact or the reference
-    set_quant_mode(q, "conservative")
+    set_mode(q, "conservative")
     e_ref, f_ref = energy_and_forces(q, b)
     e_fused, f_fused = _call(FusedEnergyForces(q), b)
     assert abs(e_fused.item() - e_ref.item()) < 1e-4
@@ -170,3 +170,18 @@ def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
         _remove_stale_lock(tmp_path)
     assert not lock.exists()
     _remove_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_the_cpp_kernel_numbers_quantizer_kinds_as_quant_does():
+    """fused.py passes quant.ActKind's values; the C++ source must give them the same meaning. (Until the
+    C++ side names its constants, its messages spell the numbering out: "0 (none), 1 (linear), 2 (frame)".)"""
+    import re
+
+    from gaq_calc.kernels.fused import SOURCE
+    from gaq_calc.quant.kinds import FUSED_KINDS, ActKind
+
+    source = SOURCE.read_text()
+    pairs = set(re.findall(r"\b(\d) \((none|linear|frame)\)", source))
+    assert {name for _, name in pairs} == {"none", "linear", "frame"}, pairs
+    assert {(int(number), name) for number, name in pairs} == {(int(k), k.name.lower()) for k in FUSED_KINDS}
+    assert set(FUSED_KINDS) == {ActKind.NONE, ActKind.LINEAR, ActKind.FRAME}

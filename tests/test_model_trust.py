@@ -17,17 +17,18 @@ from torch import nn
 from conftest import calibrated_qat, ethanol_batch
 from gaq_calc import GAQCalculator, ModelFileError
 from gaq_calc.cli import evaluate
-from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.export import export_artifact, load_artifact
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import read_model_file, save_model
 from gaq_calc.models_dir import models_dir, resolve_model
+from gaq_calc.quant import set_mode
 
 
 # --- helpers -------------------------------------------------------------------------------------
 
 class WritesOnDequantize(nn.Module):
     """A submodule whose TorchScript writes a file when its `dequantized_weight()` is called (which the
-    old loader did for every submodule with a `round_activations` attribute)."""
+    old loader did for every submodule with a `round_activations` attribute, as format-1 PackedLinear had)."""
 
     def __init__(self, marker: str):
         super().__init__()
@@ -85,13 +86,13 @@ def _save_scripted(scripted, metadata: dict, out: Path) -> None:
 
 def _crafted_artifact(tmp_path, model_file, marker: Path, kind) -> Tuple[Path, Path]:
     """(legit artifact of model_file, the same network with a file-writing submodule added)."""
-    from gaq_calc.export.artifact import _swap_packed  # what gaq-export does to quantized layers
     from gaq_calc.loading import load_model
+    from gaq_calc.quant import convert  # what gaq-export does to quantized layers
 
     legit = tmp_path / "legit.pt"
     export_artifact(model_file, legit)
     model, _ = load_model(model_file)
-    model = _swap_packed(model).eval()
+    model = (convert(model) if hasattr(model, "quant_config") else model).eval()
     model.extra = kind(str(marker))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -106,16 +106,16 @@ def paths():
 
 def build(name: str, path: str, mode: str, dtype: torch.dtype):
     """The callable of one case (pre-refactor API)."""
-    from gaq_calc.export import load_artifact, set_mode
+    from gaq_calc.export import load_artifact
     from gaq_calc.kernels import FusedEnergyForces
     from gaq_calc.loading import load_model
     from gaq_calc.model.network import EnergyForces
-    from gaq_calc.quant import set_quant_mode
+    from gaq_calc.quant import set_mode
 
     if path.startswith("checkpoint"):
         model, _ = load_model(MODELS / name / "model.pt", dtype)
         if hasattr(model, "quant_config"):
-            set_quant_mode(model, mode)
+            set_mode(model, mode)
         if path == "checkpoint-eager":
             return EnergyForces(model)
         if path == "checkpoint-script":

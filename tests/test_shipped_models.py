@@ -98,7 +98,7 @@ def test_shipped_w4a8_is_equivariant_in_float64_with_every_activation_rounded():
     from gaq_calc.quant import QuantLinear
 
     model, _ = load_model(models_dir() / "azobenzene_w4a8" / "model.pt", dtype=torch.float64)
-    assert all(m.quantize_acts for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(m.act_quantizer.enabled for m in model.modules() if isinstance(m, QuantLinear))
     frames = read_frames("azobenzene", "test").subset([7])
     species = [int(z) for z in model.atomic_numbers]
 

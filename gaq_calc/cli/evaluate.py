@@ -23,8 +23,8 @@ from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import read_model_file
 from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import artifact_metadata, is_artifact, load_artifact, set_mode
-from gaq_calc.quant.api import set_quant_mode, storage_bytes
+from gaq_calc.export import artifact_metadata, is_artifact, load_artifact
+from gaq_calc.quant import set_mode, storage_bytes
 
 
 def _quantization(config: dict | None, metadata: dict) -> dict | None:
@@ -53,7 +53,7 @@ def _load(path: Path, dtype: torch.dtype, mode: str | None):
     config = read_model_file(path).get("quant_config")
     _check_mode(path, mode, config)
     if mode is not None and config:
-        set_quant_mode(model, mode)
+        set_mode(model, mode)
     return model, metadata, config
 
 

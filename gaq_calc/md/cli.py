@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gaq_calc.calculator import KERNELS
-from gaq_calc.export.artifact import MODES
+from gaq_calc.quant import MODES
 from gaq_calc.md.dynamics import THERMOSTATS
 from gaq_calc.md.runner import InputError, MDSettings, RestartError
 

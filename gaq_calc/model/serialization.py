@@ -108,6 +108,17 @@ def save_model(path: str | Path, model: GAQPotential, metadata: dict | None = No
     write_model_file(path, data)
 
 
+def upgrade_state_dict(module: torch.nn.Module, state: dict) -> dict:
+    """A state dict written with an older layout of `module`'s classes, in the current one: every submodule
+    with an `upgrade_state(state, prefix)` method renames (or drops) its own entries."""
+    state = dict(state)
+    for name, sub in module.named_modules():
+        upgrade = getattr(sub, "upgrade_state", None)
+        if upgrade is not None:
+            upgrade(state, f"{name}." if name else "")
+    return state
+
+
 def unverified_warning(path: str | Path, kind: str = "model file") -> None:
     warnings.warn(
         f"{path}: this {kind} has no integrity hash (written before gaq_calc stored one), so its weights and "
