@@ -45,11 +45,12 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
-    if kernel == "fused-int32":  # the reference calculator keeps the artifact's module; swap its kernel
-        from gaq_calc.kernels import FusedEnergyForces
+    if kernel == "fused-int32":  # the fused kernel with int32 accumulation in place of the calculator's
+        from gaq_calc.loading import load_energy_forces
 
-        calc = GAQCalculator(str(path), kernel="reference", **kwargs)
-        calc.energy_forces = FusedEnergyForces(calc.energy_forces.potential, calc.dtype, int_gemm="int32")
+        calc = GAQCalculator(str(path), kernel="fused", **kwargs)
+        calc.energy_forces = load_energy_forces(path, mode=kwargs.get("mode"), kernel="fused",
+                                                int_gemm="int32").energy_forces
         kernel_name = kernel
     else:
         calc = GAQCalculator(str(path), kernel=kernel, **kwargs)

@@ -261,3 +261,28 @@ def test_calculator_leaves_global_torch_state(tiny_model_file):
         atoms.get_forces()
         assert not torch.is_grad_enabled()
     assert (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled()) == before
+
+
+def test_calculator_takes_a_network_in_memory(tiny_model_file, ethanol_frames):
+    """A GAQPotential or a prepared (QAT) model in memory loads through the same path as its file; the
+    calculator works on a copy, so the caller's model keeps its mode and dtype."""
+    from gaq_calc.model.serialization import save_model
+    from gaq_calc.quant import QuantLinear
+
+    from conftest import calibrated_qat
+
+    atoms = ethanol_atoms(2)
+    model, _ = load_model(tiny_model_file)
+    calc = GAQCalculator(model, dtype="float64")
+    assert calc.model_path is None and calc.kernel == "fused"
+    assert calc.get_potential_energy(atoms) == GAQCalculator(tiny_model_file, dtype="float64").get_potential_energy(atoms)
+    assert model.embedding.weight.dtype == torch.float32
+    q = calibrated_qat(ethanol_frames, "w4a8_frame")
+    path = tiny_model_file.parent.parent / "qat_in_memory" / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    for mode in ("quantized", "conservative"):
+        in_memory = GAQCalculator(q, mode=mode, kernel="reference")
+        from_file = GAQCalculator(str(path), mode=mode, kernel="reference")
+        assert in_memory.get_potential_energy(atoms) == from_file.get_potential_energy(atoms)
+        np.testing.assert_array_equal(in_memory.get_forces(atoms), from_file.get_forces(atoms))
+    assert all(m.act_quantizer.enabled for m in q.modules() if isinstance(m, QuantLinear)) and not q.conservative

@@ -104,29 +104,21 @@ def paths():
     return cases
 
 
-def build(name: str, path: str, mode: str, dtype: torch.dtype):
-    """The callable of one case (pre-refactor API)."""
-    from gaq_calc.export import load_artifact
-    from gaq_calc.kernels import FusedEnergyForces
-    from gaq_calc.loading import load_model
-    from gaq_calc.model.network import EnergyForces
-    from gaq_calc.quant import set_mode
+KERNELS = {"eager": "eager", "script": "reference", "fused": "fused", "fused-int32": "fused"}
 
-    if path.startswith("checkpoint"):
-        model, _ = load_model(MODELS / name / "model.pt", dtype)
-        if hasattr(model, "quant_config"):
-            set_mode(model, mode)
-        if path == "checkpoint-eager":
-            return EnergyForces(model)
-        if path == "checkpoint-script":
-            return torch.jit.script(EnergyForces(model))
-        return FusedEnergyForces(model, dtype)
-    module, meta = load_artifact(MODELS / name, scripted=path == "artifact-script")
-    if meta["quantization"]:
-        set_mode(module, mode)
-    if path in ("artifact-eager", "artifact-script"):
-        return module
-    return FusedEnergyForces(module.potential, dtype, int_gemm="int32" if path.endswith("int32") else "float")
+
+def build(name: str, path: str, mode: str, dtype: torch.dtype):
+    """The callable of one case, through the package's loading path (GAQCalculator's, gaq-eval's)."""
+    from gaq_calc.loading import load_energy_forces
+
+    file = MODELS / name if path.startswith("artifact") else MODELS / name / "model.pt"
+    kernel = KERNELS[path.split("-", 1)[1]]
+    loaded = load_energy_forces(file, dtype, mode=mode, kernel=kernel,
+                                int_gemm="int32" if path.endswith("int32") else "float")
+    assert loaded.kernel == ("fused" if kernel == "fused" else "reference")
+    if path.endswith("script"):
+        assert isinstance(loaded.energy_forces, torch.jit.ScriptModule)
+    return loaded.energy_forces
 
 
 def compute(inputs) -> dict:

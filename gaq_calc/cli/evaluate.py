@@ -19,12 +19,12 @@ from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.io import write_text_atomic
 from gaq_calc.metrics import error_metrics, local_equivariance_error
-from gaq_calc.loading import load_model
+from gaq_calc.loading import load_energy_forces
 from gaq_calc.model.serialization import read_model_file
 from gaq_calc.model import GAQPotential, ModelConfig
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import artifact_metadata, is_artifact, load_artifact
-from gaq_calc.quant import set_mode, storage_bytes
+from gaq_calc.export import artifact_metadata, is_artifact
+from gaq_calc.quant import MODES, storage_bytes
 
 
 def _quantization(config: dict | None, metadata: dict) -> dict | None:
@@ -38,28 +38,10 @@ def _quantization(config: dict | None, metadata: dict) -> dict | None:
 
 
 def _load(path: Path, dtype: torch.dtype, mode: str | None):
-    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact.
-    An artifact is rebuilt from its tensors and metadata: none of its code runs."""
-    if is_artifact(path):
-        if dtype != torch.float32:
-            raise ValueError(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
-        module, metadata = load_artifact(path)
-        config = metadata.get("quantization")
-        _check_mode(path, mode, config)
-        if config:
-            set_mode(module, mode or "quantized")
-        return module.potential, metadata, config
-    model, metadata = load_model(path, dtype=dtype)
-    config = read_model_file(path).get("quant_config")
-    _check_mode(path, mode, config)
-    if mode is not None and config:
-        set_mode(model, mode)
-    return model, metadata, config
-
-
-def _check_mode(path: Path, mode: str | None, config) -> None:
-    if mode == "quantized" and not config:
-        raise ValueError(f"--mode quantized needs a quantized model; {path} is an FP32 model")
+    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact, on
+    the eager reference path. An artifact is rebuilt from its tensors and metadata: none of its code runs."""
+    loaded = load_energy_forces(path, dtype, mode=mode, kernel="eager")
+    return loaded.potential, loaded.metadata, loaded.quant_config
 
 
 def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
@@ -96,7 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lee-frames", type=int, default=100, help="first N frames for LEE (0: skip LEE)")
     parser.add_argument("--lee-rotations", type=int, default=4, help="random rotations per frame for LEE")
-    parser.add_argument("--mode", choices=["quantized", "conservative"], default=None,
+    parser.add_argument("--mode", choices=MODES, default=None,
                         help="quantized models: round activations (quantized, the default here) or not "
                              "(conservative: exact forces)")
     args = parser.parse_args(argv)
