@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from helpers import calibrated_qat, ethanol_atoms, ethanol_batch
 from torch import nn
 
-from conftest import calibrated_qat, ethanol_batch
 from gaq_calc import GAQCalculator, ModelFileError
 from gaq_calc.cli import evaluate
 from gaq_calc.export import export_artifact, load_artifact
@@ -22,7 +22,6 @@ from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import read_model_file, save_model
 from gaq_calc.models_dir import models_dir, resolve_model
 from gaq_calc.quant import set_mode
-
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -121,13 +120,6 @@ def _small_data(tmp_path) -> Path:
     return path
 
 
-def _ethanol(k=2):
-    from gaq_calc.data import read_frames
-
-    frames = read_frames("ethanol", "test")
-    return Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
-
-
 def _flip_byte_in_place(path: Path, member_suffix: str) -> None:
     """Flip one byte in the middle of a zip member's stored data, in place (its CRC-32 then no longer
     matches; torch's reader does not look at it)."""
@@ -187,7 +179,7 @@ def test_calculator_runs_no_code_of_a_crafted_artifact(tmp_path, qat_file, kind)
         calc = None
     assert not marker.exists(), "loading the artifact ran code from the file"
     if calc is not None:  # the network came from the file's tensors, not from its code
-        atoms = _ethanol()
+        atoms = ethanol_atoms(2)
         e_legit = GAQCalculator(str(legit)).get_potential_energy(atoms)
         assert calc.get_potential_energy(atoms) == e_legit
         assert not marker.exists()
@@ -272,7 +264,8 @@ def test_a_flipped_byte_in_an_artifact_is_refused(tmp_path, qat_file):
     _flip_byte_in_place(in_place, _largest_member(in_place))
     rewritten = tmp_path / "rewritten.pt"  # the same edit with a valid CRC-32
     member = _largest_member(out)
-    _rewrite_member(out, rewritten, member, lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 1]) + d[len(d) // 2 + 1:])
+    half = lambda d: len(d) // 2
+    _rewrite_member(out, rewritten, member, lambda d: d[:half(d)] + bytes([d[half(d)] ^ 1]) + d[half(d) + 1:])
     edited = tmp_path / "edited_metadata.pt"  # a metadata edit with a valid CRC-32
     _rewrite_member(out, edited, "extra/gaq_metadata.json", lambda d: d.replace(b'"cutoff": 5.0', b'"cutoff": 4.0'))
     for bad in (in_place, rewritten, edited):
@@ -297,7 +290,7 @@ def test_files_without_a_hash_load_with_a_warning(tmp_path, tiny_model_file, qat
     _rewrite_member(art, old_art, "extra/gaq_metadata.json",
                     lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
     with pytest.warns(UnverifiedModelWarning, match="old_artifact.pt.*gaq-resave"):
-        module, meta = load_artifact(old_art)
+        _module, meta = load_artifact(old_art)
     assert "sha256" not in meta
 
 
@@ -314,14 +307,15 @@ def test_gaq_resave_adds_a_hash_and_changes_no_number(tmp_path, tiny_model_file,
     old_art = tmp_path / "old_artifact.pt"
     _rewrite_member(art, old_art, "extra/gaq_metadata.json",
                     lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
-    atoms = _ethanol(4)
+    atoms = ethanol_atoms(4)
     with pytest.warns(UnverifiedModelWarning):
-        before = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+        files = ((old, "float64"), (old_art, "float32"))
+        before = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in files]
     resave.main([str(old), str(old_art)])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedModelWarning)
         assert read_model_file(old)["metadata"] == data["metadata"]
-        after = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+        after = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in files]
         module, meta = load_artifact(old_art)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     kept = {k: v for k, v in _metadata(art).items() if k != "sha256"}

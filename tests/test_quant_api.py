@@ -2,26 +2,28 @@
 import numpy as np
 import pytest
 import torch
+from helpers import ethanol_batch, randomize, tiny_config
 from scipy.spatial.transform import Rotation
 
-from conftest import randomize, tiny_config
-from gaq_calc.data import GraphDataset
 from gaq_calc.model import GAQPotential, energy_and_forces
-from gaq_calc.quant import (PRESETS, ActKind, PackedLinear, QuantLinear, calibrate, convert, prepare, preset,
-                            set_mode, set_vector_quantization)
+from gaq_calc.quant import (
+    PRESETS,
+    ActKind,
+    PackedLinear,
+    QuantLinear,
+    calibrate,
+    convert,
+    prepare,
+    preset,
+    set_mode,
+    set_vector_quantization,
+)
 
 
 @pytest.fixture(scope="module")
 def fp_model():
     torch.manual_seed(0)
     return randomize(GAQPotential(tiny_config()), seed=5).double().eval()
-
-
-def _batch(frames, k=0, positions=None):
-    frames = frames.subset([k])
-    if positions is not None:
-        frames.positions = [positions]
-    return GraphDataset(frames, [1, 6, 8], 5.0).collate([0]).to("cpu", torch.float64)
 
 
 def test_prepare_swaps_every_linear_by_branch(fp_model):
@@ -60,7 +62,7 @@ def test_mixed_precision_keeps_named_layers_unrounded(fp_model, tmp_path):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
     # (four frames: enough l=1 vectors for a 256-centroid k-means codebook)
-    q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, k) for k in (0, 3, 4, 5)],
+    q = calibrate(prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in (0, 3, 4, 5)],
                   energy_and_forces)
     if name == "svq_kmeans_w4a8":  # a baseline without gradients: QAT only
         with pytest.raises(ValueError, match="SVQ-KMeans"):
@@ -70,8 +72,8 @@ def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
     assert any(isinstance(m, PackedLinear) for m in ints.modules())
     assert not any(isinstance(m, QuantLinear) for m in ints.modules())
     for k in (1, 2):
-        e_q, f_q = energy_and_forces(q, _batch(ethanol_frames, k))
-        e_i, f_i = energy_and_forces(ints, _batch(ethanol_frames, k))
+        e_q, f_q = energy_and_forces(q, ethanol_batch(ethanol_frames, [k]))
+        e_i, f_i = energy_and_forces(ints, ethanol_batch(ethanol_frames, [k]))
         assert e_q.item() == e_i.item()  # the same function, bit for bit
         # forces: the QAT graph also tracks weights, which changes the order in which autograd sums
         # gradient contributions; only the last bits may differ
@@ -80,7 +82,7 @@ def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
 
 def test_int_weights_are_in_range(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8"))
-    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
+    calibrate(q, [ethanol_batch(ethanol_frames, [0])], energy_and_forces)
     for name, m in convert(q).named_modules():
         if isinstance(m, PackedLinear):
             lo, hi = (-7, 7) if m.weight_bits == 4 else (-127, 127)
@@ -92,13 +94,13 @@ def test_int_weights_are_in_range(fp_model, ethanol_frames):
 def test_weight_only_quantization_stays_exactly_equivariant(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4_weights_only")).eval()
     pos = ethanol_frames.positions[3]
-    e0, f0 = energy_and_forces(q, _batch(ethanol_frames, 3))
-    fp_e, _ = energy_and_forces(fp_model, _batch(ethanol_frames, 3))
+    e0, f0 = energy_and_forces(q, ethanol_batch(ethanol_frames, [3]))
+    fp_e, _ = energy_and_forces(fp_model, ethanol_batch(ethanol_frames, [3]))
     assert abs(e0.item() - fp_e.item()) > 1e-6  # quantization really changed the model
     rng = np.random.default_rng(0)
     for _ in range(3):
         R = Rotation.random(random_state=rng).as_matrix()
-        e1, f1 = energy_and_forces(q, _batch(ethanol_frames, 3, pos @ R.T))
+        e1, f1 = energy_and_forces(q, ethanol_batch(ethanol_frames, [3], positions=[pos @ R.T]))
         assert abs(e1.item() - e0.item()) < 1e-10
         np.testing.assert_allclose(f1.detach().numpy(), f0.detach().numpy() @ R.T, atol=1e-11)
 
@@ -114,9 +116,9 @@ def test_staged_warmup_switch(fp_model, ethanol_frames):
 
 def test_qat_gradients_reach_weights_and_steps(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8")).train()
-    batch = _batch(ethanol_frames, 0)
+    batch = ethanol_batch(ethanol_frames, [0])
     calibrate(q, [batch], energy_and_forces)
-    e, f = energy_and_forces(q, batch, training=True)
+    _e, f = energy_and_forces(q, batch, training=True)
     ((f - batch.forces) ** 2).mean().backward()
     vm = q.layers[1].vector_mix
     assert vm.weight.grad is not None and vm.weight.grad.abs().sum() > 0
@@ -129,7 +131,7 @@ def test_convert_refuses_uncalibrated_or_warming_up_models(fp_model, ethanol_fra
     q = prepare(fp_model, preset("w4a8"))
     with pytest.raises(ValueError, match="calibrated"):
         convert(q)
-    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
+    calibrate(q, [ethanol_batch(ethanol_frames, [0])], energy_and_forces)
     set_vector_quantization(q, False)
     with pytest.raises(ValueError, match="switched on"):
         convert(q)
@@ -137,7 +139,7 @@ def test_convert_refuses_uncalibrated_or_warming_up_models(fp_model, ethanol_fra
 
 def test_converted_model_holds_integer_weights_only(fp_model, ethanol_frames):
     q = prepare(fp_model, preset("w4a8"))
-    calibrate(q, [_batch(ethanol_frames, 0)], energy_and_forces)
+    calibrate(q, [ethanol_batch(ethanol_frames, [0])], energy_and_forces)
     converted = convert(q)
     assert converted.state_dict()["layers.0.vector_mix.packed"].dtype == torch.uint8  # two 4-bit codes per byte
     # no float copy of the weights: the dequantized cache is empty until first use
@@ -148,12 +150,12 @@ def test_converted_model_holds_integer_weights_only(fp_model, ethanol_frames):
 def _rotation_errors(model, frames, k=3, n=3):
     """Max |E(Rx) - E(x)| and max |F(Rx) - R F(x)| over n random rotations (float64)."""
     pos = frames.positions[k]
-    e0, f0 = energy_and_forces(model, _batch(frames, k))
+    e0, f0 = energy_and_forces(model, ethanol_batch(frames, [k]))
     rng = np.random.default_rng(1)
     de, df = 0.0, 0.0
     for _ in range(n):
         R = Rotation.random(random_state=rng).as_matrix()
-        e1, f1 = energy_and_forces(model, _batch(frames, k, pos @ R.T))
+        e1, f1 = energy_and_forces(model, ethanol_batch(frames, [k], positions=[pos @ R.T]))
         de = max(de, abs(e1.item() - e0.item()))
         df = max(df, float(np.abs(f1.detach().numpy() - f0.detach().numpy() @ R.T).max()))
     return de, df
@@ -164,7 +166,7 @@ def test_frame_quantized_activations_are_exactly_equivariant(fp_model, ethanol_f
     float64 noise, unlike MDDQ or Cartesian rounding of the same activations."""
     errors = {}
     for name in ("w4a8_frame", "w4a8", "lsq_w4a8"):
-        q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, 0)], energy_and_forces).eval()
+        q = calibrate(prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [0])], energy_and_forces).eval()
         errors[name] = _rotation_errors(q, ethanol_frames)
     de, df = errors["w4a8_frame"]
     assert de < 1e-10 and df < 1e-9, errors
@@ -172,7 +174,7 @@ def test_frame_quantized_activations_are_exactly_equivariant(fp_model, ethanol_f
 
 
 def test_qdrop_and_degree_quant_mask_only_in_training(fp_model, ethanol_frames):
-    batch = _batch(ethanol_frames, 0)
+    batch = ethanol_batch(ethanol_frames, [0])
     plain = calibrate(prepare(fp_model, preset("lsq_w4a8")), [batch], energy_and_forces).eval()
     e_plain = energy_and_forces(plain, batch)[0].item()
     for name in ("qdrop_w4a8", "degree_quant_w4a8"):
@@ -186,14 +188,14 @@ def test_qdrop_and_degree_quant_mask_only_in_training(fp_model, ethanol_frames):
         q.train()
         torch.manual_seed(0)
         assert energy_and_forces(q, batch)[0].item() != e_plain  # training: some stay full precision
-    dq = [m for m in q.modules() if isinstance(m, QuantLinear)][0].act_quantizer
+    dq = next(m for m in q.modules() if isinstance(m, QuantLinear)).act_quantizer
     assert dq.node_degree is not None and int(dq.node_degree.sum()) == len(batch.receivers)
 
 
 def test_percentile_range_is_tighter_than_min_max(fp_model, ethanol_frames):
     steps = {}
     for name in ("lsq_w4a8", "degree_quant_w4a8"):
-        q = calibrate(prepare(fp_model, preset(name)), [_batch(ethanol_frames, k) for k in range(4)],
+        q = calibrate(prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in range(4)],
                       energy_and_forces)
         steps[name] = torch.tensor([m.act_quantizer.step_size().item() for m in q.modules()
                                     if isinstance(m, QuantLinear)])
@@ -202,7 +204,7 @@ def test_percentile_range_is_tighter_than_min_max(fp_model, ethanol_frames):
 
 
 def test_svq_kmeans_codebook_from_calibration_and_no_gradient(fp_model, ethanol_frames):
-    q = calibrate(prepare(fp_model, preset("svq_kmeans_w4a8")), [_batch(ethanol_frames, k) for k in range(4)],
+    q = calibrate(prepare(fp_model, preset("svq_kmeans_w4a8")), [ethanol_batch(ethanol_frames, [k]) for k in range(4)],
                   energy_and_forces)
     vm = q.layers[1].vector_mix
     codebook = vm.act_quantizer.codebook
@@ -221,7 +223,7 @@ def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mod
     from gaq_calc.model.serialization import save_model
     from gaq_calc.quant import fit_conservative_reference
 
-    batches = [_batch(ethanol_frames, k) for k in range(6)]
+    batches = [ethanol_batch(ethanol_frames, [k]) for k in range(6)]
     q = calibrate(prepare(fp_model, preset("w4a8_frame")), batches, energy_and_forces)
     before = q.reference_energies.clone()
     correction = fit_conservative_reference(q, batches, lambda m, b: energy_and_forces(m, b)[0])
@@ -258,7 +260,7 @@ def test_model_files_of_the_previous_layout_load_unchanged(fp_model, ethanol_fra
     from gaq_calc.model.serialization import read_model_file, save_model, write_model_file
     from gaq_calc.quant import fit_conservative_reference
 
-    batches = [_batch(ethanol_frames, k) for k in range(4)]
+    batches = [ethanol_batch(ethanol_frames, [k]) for k in range(4)]
     q = calibrate(prepare(fp_model, preset("w4a8_frame_mp")), batches, energy_and_forces)
     fit_conservative_reference(q, batches, lambda m, b: energy_and_forces(m, b)[0])
     path = tmp_path / "new.pt"

@@ -6,8 +6,15 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from gaq_calc.quant import (covering_radius, fake_quantize, fibonacci_sphere, mddq, qrange, quantize_direction,
-                            quantize_int)
+from gaq_calc.quant import (
+    covering_radius,
+    fake_quantize,
+    fibonacci_sphere,
+    mddq,
+    qrange,
+    quantize_direction,
+    quantize_int,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -175,7 +182,7 @@ def test_rounding_functions_script_to_the_same_numbers(name):
         "fake_quantize": lambda x: (x, step, 8),
         "frame_quantize": lambda x: (x, step, 8),
         "mddq": lambda x: (x.transpose(-1, -2), codebook, step, 8),
-        "quantize_direction": lambda x: (x.transpose(-1, -2) / x.transpose(-1, -2).norm(dim=-1, keepdim=True), codebook),
+        "quantize_direction": lambda x: (x.transpose(-1, -2) / x.norm(dim=-2).unsqueeze(-1), codebook),
         "nearest_centroid": lambda x: (x.transpose(-1, -2), codebook),
     }[name]
     eager = getattr(primitives, name)

@@ -6,11 +6,13 @@ Stored in tests/data/reference_outputs.npz by `python tests/test_reference_outpu
 comparison is bit for bit on the machine that wrote the file (same CPU, torch and thread count); elsewhere
 the MKL and -march=native builds may round differently, and it falls back to a float tolerance.
 """
+
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +24,30 @@ OUTPUTS = DATA / "reference_outputs.npz"
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 MOLECULES = {"azobenzene": ([1, 6, 7], (0, 500, 999)), "ethanol": ([1, 6, 8], (0, 500, 999))}
-CHECKPOINTS = {"azobenzene_fp32": "azobenzene", "ethanol_fp32": "ethanol",
-               "azobenzene_w4a8": "azobenzene", "azobenzene_w8a8": "azobenzene"}
-ARTIFACTS = {"azobenzene_fp32.pt": "azobenzene", "azobenzene_w4a8.pt": "azobenzene",
-             "azobenzene_w8a8.pt": "azobenzene", "baselines/azobenzene_naive_int8.pt": "azobenzene"}
+CHECKPOINTS = {
+    "azobenzene_fp32": "azobenzene",
+    "ethanol_fp32": "ethanol",
+    "azobenzene_w4a8": "azobenzene",
+    "azobenzene_w8a8": "azobenzene",
+}
+ARTIFACTS = {
+    "azobenzene_fp32.pt": "azobenzene",
+    "azobenzene_w4a8.pt": "azobenzene",
+    "azobenzene_w8a8.pt": "azobenzene",
+    "baselines/azobenzene_naive_int8.pt": "azobenzene",
+}
 
 
 def machine() -> str:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()} {cpu} torch {torch.__version__}"
+    """The CPU model, its instruction-set flags (the fused kernel is built with -march=native) and torch."""
+    cpu = flags = ""
+    with suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("flags"))
+    return (
+        f"{platform.machine()} {cpu} flags {hashlib.sha256(flags.encode()).hexdigest()[:12]} torch {torch.__version__}"
+    )
 
 
 @contextmanager
@@ -67,11 +80,25 @@ def graphs(inputs, molecule: str):
     names = sorted({k.split("/")[1] for k in inputs if k.startswith(molecule + "/")})
     out = []
     for name in names:
-        get = {key: torch.from_numpy(np.array(inputs[f"{molecule}/{name}/{key}"]))
-               for key in ("species", "positions", "receivers", "senders", "shifts", "batch")}
+        get = {
+            key: torch.from_numpy(np.array(inputs[f"{molecule}/{name}/{key}"]))
+            for key in ("species", "positions", "receivers", "senders", "shifts", "batch")
+        }
         n_graphs = int(get["batch"].max()) + 1
-        out.append((name, (get["species"], get["positions"], get["receivers"], get["senders"], get["shifts"],
-                           get["batch"], n_graphs)))
+        out.append(
+            (
+                name,
+                (
+                    get["species"],
+                    get["positions"],
+                    get["receivers"],
+                    get["senders"],
+                    get["shifts"],
+                    get["batch"],
+                    n_graphs,
+                ),
+            )
+        )
     return out
 
 
@@ -88,7 +115,7 @@ def paths():
     for name in CHECKPOINTS:
         quantized = "w4a8" in name or "w8a8" in name
         for dtype in ("float32", "float64"):
-            for mode in (("quantized", "conservative") if quantized else ("conservative",)):
+            for mode in ("quantized", "conservative") if quantized else ("conservative",):
                 cases.append((name, "checkpoint-eager", mode, dtype))
                 if mode == "conservative":
                     cases.append((name, "checkpoint-fused", mode, dtype))
@@ -96,7 +123,7 @@ def paths():
                 cases.append((name, "checkpoint-script", "conservative", dtype))
     for name in ARTIFACTS:
         quantized = "fp32" not in name
-        for mode in (("quantized", "conservative") if quantized else ("conservative",)):
+        for mode in ("quantized", "conservative") if quantized else ("conservative",):
             for path in ("artifact-eager", "artifact-script", "artifact-fused"):
                 cases.append((name, path, mode, "float32"))
             if mode == "quantized":
@@ -113,8 +140,9 @@ def build(name: str, path: str, mode: str, dtype: torch.dtype):
 
     file = MODELS / name if path.startswith("artifact") else MODELS / name / "model.pt"
     kernel = KERNELS[path.split("-", 1)[1]]
-    loaded = load_energy_forces(file, dtype, mode=mode, kernel=kernel,
-                                int_gemm="int32" if path.endswith("int32") else "float")
+    loaded = load_energy_forces(
+        file, dtype, mode=mode, kernel=kernel, int_gemm="int32" if path.endswith("int32") else "float"
+    )
     assert loaded.kernel == ("fused" if kernel == "fused" else "reference")
     if path.endswith("script"):
         assert isinstance(loaded.energy_forces, torch.jit.ScriptModule)

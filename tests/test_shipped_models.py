@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames
-from gaq_calc.metrics import error_metrics
 from gaq_calc.loading import load_model
+from gaq_calc.metrics import error_metrics
 from gaq_calc.models_dir import available_models, models_dir
 
 SHIPPED = ["azobenzene_fp32", "ethanol_fp32", "azobenzene_w4a8", "azobenzene_w8a8"]

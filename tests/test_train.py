@@ -1,15 +1,15 @@
 """Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 
 from gaq_calc.cli.train import parse_config
 from gaq_calc.train import TrainConfig, train
 from gaq_calc.train.schedule import cosine_lr
-
-from conftest import tiny_config
 
 
 def _config(tmp_path, name, data_file, **kw) -> TrainConfig:
@@ -91,7 +91,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 def test_cosine_schedule_shape():
     lrs = [cosine_lr(e, 1e-2, 1e-5, 2, 10) for e in range(10)]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
 
 
 def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path, small_data):
@@ -103,7 +103,7 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     cfg = _config(tmp_path, "qat", small_data, epochs=2, init_from=str(fp32 / "final.pt"), quant="w4a8",
                   quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
     out = train(cfg, progress=False, log=lambda s: None)
-    model, meta = load_model(out / "final.pt")
+    model, _meta = load_model(out / "final.pt")
     vector = [m for n, m in model.named_modules() if n.endswith("vector_mix")]
     assert vector and all(isinstance(m, QuantLinear) and m.weight_quantizer.bits == 4 for m in vector)
     assert all(bool(m.act_quantizer.calibrated) for m in vector)
@@ -135,7 +135,8 @@ def test_per_tensor_steps_stay_per_tensor_under_qat(tmp_path, small_data):
 
 
 def test_lee_metric_is_float_noise_for_fp32_and_positive_for_w4a8(tmp_path, ethanol_frames):
-    from conftest import randomize
+    from helpers import randomize
+
     from gaq_calc.data import GraphDataset
     from gaq_calc.metrics import local_equivariance_error
     from gaq_calc.model import GAQPotential, energy_and_forces

@@ -316,12 +316,12 @@ class QuantLinear(nn.Module):
 
 
 def require_inference_ready(qat: QuantLinear, what: str) -> None:
-    """convert and export freeze a QuantLinear: every quantizer on, activation ranges calibrated."""
+    """convert and export freeze a QuantLinear: weights quantized (no staged warm-up running), activation
+    ranges calibrated. The activation quantizer's switch (the inference mode) carries over."""
     act = qat.act_quantizer
-    rounding = act.kind != ActKind.NONE
-    if not qat.weight_quantizer.enabled or (rounding and not act.enabled):
+    if not qat.weight_quantizer.enabled:
         raise ValueError(f"{what} needs every quantizer switched on (is a staged warm-up still running?)")
-    if rounding and not bool(act.calibrated):
+    if act.kind != ActKind.NONE and not bool(act.calibrated):
         raise ValueError(f"{what} needs calibrated activation ranges: run the QAT model (or calibrate) first")
 
 
