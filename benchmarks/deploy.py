@@ -37,10 +37,10 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     import numpy as np
     import torch
     from ase import Atoms
+    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     from gaq_calc import GAQCalculator
     from gaq_calc.data import GraphDataset, read_frames
-    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
@@ -71,7 +71,7 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     return {
         "model": f"azobenzene_{name}", "mode": mode, "kernel": kernel_name, "threads": threads,
         "ms_per_call": 1e3 * seconds_per_call, "md_steps_per_s": steps_per_s,
-        "batch_molecules": batch, "batch_atoms": int(len(b.species)),
+        "batch_molecules": batch, "batch_atoms": len(b.species),
         "molecules_per_s": batch / batch_s, "file_bytes": path.stat().st_size,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -79,7 +79,6 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
 
 def breakdown(name: str, mode: str, kernel: str, threads: int) -> list[dict]:
     """Self CPU time per operator class for 20 energy+forces calls, from torch.profiler."""
-    import numpy as np
     import torch
     from ase import Atoms
     from torch.profiler import ProfilerActivity, profile

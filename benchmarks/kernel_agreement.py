@@ -67,7 +67,8 @@ def main(argv=None) -> None:
             "agree_share": float(((de < 1e-4) & (df < 1e-4)).mean()),
         })
         print(f"  {model} {rows[-1]['mode']}: max |dE| {rows[-1]['max_dE_meV']:.3g} meV", file=sys.stderr)
-    lines = [f"`{shlex.join(['python', 'benchmarks/kernel_agreement.py', *(sys.argv[1:] if argv is None else argv)])}`, "
+    command = shlex.join(["python", "benchmarks/kernel_agreement.py", *(sys.argv[1:] if argv is None else argv)])
+    lines = [f"`{command}`, "
              f"first {n} test frames:", "",
              "| artifact | mode | E MAE ref / fused (meV) | F MAE ref / fused (meV/Å) | max abs dE (meV) | "
              "max abs dF (meV/Å) | frames agreeing to 1e-4 |", "|---|---|---|---|---|---|---|"]

@@ -19,8 +19,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
 from gaq_calc import GAQCalculator
-from gaq_calc.io import write_text_atomic
 from gaq_calc.data import read_frames
+from gaq_calc.io import write_text_atomic
 
 
 def time_calls(calc: GAQCalculator, atoms: Atoms, repeats: int) -> float:

@@ -1,7 +1,6 @@
 """A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes

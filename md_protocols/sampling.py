@@ -9,7 +9,6 @@ writes OUT.png (histograms), OUT.json and OUT.md (the table). Bonds are those of
 first frame; --skip-ps drops the start of every run (equilibration).
 """
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path

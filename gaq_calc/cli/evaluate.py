@@ -17,13 +17,13 @@ import torch
 
 from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
-from gaq_calc.io import write_text_atomic
-from gaq_calc.metrics import error_metrics, local_equivariance_error
-from gaq_calc.loading import load_energy_forces
-from gaq_calc.model.serialization import read_model_file
-from gaq_calc.model import GAQPotential, ModelConfig
-from gaq_calc.models_dir import resolve_model
 from gaq_calc.export import artifact_metadata, is_artifact
+from gaq_calc.io import write_text_atomic
+from gaq_calc.loading import load_energy_forces
+from gaq_calc.metrics import error_metrics, local_equivariance_error
+from gaq_calc.model import GAQPotential, ModelConfig
+from gaq_calc.model.serialization import read_model_file
+from gaq_calc.models_dir import resolve_model
 from gaq_calc.quant import MODES, storage_bytes
 
 
@@ -119,7 +119,8 @@ def main(argv=None) -> None:
             # best.pt records the epoch it was selected at and, once the run finished, the run's totals
             "epochs": metadata.get("epochs_total", metadata.get("epochs")),
             "selected_epoch": metadata.get("selected_epoch"),
-            "train_minutes": round(metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
+            "train_minutes": round(
+                metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
             # process CPU time of the training epochs (all threads); absent from models trained before it was kept
             "cpu_hours": (round(metadata.get("train_cpu_seconds_total", metadata["train_cpu_seconds"]) / 3600, 6)
                           if "train_cpu_seconds" in metadata else None),

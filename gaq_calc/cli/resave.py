@@ -21,8 +21,13 @@ from gaq_calc.cli import command_line, one_line_errors
 @one_line_errors("gaq-resave")
 def main(argv=None) -> None:
     from gaq_calc.export import is_artifact, rewrite_artifact
-    from gaq_calc.model.serialization import (ModelFileError, UnverifiedModelWarning, content_sha256,
-                                              read_model_file, write_model_file)
+    from gaq_calc.model.serialization import (
+        ModelFileError,
+        UnverifiedModelWarning,
+        content_sha256,
+        read_model_file,
+        write_model_file,
+    )
 
     parser = argparse.ArgumentParser(prog="gaq-resave", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

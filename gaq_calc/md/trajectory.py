@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from gaq_calc.io import write_json_atomic  # noqa: F401  (part of this module's API: gaq_calc.md)
+from gaq_calc.io import write_json_atomic
 
 #: Per-frame datasets: name -> (shape after the frame axis given n_atoms, dtype).
 FRAME_FIELDS = {
@@ -166,7 +166,7 @@ class TrajectoryWriter:
         if k:
             self._check_room(k)
             n0, n1 = self._n_written, self._n_written + k
-            for name, (shape, dtype) in FRAME_FIELDS.items():
+            for name, (_shape, dtype) in FRAME_FIELDS.items():
                 ds = self.file[name]
                 if ds.shape[0] != n1:
                     ds.resize(n1, axis=0)

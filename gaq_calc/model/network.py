@@ -96,7 +96,7 @@ class GAQPotential(nn.Module):
         atomic = self.readout(h).squeeze(-1) * self.energy_scale  # [n]
         references = self.reference_energies
         # (nested: TorchScript resolves a hasattr standing alone statically, so FP32 models compile)
-        if hasattr(self, "conservative_reference_energies"):  # noqa: SIM102  (each mode has its own)
+        if hasattr(self, "conservative_reference_energies"):  # noqa: SIM102
             if self.conservative:
                 references = self.conservative_reference_energies
         atomic = atomic.to(torch.float64) + references.index_select(0, species)

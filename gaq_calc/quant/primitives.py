@@ -167,7 +167,7 @@ def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     fallback = fallback / torch.linalg.vector_norm(fallback, dim=1, keepdim=True)
     e2 = torch.where(second_norm > rel_tol * first_norm, second / second_norm.clamp_min(1e-30), fallback)
     e3 = torch.linalg.cross(e1, e2)
-    shape: list[int] = list(lead) + [3, 3]  # noqa: RUF005  (TorchScript has no starred lists)
+    shape: list[int] = list(lead) + [3, 3]
     return torch.stack([e1, e2, e3], dim=1).reshape(shape)  # [..., 3, 3]
 
 

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
+from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
-from gaq_calc.model.serialization import (atomic_save, read_model_file, save_model, upgrade_state_dict,
-                                          write_model_file)
+from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, upgrade_state_dict, write_model_file
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
