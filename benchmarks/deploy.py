@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -36,19 +37,20 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     import numpy as np
     import torch
     from ase import Atoms
+    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     from gaq_calc import GAQCalculator
     from gaq_calc.data import GraphDataset, read_frames
-    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
-    if kernel == "fused-int32":  # the reference calculator keeps the artifact's module; swap its kernel
-        from gaq_calc.kernels import FusedEnergyForces
+    if kernel == "fused-int32":  # the fused kernel with int32 accumulation in place of the calculator's
+        from gaq_calc.loading import load_energy_forces
 
-        calc = GAQCalculator(str(path), kernel="reference", **kwargs)
-        calc.energy_forces = FusedEnergyForces(calc.energy_forces.potential, calc.dtype, int_gemm="int32")
+        calc = GAQCalculator(str(path), kernel="fused", **kwargs)
+        calc.energy_forces = load_energy_forces(path, mode=kwargs.get("mode"), kernel="fused",
+                                                int_gemm="int32").energy_forces
         kernel_name = kernel
     else:
         calc = GAQCalculator(str(path), kernel=kernel, **kwargs)
@@ -69,7 +71,7 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     return {
         "model": f"azobenzene_{name}", "mode": mode, "kernel": kernel_name, "threads": threads,
         "ms_per_call": 1e3 * seconds_per_call, "md_steps_per_s": steps_per_s,
-        "batch_molecules": batch, "batch_atoms": int(len(b.species)),
+        "batch_molecules": batch, "batch_atoms": len(b.species),
         "molecules_per_s": batch / batch_s, "file_bytes": path.stat().st_size,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -77,7 +79,6 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
 
 def breakdown(name: str, mode: str, kernel: str, threads: int) -> list[dict]:
     """Self CPU time per operator class for 20 energy+forces calls, from torch.profiler."""
-    import numpy as np
     import torch
     from ase import Atoms
     from torch.profiler import ProfilerActivity, profile
@@ -163,15 +164,14 @@ def main() -> None:
         out = subprocess.run(base + ["--breakdown", name, mode, kernel, str(min(args.threads))],
                              capture_output=True, text=True, env=env, check=True).stdout
         parts[f"{name} {mode}, {kernel} kernel"] = json.loads(out.strip().splitlines()[-1])
-    result = {"command": "python benchmarks/deploy.py " + " ".join(sys.argv[1:]),
+    result = {"command": shlex.join(["python", "benchmarks/deploy.py", *sys.argv[1:]]),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows, "breakdown": parts}
     result["markdown"] = format_tables(result)
     print(result["markdown"])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        from gaq_calc.io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
 
 def format_tables(result: dict) -> str:

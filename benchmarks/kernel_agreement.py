@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from ase import Atoms
 
 from gaq_calc import GAQCalculator
 from gaq_calc.data import read_frames
+from gaq_calc.io import write_text_atomic
 
 VARIANTS = [("azobenzene_fp32.pt", None), ("azobenzene_w8a8.pt", "quantized"), ("azobenzene_w8a8.pt", "conservative"),
             ("azobenzene_w4a8.pt", "quantized"), ("azobenzene_w4a8.pt", "conservative")]
@@ -67,7 +67,8 @@ def main(argv=None) -> None:
             "agree_share": float(((de < 1e-4) & (df < 1e-4)).mean()),
         })
         print(f"  {model} {rows[-1]['mode']}: max |dE| {rows[-1]['max_dE_meV']:.3g} meV", file=sys.stderr)
-    lines = [f"`python benchmarks/kernel_agreement.py {' '.join(sys.argv[1:] if argv is None else argv)}`, "
+    command = shlex.join(["python", "benchmarks/kernel_agreement.py", *(sys.argv[1:] if argv is None else argv)])
+    lines = [f"`{command}`, "
              f"first {n} test frames:", "",
              "| artifact | mode | E MAE ref / fused (meV) | F MAE ref / fused (meV/Å) | max abs dE (meV) | "
              "max abs dF (meV/Å) | frames agreeing to 1e-4 |", "|---|---|---|---|---|---|---|"]
@@ -78,11 +79,7 @@ def main(argv=None) -> None:
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "markdown": markdown}, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(args.json, json.dumps({"rows": rows, "markdown": markdown}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from ase.md.verlet import VelocityVerlet
 
 from gaq_calc import GAQCalculator
 from gaq_calc.data import read_frames
+from gaq_calc.io import write_text_atomic
 
 
 def time_calls(calc: GAQCalculator, atoms: Atoms, repeats: int) -> float:
@@ -110,14 +112,10 @@ def main(argv=None) -> None:
         print(f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
               f"{r['md_steps_per_s']:.0f} |")
     if args.json:
-        import shlex
-
-        result = {"command": "python benchmarks/md_step.py " + " ".join(shlex.quote(a) for a in own),
+        result = {"command": shlex.join(["python", "benchmarks/md_step.py", *own]),
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
                   "atoms": len(atoms), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

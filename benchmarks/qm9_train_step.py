@@ -15,12 +15,15 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 import time
 
 import numpy as np
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames, train_val_split
+from gaq_calc.io import write_text_atomic
 from gaq_calc.train import TrainConfig
 from gaq_calc.train.ema import EMA
 from gaq_calc.train.loop import build_model, loss_fn
@@ -76,7 +79,7 @@ def main(argv=None) -> None:
             edges.append(len(batch.receivers))
     n_batches = math.ceil(len(ds) / cfg.batch_size)
     result = {
-        "command": "benchmarks/qm9_train_step.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": shlex.join(["benchmarks/qm9_train_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
         "train_data": cfg.train_data, "n_train": len(ds), "batch_size": cfg.batch_size, "n_batches": n_batches,
@@ -91,8 +94,7 @@ def main(argv=None) -> None:
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

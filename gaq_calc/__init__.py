@@ -4,4 +4,4 @@ from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import ModelFileError
 
 __all__ = ["GAQCalculator", "ModelFileError", "load_model"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version: pyproject.toml reads it (tool.setuptools.dynamic)

@@ -1,23 +1,15 @@
 """A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from gaq_calc.data.graphs import GraphBatch, centred, neighbour_graph, species_index, wrap_positions
-from gaq_calc.model.network import EnergyForces
-from gaq_calc.loading import load_model
+from gaq_calc.loading import DTYPES, KERNELS, load_energy_forces
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import is_artifact, load_artifact, set_mode
-from gaq_calc.export.artifact import MODES
-from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable, load_extension
-from gaq_calc.quant import QuantLinear, set_quant_mode
+from gaq_calc.quant import MODES
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-KERNELS = ("auto", "fused", "reference")
 ARGUMENTS = ("model", "device", "dtype", "min_distance", "jit", "mode", "kernel")
 ASE_ARGUMENTS = ("label", "directory", "atoms")  # ase.calculators.calculator.Calculator's, passed on
 
@@ -26,7 +18,9 @@ class GAQCalculator(Calculator):
     """ASE calculator over a gaq_calc model.
 
     model: a deployable artifact (`gaq-export`, e.g. "azobenzene_w4a8.pt"), a model checkpoint file or
-    folder, or a shipped name such as "azobenzene_fp32" (names resolve in models/).
+    folder, a shipped name such as "azobenzene_fp32" (names resolve in models/), or a network in memory
+    (a GAQPotential, or a prepared/converted quantized one; the calculator works on a copy). Every kind
+    loads through gaq_calc.loading.load_energy_forces.
     device: torch device ("cpu", "cuda"); dtype: "float32" or "float64" for the network (the reference
     energies and the total energy are always accumulated in float64). Artifacts are float32.
     min_distance: atoms closer than this (Å) are rejected as overlapping.
@@ -62,8 +56,8 @@ class GAQCalculator(Calculator):
                             + (f" (did you mean {close[0]!r}?)" if close else "")
                             + f"; it takes {', '.join(ARGUMENTS)} and ASE's {', '.join(ASE_ARGUMENTS)}")
         super().__init__(**kwargs)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if kernel not in KERNELS:
@@ -71,65 +65,19 @@ class GAQCalculator(Calculator):
         if not min_distance > 0:
             raise ValueError(f"min_distance must be > 0 Å, not {min_distance}")
         self.min_distance = float(min_distance)
-        self.model_path = resolve_model(model)
+        self.model_path = None if isinstance(model, torch.nn.Module) else resolve_model(model)
         self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.mode = mode
-        if is_artifact(self.model_path):
-            # only the reference kernel runs the file's TorchScript; everything else uses the network
-            # rebuilt from the file's tensors
-            self.energy_forces, self.metadata = load_artifact(self.model_path, self.device,
-                                                              scripted=kernel == "reference")
-            if self.dtype != getattr(torch, self.metadata["dtype"]):
-                raise ValueError(f"{self.model_path.name} is a {self.metadata['dtype']} artifact; "
-                                 f"dtype={dtype!r} needs the checkpoint it was exported from")
-            self.cutoff = float(self.metadata["cutoff"])
-            self.species = [int(z) for z in self.metadata["species"]]
-            self.quantized = bool(self.metadata.get("quantization"))
-            self._check_mode()
-            if self.quantized:
-                set_mode(self.energy_forces, mode)
-            self._choose_kernel(kernel, self.energy_forces.potential)
-            return
-        self.model, self.metadata = load_model(self.model_path, self.dtype, self.device)
-        self.cutoff = float(self.model.cutoff)
-        self.species = [int(z) for z in self.model.atomic_numbers.tolist()]
-        self.quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
-        self._check_mode()
-        if self.quantized:
-            set_quant_mode(self.model, mode)
-        self.energy_forces = EnergyForces(self.model)
-        self._choose_kernel(kernel, self.model)
-        if self.kernel == "reference" and jit and not self.quantized:  # (no scripting for a fused run)
-            with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still runs
-                warnings.simplefilter("ignore", DeprecationWarning)
-                self.energy_forces = torch.jit.script(self.energy_forces)
-
-    def _check_mode(self) -> None:
-        if self.mode == "quantized" and not self.quantized:
-            raise ValueError(f"mode='quantized' needs a quantized model; {self.model_path} is an FP32 model "
-                             "(it has one mode: leave mode at its default)")
-
-    def _choose_kernel(self, kernel: str, potential) -> None:
-        self.kernel = "reference"
-        if kernel == "reference":
-            return
-        try:
-            if self.device.type != "cpu":
-                raise KernelUnavailable(f"the fused kernel runs on CPU, not {self.device.type}")
-            load_extension()
-        except KernelUnavailable as err:
-            if kernel == "fused":
-                raise
-            if self.device.type == "cpu":
-                warnings.warn(f"{err}; running the reference kernel", RuntimeWarning, stacklevel=3)
-            return
-        try:
-            self.energy_forces = FusedEnergyForces(potential, self.dtype)
-            self.kernel = "fused"
-        except KernelUnavailable:  # a model or mode the fused kernel does not cover (MDDQ rounding, eager QAT)
-            if kernel == "fused":
-                raise
+        loaded = load_energy_forces(model if self.model_path is None else self.model_path, self.dtype, self.device,
+                                    mode, kernel, jit)  # fmt: skip
+        self.model = loaded.potential  # the eager network (for an artifact: rebuilt from its tensors)
+        self.energy_forces = loaded.energy_forces
+        self.kernel = loaded.kernel
+        self.metadata = loaded.metadata
+        self.cutoff = loaded.cutoff
+        self.species = loaded.species
+        self.quantized = loaded.quantized
 
     def _graph(self, atoms) -> GraphBatch:
         positions = np.asarray(atoms.positions, dtype=np.float64)

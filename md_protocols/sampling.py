@@ -9,7 +9,7 @@ writes OUT.png (histograms), OUT.json and OUT.md (the table). Bonds are those of
 first frame; --skip-ps drops the start of every run (equilibration).
 """
 import argparse
-import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         distances = {kind: wasserstein(samples[name][kind], ref[kind]) for kind in ref}
         rows.append({"run": name, "simulated_ps": loaded[name][3], "frames": len(loaded[name][0]),
                      "w1": distances, "ratio_to_noise_floor": {k: distances[k] / floor[k] for k in ref}})
-    record = {"command": "python md_protocols/sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    record = {"command": shlex.join(["python", "md_protocols/sampling.py", *(sys.argv[1:] if argv is None else argv)]),
               "reference": args.reference.name, "reference_ps": loaded[args.reference.name][3],
               "noise_floor_run": args.noise_floor.name, "skip_ps": args.skip_ps, "units": UNITS, "rows": rows}
     kinds = list(ref)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
+import shlex
 import time
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.io import write_text_atomic
 from gaq_calc.loading import load_model
 from gaq_calc.metrics import predict
-from gaq_calc.quant import QuantLinear, set_quant_mode
+from gaq_calc.quant import ActKind, QuantLinear, set_mode
 from gaq_calc.units import MEV_PER_EV
 
 GROUPS = {
@@ -53,19 +53,16 @@ def errors(model, dataset) -> dict:
 def rounding(layers: dict, on: set, bits: int = 8) -> None:
     """Round the activations of the layers named in `on` at `bits`, keeping each layer's clipping range."""
     for name, layer in layers.items():
-        layer.quantize_acts = name in on and layer.act_bits is not None
-        if layer.act_bits is None:
+        q = layer.act_quantizer
+        if q.kind == ActKind.NONE:
             continue
-        if not hasattr(layer, "_step8"):
-            layer._step8 = layer.act_log_step.detach().clone()
-            layer._bits8 = layer.act_bits
-        # same range (levels x step) with more levels: step x qmax(8) / qmax(bits)
-        qmax8, qmax = 2 ** (layer._bits8 - 1) - 1, 2 ** (bits - 1) - 1
-        if layer.branch == "vector" and layer.vector_method == "mddq":  # unsigned magnitudes
-            qmax8, qmax = 2**layer._bits8 - 1, 2**bits - 1
+        q.enabled = name in on
+        if not hasattr(q, "_step8"):
+            q._step8, q._levels8 = q.log_step.detach().clone(), q.levels()
+        # same range (levels x step) with more levels: step x levels(8) / levels(bits)
+        q.bits = bits
         with torch.no_grad():
-            layer.act_log_step.copy_(layer._step8 + math.log(qmax8 / qmax))
-        layer.act_bits = bits
+            q.log_step.copy_(q._step8 + math.log(q._levels8 / q.levels()))
 
 
 def main(argv=None) -> None:
@@ -77,12 +74,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     model, _ = load_model(args.model, torch.float32)
-    set_quant_mode(model, "conservative")
+    set_mode(model, "conservative")
     frames = read_frames(args.data, "test")
     frames = frames.subset(np.arange(min(args.frames, len(frames))))
     dataset = GraphDataset(frames, [int(z) for z in model.atomic_numbers.tolist()], model.cutoff)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    names = [n for n, m in layers.items() if m.act_bits is not None]
+    names = [n for n, m in layers.items() if m.act_quantizer.kind != ActKind.NONE]
     rows = []
     start = time.perf_counter()
 
@@ -111,14 +108,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": args.model, "frames": len(frames), "torch": torch.__version__,
-              "command": "python scripts/quant_sensitivity.py " + " ".join(
-                  f"--{k} {v}" for k, v in vars(args).items()),
+              "command": shlex.join(["python", "scripts/quant_sensitivity.py",
+                                    *(s for k, v in vars(args).items() for s in (f"--{k}", str(v)))]),
               "cpu_minutes": (time.perf_counter() - start) / 60, "rows": rows}
     for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", to_markdown(record))):
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, out.with_suffix(suffix))
+        write_text_atomic(out.with_suffix(suffix), text)
 
 
 def to_markdown(record: dict) -> str:

@@ -5,18 +5,14 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import all_changes
 from ase.calculators.fd import calculate_numerical_forces
+from helpers import calibrated_qat, ethanol_atoms
 
 from gaq_calc import GAQCalculator, ModelFileError
 from gaq_calc.data import GraphDataset, read_frames
-from gaq_calc.model import energy_and_forces
 from gaq_calc.loading import load_model
+from gaq_calc.model import energy_and_forces
 
 SHIPPED = "ethanol_fp32"
-
-
-def ethanol_atoms(k=0):
-    frames = read_frames("ethanol", "test")
-    return Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
 
 
 @pytest.fixture(params=["tiny", "shipped"])
@@ -261,3 +257,27 @@ def test_calculator_leaves_global_torch_state(tiny_model_file):
         atoms.get_forces()
         assert not torch.is_grad_enabled()
     assert (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled()) == before
+
+
+def test_calculator_takes_a_network_in_memory(tiny_model_file, ethanol_frames):
+    """A GAQPotential or a prepared (QAT) model in memory loads through the same path as its file; the
+    calculator works on a copy, so the caller's model keeps its mode and dtype."""
+    from gaq_calc.model.serialization import save_model
+    from gaq_calc.quant import QuantLinear
+
+    atoms = ethanol_atoms(2)
+    model, _ = load_model(tiny_model_file)
+    calc = GAQCalculator(model, dtype="float64")
+    assert calc.model_path is None and calc.kernel == "fused"
+    from_file = GAQCalculator(tiny_model_file, dtype="float64")
+    assert calc.get_potential_energy(atoms) == from_file.get_potential_energy(atoms)
+    assert model.embedding.weight.dtype == torch.float32
+    q = calibrated_qat(ethanol_frames, "w4a8_frame")
+    path = tiny_model_file.parent.parent / "qat_in_memory" / "model.pt"
+    save_model(path, q, {"train_data": "ethanol"})
+    for mode in ("quantized", "conservative"):
+        in_memory = GAQCalculator(q, mode=mode, kernel="reference")
+        from_file = GAQCalculator(str(path), mode=mode, kernel="reference")
+        assert in_memory.get_potential_energy(atoms) == from_file.get_potential_energy(atoms)
+        np.testing.assert_array_equal(in_memory.get_forces(atoms), from_file.get_forces(atoms))
+    assert all(m.act_quantizer.enabled for m in q.modules() if isinstance(m, QuantLinear)) and not q.conservative

@@ -70,8 +70,8 @@ def test_gaq_quantize_ptq_round_trip(tmp_path, tiny_model_file):
     quantize.main([str(tiny_model_file), "--preset", "naive_int8", "-o", str(out), "--calib-frames", "8"])
     model, meta = load_model(out)
     q = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert q and all(bool(m.calibrated) for m in q)
-    steps = q[0].weight_step.detach().flatten()
+    assert q and all(bool(m.act_quantizer.calibrated) for m in q)
+    steps = q[0].weight_quantizer.step_size().detach().flatten()
     assert (steps == steps[0]).all()  # naive: one step per tensor
     assert meta["ptq"] and meta["commands"][-1].startswith("gaq-quantize")
     card = tmp_path / "card.json"

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import calibrated_qat, ethanol_batch
 
-from conftest import calibrated_qat, ethanol_batch
-from gaq_calc.export import export_artifact, is_artifact, load_artifact, pack_int4, set_mode, unpack_int4
+from gaq_calc.export import export_artifact, is_artifact, load_artifact, pack_int4, unpack_int4
 from gaq_calc.model import energy_and_forces
 from gaq_calc.model.serialization import ModelFileError, save_model
-from gaq_calc.quant import convert, preset
+from gaq_calc.quant import convert, preset, set_mode
 
 
 @pytest.mark.parametrize("n", [1, 6, 7, 64])
@@ -31,10 +31,6 @@ def _qat_file(tmp_path, frames, name):
     return q, path
 
 
-def _batch(frames, k):
-    return ethanol_batch(frames, [k], torch.float32)
-
-
 @pytest.mark.parametrize("name", ["w4a8_frame", "w8a8_frame", "w4a8", "naive_int8"])
 def test_exported_artifact_equals_the_converted_qat_model(tmp_path, ethanol_frames, name):
     q, path = _qat_file(tmp_path, ethanol_frames, name)
@@ -46,7 +42,7 @@ def test_exported_artifact_equals_the_converted_qat_model(tmp_path, ethanol_fram
     assert loaded == meta and loaded["quantization"]["vector_method"] == preset(name).vector_method
     assert loaded["species"] == [1, 6, 8] and loaded["cutoff"] == 5.0 and loaded["dtype"] == "float32"
     for k in (1, 2, 7):
-        b = _batch(ethanol_frames, k)
+        b = ethanol_batch(ethanol_frames, [k], torch.float32)
         e_a, f_a = module(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
         e_i, f_i = energy_and_forces(ints, b)
         assert e_a.item() == e_i.item()  # the same function, bit for bit
@@ -91,7 +87,7 @@ def test_artifact_loads_in_a_fresh_process_without_gaq_calc(tmp_path, ethanol_fr
     _, path = _qat_file(tmp_path, ethanol_frames, "w4a8_frame")
     out = tmp_path / "w4a8.pt"
     export_artifact(path, out)
-    b = _batch(ethanol_frames, 1)
+    b = ethanol_batch(ethanol_frames, [1], torch.float32)
     np.savez(tmp_path / "g.npz", **{k: getattr(b, k).numpy() for k in
                                     ("species", "positions", "receivers", "senders", "shifts", "batch")})
     ref, _ = load_artifact(out)[0](b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
@@ -132,3 +128,37 @@ def test_fp32_export_and_bad_files(tmp_path, tiny_model_file, ethanol_frames):
     module, _ = load_artifact(out)
     with pytest.raises(ValueError, match="mode"):
         set_mode(module, "fast")
+
+
+def test_format_1_artifacts_load_and_rewrite_to_the_same_numbers(tmp_path):
+    """The shipped artifacts were written in format 1 (before issue 14: activation-quantizer tensors on the
+    layer, a live copy of one mode's reference energies). They load as data and as their own TorchScript,
+    both modes switch, and gaq-resave rewrites them in the current format with the same numbers."""
+    from gaq_calc.data import GraphDataset, read_frames
+    from gaq_calc.export import artifact_metadata, rewrite_artifact
+    from gaq_calc.export.artifact import ARTIFACT_VERSION
+    from gaq_calc.models_dir import models_dir
+    from gaq_calc.quant import MODES
+
+    source = models_dir() / "azobenzene_w4a8.pt"
+    assert artifact_metadata(source)["format_version"] == 1
+    out = tmp_path / "w4a8.pt"
+    rewrite_artifact(source, out, {"command": "test"})
+    assert artifact_metadata(out)["format_version"] == ARTIFACT_VERSION
+    frames = read_frames("azobenzene", "test").subset([3])
+    b = GraphDataset(frames, [1, 6, 7], 5.0).collate([0]).to("cpu", torch.float32)
+    args = (b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
+    energies = {}
+    for mode in MODES:
+        results = {}
+        for path, scripted in ((source, False), (source, True), (out, False), (out, True)):
+            module, _ = load_artifact(path, scripted=scripted)
+            set_mode(module, mode)
+            results[path.name, scripted] = module(*args)
+        (e1, f1), (e2, f2) = results[source.name, False], results[out.name, False]
+        assert torch.equal(e1, e2) and torch.equal(f1, f2)  # the same eager network
+        for e, f in (results[source.name, True], results[out.name, True]):  # the files' own TorchScript
+            assert torch.equal(e, e1)
+            torch.testing.assert_close(f, f1, rtol=0, atol=1e-5)
+        energies[mode] = e1.item()
+    assert energies["quantized"] != energies["conservative"]

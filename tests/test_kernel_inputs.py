@@ -19,7 +19,7 @@ ROOT = HERE.parent
 
 def _valid_inputs(quantized: bool = False):
     """A tiny random model and a valid two-molecule batch, as the op's arguments (a dict)."""
-    from conftest import randomize, tiny_config
+    from helpers import randomize, tiny_config
     from gaq_calc.data.graphs import neighbour_graph
     from gaq_calc.kernels.fused import _cast_quantizers, gather_parameters
     from gaq_calc.model import GAQPotential

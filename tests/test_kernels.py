@@ -2,19 +2,15 @@
 import numpy as np
 import pytest
 import torch
+from helpers import calibrated_qat, call, ethanol_batch, randomize, tiny_config
 from scipy.spatial.transform import Rotation
 
-from conftest import calibrated_qat, ethanol_batch, randomize, tiny_config
-from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.export import export_artifact, load_artifact
 from gaq_calc.kernels import FusedEnergyForces, KernelUnavailable
 from gaq_calc.model import GAQPotential, energy_and_forces
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import save_model
-from gaq_calc.quant import set_quant_mode
-
-
-def _call(f, b):
-    return f(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, b.n_graphs)
+from gaq_calc.quant import set_mode
 
 
 @pytest.mark.parametrize("radial_hidden", [8, 0])
@@ -22,8 +18,8 @@ def test_fused_equals_autograd_in_float64(ethanol_frames, radial_hidden):
     model = randomize(GAQPotential(tiny_config(radial_hidden=radial_hidden)), seed=3, scale=0.3).double().eval()
     model.set_energy_reference([-13.6, -1029.8, -2041.2], 0.7)
     b = ethanol_batch(ethanol_frames, [0, 5, 9])  # three molecules in one graph: per-graph energies
-    e_ref, f_ref = _call(EnergyForces(model), b)
-    e_fused, f_fused = _call(FusedEnergyForces(model, torch.float64), b)
+    e_ref, f_ref = call(EnergyForces(model), b)
+    e_fused, f_fused = call(FusedEnergyForces(model, torch.float64), b)
     assert e_fused.dtype == torch.float64 and e_fused.shape == (3,)
     torch.testing.assert_close(e_fused, e_ref, rtol=0, atol=1e-9)
     torch.testing.assert_close(f_fused, f_ref, rtol=0, atol=1e-11)
@@ -33,9 +29,9 @@ def test_fused_equals_autograd_in_float64(ethanol_frames, radial_hidden):
 def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
     model = randomize(GAQPotential(tiny_config()), seed=4, scale=0.3).eval()
     b64 = ethanol_batch(ethanol_frames, [2])
-    e_ref, f_ref = _call(EnergyForces(model.double()), b64)
+    e_ref, f_ref = call(EnergyForces(model.double()), b64)
     fused32 = FusedEnergyForces(model.float(), torch.float32)
-    e32, f32 = _call(fused32, b64)
+    e32, f32 = call(fused32, b64)
     assert f32.dtype == torch.float32
     assert abs(e32.item() - e_ref.item()) < 1e-4
     torch.testing.assert_close(f32.double(), f_ref, rtol=0, atol=1e-4)
@@ -44,8 +40,8 @@ def test_fused_float32_matches_and_is_equivariant(ethanol_frames):
     R = torch.from_numpy(Rotation.random(random_state=7).as_matrix())
     rotated = ethanol_batch(ethanol_frames, [2])
     rotated.positions = b64.positions @ R.T + torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
-    e0, f0 = _call(fused64, b64)
-    e1, f1 = _call(fused64, rotated)
+    e0, f0 = call(fused64, b64)
+    e1, f1 = call(fused64, rotated)
     assert abs(e1.item() - e0.item()) < 1e-10
     torch.testing.assert_close(f1, f0 @ R.T, rtol=0, atol=1e-11)
 
@@ -54,13 +50,13 @@ def test_fused_forces_are_finite_differences_of_its_energy(ethanol_frames):
     model = randomize(GAQPotential(tiny_config()), seed=6, scale=0.3).double().eval()
     fused = FusedEnergyForces(model, torch.float64)
     b = ethanol_batch(ethanol_frames, [4])
-    _, forces = _call(fused, b)
+    _, forces = call(fused, b)
     eps = 1e-5
     for atom, axis in [(0, 0), (3, 1), (7, 2)]:
         plus, minus = ethanol_batch(ethanol_frames, [4]), ethanol_batch(ethanol_frames, [4])
         plus.positions[atom, axis] += eps
         minus.positions[atom, axis] -= eps
-        numeric = -(_call(fused, plus)[0] - _call(fused, minus)[0]).item() / (2 * eps)
+        numeric = -(call(fused, plus)[0] - call(fused, minus)[0]).item() / (2 * eps)
         assert abs(numeric - forces[atom, axis].item()) < 1e-7
 
 
@@ -69,9 +65,9 @@ def test_fused_runs_quantized_models_in_both_modes(tmp_path, ethanol_frames):
     b = ethanol_batch(ethanol_frames, [6], torch.float32)
     with pytest.raises(KernelUnavailable, match="quantized mode"):
         FusedEnergyForces(q)  # an eager QAT model with rounded activations: its artifact or the reference
-    set_quant_mode(q, "conservative")
+    set_mode(q, "conservative")
     e_ref, f_ref = energy_and_forces(q, b)
-    e_fused, f_fused = _call(FusedEnergyForces(q), b)
+    e_fused, f_fused = call(FusedEnergyForces(q), b)
     assert abs(e_fused.item() - e_ref.item()) < 1e-4
     torch.testing.assert_close(f_fused, f_ref.detach(), rtol=0, atol=2e-5)
     # the exported artifact: packed weights, dequantized once
@@ -80,10 +76,10 @@ def test_fused_runs_quantized_models_in_both_modes(tmp_path, ethanol_frames):
     export_artifact(path, tmp_path / "q.pt")
     module, _ = load_artifact(tmp_path / "q.pt")
     set_mode(module, "conservative")
-    e_art, f_art = _call(module, b)
+    e_art, f_art = call(module, b)
     fused = FusedEnergyForces(module.potential)
     assert not fused.rounds_activations
-    e_fa, f_fa = _call(fused, b)
+    e_fa, f_fa = call(fused, b)
     assert abs(e_fa.item() - e_art.item()) < 1e-4
     torch.testing.assert_close(f_fa, f_art, rtol=0, atol=2e-5)
 
@@ -108,9 +104,9 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     close, worst = 0, 0.0
     for k in range(10, 20):
         b = ethanol_batch(ethanol_frames, [k], torch.float32)
-        e_ref, f_ref = _call(module, b)
-        e_int, f_int = _call(fused, b)
-        e_i32, f_i32 = _call(int32, b)
+        e_ref, f_ref = call(module, b)
+        e_int, f_int = call(fused, b)
+        e_i32, f_i32 = call(int32, b)
         assert torch.equal(e_int, e_i32) and torch.equal(f_int, f_i32)  # the same integers, the same bits
         err = abs(e_int.item() - e_ref.item())
         close += err < 1e-4 and (f_int - f_ref).abs().max().item() < 1e-4
@@ -153,3 +149,17 @@ def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):
     with pytest.raises(ValueError, match="kernel must be"):
         GAQCalculator(str(tiny_model_file), kernel="cuda-int4")
 
+
+def test_the_cpp_kernel_numbers_quantizer_kinds_as_quant_does():
+    """fused.py passes quant.ActKind's values; the C++ source must give them the same meaning. (Until the
+    C++ side names its constants, its messages spell the numbering out: "0 (none), 1 (linear), 2 (frame)".)"""
+    import re
+
+    from gaq_calc.kernels.fused import SOURCE
+    from gaq_calc.quant.kinds import FUSED_KINDS, ActKind
+
+    source = SOURCE.read_text()
+    pairs = set(re.findall(r"\b(\d) \((none|linear|frame)\)", source))
+    assert {name for _, name in pairs} == {"none", "linear", "frame"}, pairs
+    assert {(int(number), name) for number, name in pairs} == {(int(k), k.name.lower()) for k in FUSED_KINDS}
+    assert set(FUSED_KINDS) == {ActKind.NONE, ActKind.LINEAR, ActKind.FRAME}

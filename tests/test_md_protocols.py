@@ -13,13 +13,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from ase import Atoms
+from helpers import ethanol, nve
 
 from gaq_calc import GAQCalculator
 from gaq_calc.md import (
-    BlowUp, MDSettings, RestartError, StabilityMonitor, energy_drift, energy_drift_stderr, load_structure,
+    BlowUp,
+    MDSettings,
+    RestartError,
+    StabilityMonitor,
+    energy_drift,
+    energy_drift_stderr,
+    load_structure,
     read_trajectory,
-    run_nve, run_nvt,
+    run_nve,
+    run_nvt,
 )
 from gaq_calc.md.trajectory import load_checkpoint
 
@@ -30,21 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 def ethanol_calc():
     """The shipped ethanol model in float64, so the integrator's error is not hidden by rounding."""
     return GAQCalculator("ethanol_fp32", dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def tiny_calc(tiny_model_file):
-    return GAQCalculator(tiny_model_file, dtype="float64")
-
-
-def ethanol(calc, frame=0) -> Atoms:
-    atoms = load_structure("ethanol", frame)
-    atoms.calc = calc
-    return atoms
-
-
-def nve(n_steps, **kw) -> MDSettings:
-    return MDSettings("nve", temperature_K=300.0, timestep_fs=0.5, n_steps=n_steps, log_every=5, seed=3, **kw)
 
 
 # ---- drift estimator --------------------------------------------------------------------------

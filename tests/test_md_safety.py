@@ -17,27 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.io import write
+from helpers import ethanol, nve
 
-from gaq_calc import GAQCalculator
 from gaq_calc.md import MDSettings, RestartError, load_structure, read_trajectory, run_nve, run_nvt
 from gaq_calc.md.trajectory import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_calc(tiny_model_file):
-    return GAQCalculator(tiny_model_file, dtype="float64")
-
-
-def ethanol(calc, frame=0):
-    atoms = load_structure("ethanol", frame)
-    atoms.calc = calc
-    return atoms
-
-
-def nve(n_steps, **kw) -> MDSettings:
-    return MDSettings("nve", temperature_K=300.0, timestep_fs=0.5, n_steps=n_steps, log_every=5, seed=3, **kw)
 
 
 def nvt(n_steps, thermostat="langevin", **kw) -> MDSettings:

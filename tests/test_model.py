@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from helpers import ethanol_batch, randomize, tiny_config
 from scipy.spatial.transform import Rotation
 
-from conftest import randomize, tiny_config
 from gaq_calc.data import GraphDataset
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
 
@@ -15,16 +15,8 @@ def model64():
     return randomize(GAQPotential(tiny_config()), seed=3).double().eval()
 
 
-def _graph(frames, k, positions=None):
-    if positions is not None:
-        frames = frames.subset([k])
-        frames.positions = [positions]
-        k = 0
-    return GraphDataset(frames, [1, 6, 8], 5.0).collate([k]).to("cpu", torch.float64)
-
-
 def _ef(model, frames, k, positions=None):
-    e, f = energy_and_forces(model, _graph(frames, k, positions))
+    e, f = energy_and_forces(model, ethanol_batch(frames, [k], positions=None if positions is None else [positions]))
     return e.item(), f.detach().numpy()
 
 
@@ -92,8 +84,9 @@ def test_float32_and_float64_agree(ethanol_frames):
     m32 = randomize(GAQPotential(tiny_config()), seed=4).eval()
     m64 = GAQPotential(tiny_config()).double().eval()
     m64.load_state_dict(m32.state_dict())
-    e32, f32 = energy_and_forces(m32, GraphDataset(ethanol_frames, [1, 6, 8], 5.0).collate([0]).to("cpu", torch.float32))
-    e64, f64 = energy_and_forces(m64, _graph(ethanol_frames, 0))
+    b32 = GraphDataset(ethanol_frames, [1, 6, 8], 5.0).collate([0]).to("cpu", torch.float32)
+    e32, f32 = energy_and_forces(m32, b32)
+    e64, f64 = energy_and_forces(m64, ethanol_batch(ethanol_frames, [0]))
     assert e32.dtype == torch.float64  # the total energy is always float64
     assert e32.item() == pytest.approx(e64.item(), abs=1e-3)
     np.testing.assert_allclose(f32.detach().numpy(), f64.detach().numpy(), atol=1e-3)
@@ -122,6 +115,6 @@ def test_model_does_not_touch_global_torch_state(ethanol_frames):
     before = (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled())
     model = GAQPotential(tiny_config()).double()
     with torch.no_grad():
-        energy_and_forces(model, _graph(ethanol_frames, 0))
+        energy_and_forces(model, ethanol_batch(ethanol_frames, [0]))
         assert torch.is_grad_enabled() is False
     assert (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled()) == before

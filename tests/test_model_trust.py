@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from helpers import calibrated_qat, ethanol_atoms, ethanol_batch
 from torch import nn
 
-from conftest import calibrated_qat, ethanol_batch
 from gaq_calc import GAQCalculator, ModelFileError
 from gaq_calc.cli import evaluate
-from gaq_calc.export import export_artifact, load_artifact, set_mode
+from gaq_calc.export import export_artifact, load_artifact
 from gaq_calc.model.network import EnergyForces
 from gaq_calc.model.serialization import read_model_file, save_model
 from gaq_calc.models_dir import models_dir, resolve_model
-
+from gaq_calc.quant import set_mode
 
 # --- helpers -------------------------------------------------------------------------------------
 
 class WritesOnDequantize(nn.Module):
     """A submodule whose TorchScript writes a file when its `dequantized_weight()` is called (which the
-    old loader did for every submodule with a `round_activations` attribute)."""
+    old loader did for every submodule with a `round_activations` attribute, as format-1 PackedLinear had)."""
 
     def __init__(self, marker: str):
         super().__init__()
@@ -85,13 +85,13 @@ def _save_scripted(scripted, metadata: dict, out: Path) -> None:
 
 def _crafted_artifact(tmp_path, model_file, marker: Path, kind) -> Tuple[Path, Path]:
     """(legit artifact of model_file, the same network with a file-writing submodule added)."""
-    from gaq_calc.export.artifact import _swap_packed  # what gaq-export does to quantized layers
     from gaq_calc.loading import load_model
+    from gaq_calc.quant import convert  # what gaq-export does to quantized layers
 
     legit = tmp_path / "legit.pt"
     export_artifact(model_file, legit)
     model, _ = load_model(model_file)
-    model = _swap_packed(model).eval()
+    model = (convert(model) if hasattr(model, "quant_config") else model).eval()
     model.extra = kind(str(marker))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -118,13 +118,6 @@ def _small_data(tmp_path) -> Path:
     path = tmp_path / "three.extxyz"
     write(path, images)
     return path
-
-
-def _ethanol(k=2):
-    from gaq_calc.data import read_frames
-
-    frames = read_frames("ethanol", "test")
-    return Atoms(numbers=frames.numbers[k], positions=frames.positions[k])
 
 
 def _flip_byte_in_place(path: Path, member_suffix: str) -> None:
@@ -186,7 +179,7 @@ def test_calculator_runs_no_code_of_a_crafted_artifact(tmp_path, qat_file, kind)
         calc = None
     assert not marker.exists(), "loading the artifact ran code from the file"
     if calc is not None:  # the network came from the file's tensors, not from its code
-        atoms = _ethanol()
+        atoms = ethanol_atoms(2)
         e_legit = GAQCalculator(str(legit)).get_potential_energy(atoms)
         assert calc.get_potential_energy(atoms) == e_legit
         assert not marker.exists()
@@ -271,7 +264,8 @@ def test_a_flipped_byte_in_an_artifact_is_refused(tmp_path, qat_file):
     _flip_byte_in_place(in_place, _largest_member(in_place))
     rewritten = tmp_path / "rewritten.pt"  # the same edit with a valid CRC-32
     member = _largest_member(out)
-    _rewrite_member(out, rewritten, member, lambda d: d[:len(d) // 2] + bytes([d[len(d) // 2] ^ 1]) + d[len(d) // 2 + 1:])
+    half = lambda d: len(d) // 2
+    _rewrite_member(out, rewritten, member, lambda d: d[:half(d)] + bytes([d[half(d)] ^ 1]) + d[half(d) + 1:])
     edited = tmp_path / "edited_metadata.pt"  # a metadata edit with a valid CRC-32
     _rewrite_member(out, edited, "extra/gaq_metadata.json", lambda d: d.replace(b'"cutoff": 5.0', b'"cutoff": 4.0'))
     for bad in (in_place, rewritten, edited):
@@ -296,7 +290,7 @@ def test_files_without_a_hash_load_with_a_warning(tmp_path, tiny_model_file, qat
     _rewrite_member(art, old_art, "extra/gaq_metadata.json",
                     lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
     with pytest.warns(UnverifiedModelWarning, match="old_artifact.pt.*gaq-resave"):
-        module, meta = load_artifact(old_art)
+        _module, meta = load_artifact(old_art)
     assert "sha256" not in meta
 
 
@@ -313,14 +307,15 @@ def test_gaq_resave_adds_a_hash_and_changes_no_number(tmp_path, tiny_model_file,
     old_art = tmp_path / "old_artifact.pt"
     _rewrite_member(art, old_art, "extra/gaq_metadata.json",
                     lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
-    atoms = _ethanol(4)
+    atoms = ethanol_atoms(4)
     with pytest.warns(UnverifiedModelWarning):
-        before = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+        files = ((old, "float64"), (old_art, "float32"))
+        before = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in files]
     resave.main([str(old), str(old_art)])
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedModelWarning)
         assert read_model_file(old)["metadata"] == data["metadata"]
-        after = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in ((old, "float64"), (old_art, "float32"))]
+        after = [GAQCalculator(str(p), dtype=dt).get_forces(atoms) for p, dt in files]
         module, meta = load_artifact(old_art)
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
     kept = {k: v for k, v in _metadata(art).items() if k != "sha256"}

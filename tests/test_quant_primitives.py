@@ -6,8 +6,15 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from gaq_calc.quant import (covering_radius, fake_quantize, fibonacci_sphere, mddq, qrange, quantize_direction,
-                            quantize_int)
+from gaq_calc.quant import (
+    covering_radius,
+    fake_quantize,
+    fibonacci_sphere,
+    mddq,
+    qrange,
+    quantize_direction,
+    quantize_int,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -157,3 +164,50 @@ def test_kmeans_centroids_find_separated_clusters():
     codebook = kmeans_centroids(data, 4, seed=0)
     assert torch.cdist(centres, codebook).min(-1).values.max() < 0.05
     assert torch.equal(nearest_centroid(centres, codebook), codebook[torch.cdist(centres, codebook).argmin(-1)])
+
+
+@pytest.mark.parametrize("name", ["fake_quantize", "frame_quantize", "mddq", "quantize_direction", "nearest_centroid"])
+def test_rounding_functions_script_to_the_same_numbers(name):
+    """Every rounding primitive is TorchScript-compatible (QAT, the artifact and the fused kernel's Python side
+    share them): the scripted function gives the eager one's outputs and gradients bit for bit."""
+    import warnings
+
+    from gaq_calc.quant import primitives
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(7, 3, 5, dtype=torch.float64, generator=gen)
+    step = torch.tensor(0.05, dtype=torch.float64)
+    codebook = torch.from_numpy(fibonacci_sphere(64))
+    args = {
+        "fake_quantize": lambda x: (x, step, 8),
+        "frame_quantize": lambda x: (x, step, 8),
+        "mddq": lambda x: (x.transpose(-1, -2), codebook, step, 8),
+        "quantize_direction": lambda x: (x.transpose(-1, -2) / x.norm(dim=-2).unsqueeze(-1), codebook),
+        "nearest_centroid": lambda x: (x.transpose(-1, -2), codebook),
+    }[name]
+    eager = getattr(primitives, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(eager)
+    outputs, grads = [], []
+    for fn in (eager, scripted):
+        x = v.clone().requires_grad_(True)
+        out = fn(*args(x))
+        outputs.append(out.detach())
+        if out.requires_grad:
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+            grads.append(x.grad)
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_quantizer_kind_is_numbered_once():
+    """ActKind maps QuantConfig's strings to the kinds; the C++ kernel's numbers are checked in test_kernels."""
+    from gaq_calc.quant import ActKind
+
+    assert ActKind.of("scalar", "frame", 8) == ActKind.LINEAR
+    assert [ActKind.of("vector", m, 8) for m in ("mddq", "frame", "cartesian", "kmeans")] == [
+        ActKind.MDDQ, ActKind.FRAME, ActKind.LINEAR, ActKind.KMEANS]
+    assert ActKind.of("vector", "frame", None) == ActKind.NONE
+    with pytest.raises(ValueError, match="vector_method"):
+        ActKind.of("vector", "octahedral", 8)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gaq_calc.data import GraphDataset, read_frames
-from gaq_calc.metrics import error_metrics
 from gaq_calc.loading import load_model
+from gaq_calc.metrics import error_metrics
 from gaq_calc.models_dir import available_models, models_dir
 
 SHIPPED = ["azobenzene_fp32", "ethanol_fp32", "azobenzene_w4a8", "azobenzene_w8a8"]
@@ -98,7 +98,7 @@ def test_shipped_w4a8_is_equivariant_in_float64_with_every_activation_rounded():
     from gaq_calc.quant import QuantLinear
 
     model, _ = load_model(models_dir() / "azobenzene_w4a8" / "model.pt", dtype=torch.float64)
-    assert all(m.quantize_acts for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(m.act_quantizer.enabled for m in model.modules() if isinstance(m, QuantLinear))
     frames = read_frames("azobenzene", "test").subset([7])
     species = [int(z) for z in model.atomic_numbers]
 

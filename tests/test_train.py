@@ -1,15 +1,15 @@
 """Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
+import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 
 from gaq_calc.cli.train import parse_config
 from gaq_calc.train import TrainConfig, train
 from gaq_calc.train.schedule import cosine_lr
-
-from conftest import tiny_config
 
 
 def _config(tmp_path, name, data_file, **kw) -> TrainConfig:
@@ -91,7 +91,7 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 def test_cosine_schedule_shape():
     lrs = [cosine_lr(e, 1e-2, 1e-5, 2, 10) for e in range(10)]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
 
 
 def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path, small_data):
@@ -103,10 +103,10 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     cfg = _config(tmp_path, "qat", small_data, epochs=2, init_from=str(fp32 / "final.pt"), quant="w4a8",
                   quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
     out = train(cfg, progress=False, log=lambda s: None)
-    model, meta = load_model(out / "final.pt")
+    model, _meta = load_model(out / "final.pt")
     vector = [m for n, m in model.named_modules() if n.endswith("vector_mix")]
-    assert vector and all(isinstance(m, QuantLinear) and m.weight_bits == 4 for m in vector)
-    assert all(bool(m.calibrated) for m in vector)
+    assert vector and all(isinstance(m, QuantLinear) and m.weight_quantizer.bits == 4 for m in vector)
+    assert all(bool(m.act_quantizer.calibrated) for m in vector)
     history = json.loads((out / "log.json").read_text())
     assert all(np.isfinite(r["train_loss"]) for r in history)
 
@@ -131,11 +131,12 @@ def test_per_tensor_steps_stay_per_tensor_under_qat(tmp_path, small_data):
     out = train(_config(tmp_path, "naive", small_data, epochs=1, init_from=str(fp32 / "final.pt"),
                         quant="naive_int8"), progress=False, log=lambda s: None)
     model, _ = load_model(out / "final.pt")
-    assert all(m.weight_step.numel() == 1 for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(m.weight_quantizer.log_step.numel() == 1 for m in model.modules() if isinstance(m, QuantLinear))
 
 
 def test_lee_metric_is_float_noise_for_fp32_and_positive_for_w4a8(tmp_path, ethanol_frames):
-    from conftest import randomize
+    from helpers import randomize
+
     from gaq_calc.data import GraphDataset
     from gaq_calc.metrics import local_equivariance_error
     from gaq_calc.model import GAQPotential, energy_and_forces
@@ -184,3 +185,56 @@ def test_distilled_targets_mix_teacher_and_labels(tiny_model_file, ethanol_frame
     assert not np.allclose(energies, frames.energies)  # the teacher is not the labels: the test can tell
     with pytest.raises(ValueError, match="distill_weight"):
         distilled_targets(frames, TrainConfig(distill_from=str(tiny_model_file), distill_weight=1.5))
+
+
+def test_a_qat_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path, small_data):
+    """A QAT run checkpointed before issue 14 (quantizer tensors on QuantLinear, a dead activation step in
+    each unrounded layer and its optimizer slot) resumes into the current layout and ends where the
+    uninterrupted run ends."""
+    fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
+                 progress=False, log=lambda s: None)
+
+    def cfg(name):
+        return _config(tmp_path, name, small_data, epochs=2, init_from=str(fp32 / "final.pt"),
+                       quant="w4a8_frame_mp", model=tiny_config(tau_init=2.0))
+
+    straight = train(cfg("straight"), progress=False, log=lambda s: None)
+    train(cfg("stopped"), progress=False, stop_after_epochs=1, log=lambda s: None)
+    path = tmp_path / "stopped" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+
+    from gaq_calc.loading import load_model
+    from gaq_calc.quant import ActKind, QuantLinear
+
+    model, _ = load_model(straight / "final.pt")
+    unrounded = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)
+                 and m.act_quantizer.kind == ActKind.NONE}  # fmt: skip
+    assert unrounded  # the mixed-precision preset keeps the radial and readout inputs unrounded
+
+    def old_name(key):
+        key = key.replace("weight_quantizer.log_step", "weight_log_step")
+        return key.replace("act_quantizer.log_step", "act_log_step").replace("act_quantizer.", "")
+
+    def legacy(state):  # the same tensors in the previous layout, with the dead steps
+        out = {old_name(k): v for k, v in state.items()}
+        out.update({f"{n}.act_log_step": torch.zeros(()) for n in unrounded})
+        out["quantized_reference_energies"] = out["reference_energies"]
+        return out
+
+    order = []  # the previous layout's parameter order: each layer's dead step after its weight step
+    for name, _ in model.named_parameters():
+        order.append(old_name(name))
+        if name.endswith("weight_quantizer.log_step") and name.rsplit(".", 2)[0] in unrounded:
+            order.append(name.rsplit(".", 2)[0] + ".act_log_step")
+    alive = [i for i, k in enumerate(order) if not k.endswith("act_log_step") or k.rsplit(".", 1)[0] not in unrounded]
+    group = ckpt["optimizer"]["param_groups"][0]
+    ckpt["optimizer"] = {"state": {alive[j]: s for j, s in ckpt["optimizer"]["state"].items()},
+                         "param_groups": [{**group, "params": list(range(len(order)))}]}
+    # the saved state dict lists parameters in parameter order (dead steps included)
+    ckpt["model"], ckpt["ema"] = legacy(ckpt["model"]), legacy(ckpt["ema"])
+    ckpt["model"] = {**{k: ckpt["model"][k] for k in order}, **ckpt["model"]}
+    torch.save(ckpt, path)
+    resumed = train(cfg("stopped"), progress=False, log=lambda s: None)
+    a = torch.load(straight / "final.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "final.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

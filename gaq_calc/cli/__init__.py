@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
+
+
+def command_line(prog: str, argv=None) -> str:
+    """The command as typed (shell-quoted), for the records in model files, cards and artifacts."""
+    return shlex.join([prog, *(sys.argv[1:] if argv is None else argv)])
 
 
 def one_line_errors(prog: str):

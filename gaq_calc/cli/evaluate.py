@@ -9,24 +9,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.export import artifact_metadata, is_artifact
+from gaq_calc.io import write_text_atomic
+from gaq_calc.loading import load_energy_forces
 from gaq_calc.metrics import error_metrics, local_equivariance_error
-from gaq_calc.loading import load_model
-from gaq_calc.model.serialization import read_model_file
 from gaq_calc.model import GAQPotential, ModelConfig
+from gaq_calc.model.serialization import read_model_file
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.export import artifact_metadata, is_artifact, load_artifact, set_mode
-from gaq_calc.quant.api import set_quant_mode, storage_bytes
+from gaq_calc.quant import MODES, storage_bytes
 
 
 def _quantization(config: dict | None, metadata: dict) -> dict | None:
@@ -40,28 +38,10 @@ def _quantization(config: dict | None, metadata: dict) -> dict | None:
 
 
 def _load(path: Path, dtype: torch.dtype, mode: str | None):
-    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact.
-    An artifact is rebuilt from its tensors and metadata: none of its code runs."""
-    if is_artifact(path):
-        if dtype != torch.float32:
-            raise ValueError(f"{path} is a float32 artifact: evaluate it in float32 (or its checkpoint in float64)")
-        module, metadata = load_artifact(path)
-        config = metadata.get("quantization")
-        _check_mode(path, mode, config)
-        if config:
-            set_mode(module, mode or "quantized")
-        return module.potential, metadata, config
-    model, metadata = load_model(path, dtype=dtype)
-    config = read_model_file(path).get("quant_config")
-    _check_mode(path, mode, config)
-    if mode is not None and config:
-        set_quant_mode(model, mode)
-    return model, metadata, config
-
-
-def _check_mode(path: Path, mode: str | None, config) -> None:
-    if mode == "quantized" and not config:
-        raise ValueError(f"--mode quantized needs a quantized model; {path} is an FP32 model")
+    """(energy model for energy_and_forces, metadata, quant config or None) of a checkpoint or artifact, on
+    the eager reference path. An artifact is rebuilt from its tensors and metadata: none of its code runs."""
+    loaded = load_energy_forces(path, dtype, mode=mode, kernel="eager")
+    return loaded.potential, loaded.metadata, loaded.quant_config
 
 
 def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
@@ -98,7 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lee-frames", type=int, default=100, help="first N frames for LEE (0: skip LEE)")
     parser.add_argument("--lee-rotations", type=int, default=4, help="random rotations per frame for LEE")
-    parser.add_argument("--mode", choices=["quantized", "conservative"], default=None,
+    parser.add_argument("--mode", choices=MODES, default=None,
                         help="quantized models: round activations (quantized, the default here) or not "
                              "(conservative: exact forces)")
     args = parser.parse_args(argv)
@@ -139,7 +119,8 @@ def main(argv=None) -> None:
             # best.pt records the epoch it was selected at and, once the run finished, the run's totals
             "epochs": metadata.get("epochs_total", metadata.get("epochs")),
             "selected_epoch": metadata.get("selected_epoch"),
-            "train_minutes": round(metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
+            "train_minutes": round(
+                metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
             # process CPU time of the training epochs (all threads); absent from models trained before it was kept
             "cpu_hours": (round(metadata.get("train_cpu_seconds_total", metadata["train_cpu_seconds"]) / 3600, 6)
                           if "train_cpu_seconds" in metadata else None),
@@ -157,7 +138,7 @@ def main(argv=None) -> None:
             "energy_mae_meV": snap["energy_mae_meV"],
             **({"force_mae_meV_per_A": snap["force_mae_meV_per_A"]} if "force_mae_meV_per_A" in snap else {}),
         }
-    card["eval_command"] = "gaq-eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    card["eval_command"] = command_line("gaq-eval", argv)
     card["eval_seconds"] = round(time.perf_counter() - t0, 1)
     card["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                            "machine": platform.machine(), "threads": torch.get_num_threads()}
@@ -172,9 +153,7 @@ def main(argv=None) -> None:
         print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV" + f_txt(s))
     target = Path(args.card) if args.card else (path.parent / "card.json" if args.write_card else None)
     if target is not None:
-        tmp = target.with_name("." + target.name + ".tmp")
-        tmp.write_text(json.dumps(card, indent=1) + "\n")
-        os.replace(tmp, target)
+        write_text_atomic(target, json.dumps(card, indent=1) + "\n")
         print(f"card written: {target}")
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.export import export_artifact
 from gaq_calc.models_dir import resolve_model
 
@@ -35,7 +33,7 @@ def main(argv=None) -> None:
     path = resolve_model(args.model)
     card_path = Path(args.card) if args.card else path.parent / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else None
-    extra = {"export_command": "gaq-export " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))}
+    extra = {"export_command": command_line("gaq-export", argv)}
     if card is not None:
         extra["card"] = {k: card[k] for k in CARD_KEYS if k in card}
         extra["card"]["file"] = str(card_path)

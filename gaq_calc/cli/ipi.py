@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from gaq_calc.calculator import KERNELS
-from gaq_calc.export.artifact import MODES
+from gaq_calc.quant import MODES
 from gaq_calc.ipi import DEFAULT_PORT, DEFAULT_SOCKETS_PREFIX
 
 EXIT_CONNECTION = 1

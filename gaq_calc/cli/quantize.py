@@ -14,13 +14,11 @@ on training frames (quant.fit_conservative_reference), leaving everything else a
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
 import numpy as np
 import torch
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.data import GraphDataset, read_frames
 from gaq_calc.loading import load_model
 from gaq_calc.model import energy_and_forces
@@ -54,7 +52,7 @@ def main(argv=None) -> None:
     index = np.random.default_rng(0).permutation(len(frames))[: args.calib_frames]
     dataset = GraphDataset(frames.subset(np.sort(index)), [int(z) for z in model.atomic_numbers], model.cutoff)
     batches = [b.to("cpu", torch.float32) for b in dataset.batches(16)]
-    command = "gaq-quantize " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("gaq-quantize", argv)
     if already:
         quantized, extra = model, {}
     else:

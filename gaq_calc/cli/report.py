@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from gaq_calc.cli import one_line_errors
+from gaq_calc.io import write_text_atomic
 from gaq_calc.models_dir import models_dir
 
 RESULTS = ("<!-- results:start -->", "<!-- results:end -->")
@@ -206,10 +206,7 @@ def sensitivity_table(path: Path) -> str:
 
 
 def write_table(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_quant_table(results: Path, markdown: str, records: list[dict]) -> None:
@@ -332,9 +329,7 @@ def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, abl
                              "benchmarks/results/peers.json")
     text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
-    tmp = readme.with_name("." + readme.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, readme)
+    write_text_atomic(readme, text)
 
 
 @one_line_errors("gaq-report")

@@ -12,19 +12,22 @@ never re-stamped. Re-save only files you trust: the new hash vouches for their c
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import warnings
 from pathlib import Path
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 
 
 @one_line_errors("gaq-resave")
 def main(argv=None) -> None:
     from gaq_calc.export import is_artifact, rewrite_artifact
-    from gaq_calc.model.serialization import (ModelFileError, UnverifiedModelWarning, content_sha256,
-                                              read_model_file, write_model_file)
+    from gaq_calc.model.serialization import (
+        ModelFileError,
+        UnverifiedModelWarning,
+        content_sha256,
+        read_model_file,
+        write_model_file,
+    )
 
     parser = argparse.ArgumentParser(prog="gaq-resave", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +36,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out and len(args.files) != 1:
         parser.error("--out takes one input file")
-    command = "gaq-resave " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("gaq-resave", argv)
     for name in args.files:
         path = Path(name)
         out = Path(args.out) if args.out else path

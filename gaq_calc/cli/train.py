@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import typing
 from dataclasses import fields
 
 import torch
 
-from gaq_calc.cli import one_line_errors
+from gaq_calc.cli import command_line, one_line_errors
 from gaq_calc.model.config import ModelConfig
 from gaq_calc.train import TrainConfig, train
 
@@ -51,7 +49,7 @@ def main(argv=None) -> None:
     cfg, args = parse_config(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # an application may set this; the library never does
-    command = "gaq-train " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("gaq-train", argv)
     out = train(cfg, command=command, resume=not args.no_resume, progress=not args.no_progress)
     print(f"done: {out}")
 

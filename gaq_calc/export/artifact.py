@@ -17,64 +17,30 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from gaq_calc.export.modules import ACT_FRAME, ACT_LINEAR, ACT_MDDQ, ACT_NONE, PackedLinear
-from gaq_calc.export.packing import unpack_int4
+from gaq_calc.io import atomic_path
 from gaq_calc.model.network import EnergyForces
-from gaq_calc.model.serialization import ModelFileError, UnverifiedModelWarning, unverified_warning
+from gaq_calc.model.serialization import ModelFileError, UnverifiedModelWarning, unverified_warning, upgrade_state_dict
+from gaq_calc.quant.modes import MODES
+from gaq_calc.quant.modules import PackedLinear
 
 ARTIFACT_FORMAT = "gaq_calc.artifact"
-ARTIFACT_VERSION = 1
+#: 2: quantized layers hold their activation quantizer as a submodule, and the network its reference
+#: energies per mode without a live copy (issue 14). Format 1 files still load (upgrade_state_dict).
+ARTIFACT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_FILE = "gaq_metadata.json"
-MODES = ("quantized", "conservative")
 INTEGRITY_KEY = "sha256"
 # archive members outside the integrity hash: the metadata record (which holds the hash) and the id
 # torch draws anew at every save
 UNHASHED_MEMBERS = (f"extra/{METADATA_FILE}", ".data/serialization_id")
-
-
-def _act_kind(qat) -> int:
-    """The PackedLinear activation quantizer kind of a QAT QuantLinear (from its quant config alone)."""
-    if qat.act_bits is None:
-        return ACT_NONE
-    if qat.branch == "vector" and qat.vector_method == "kmeans":
-        raise ValueError("SVQ-KMeans (a baseline without gradients) cannot be exported")
-    if qat.branch == "vector" and qat.vector_method == "frame":
-        return ACT_FRAME
-    if qat.branch == "vector" and qat.vector_method == "mddq":
-        return ACT_MDDQ
-    return ACT_LINEAR
-
-
-def _packed(qat) -> PackedLinear:
-    """PackedLinear with the same weights, steps and activation quantizer as a QAT QuantLinear."""
-    from gaq_calc.quant.primitives import quantize_int
-
-    from gaq_calc.quant.modules import require_inference_ready
-
-    require_inference_ready(qat, "export")
-    kind = _act_kind(qat)
-    step = qat.weight_step.detach()
-    return PackedLinear(quantize_int(qat.weight.detach(), step, qat.weight_bits), step, qat.weight_bits,
-                        qat.bias, kind, qat.act_step.detach(), qat.act_bits or 0,
-                        qat.codebook if kind == ACT_MDDQ else torch.zeros(0, 3))
-
-
-def _swap_packed(model: nn.Module) -> nn.Module:
-    from gaq_calc.quant import QuantLinear
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
-                setattr(module, name, _packed(child))
-    return model
 
 
 def _script(model: nn.Module):
@@ -87,6 +53,7 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
     """Write the TorchScript artifact of a model file (FP32 or QAT/PTQ) to `out`; returns its metadata."""
     from gaq_calc.loading import load_model
     from gaq_calc.model.serialization import read_model_file
+    from gaq_calc.quant import convert
 
     model_path = Path(model_path)
     if is_artifact(model_path):
@@ -94,9 +61,9 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
                              "rewrites an artifact)")
     raw = read_model_file(model_path)
     model, meta = load_model(model_path, dtype=torch.float32)
-    model = _swap_packed(model).eval()
-    model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
-    scripted = _script(model)
+    if raw.get("quant_config"):
+        model = convert(model)  # packed integer weights; the QAT activation quantizers, frozen
+    scripted = _script(model.eval())
     metadata = {
         "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION,
@@ -124,29 +91,16 @@ def save_artifact(scripted, metadata: dict, out: str | Path) -> dict:
     """Write a scripted EnergyForces with its metadata record and the SHA-256 of both (metadata "sha256");
     atomic. Returns the metadata as stored."""
     metadata = json.loads(json.dumps({k: v for k, v in metadata.items() if k != INTEGRITY_KEY}))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmps = []
-    try:
-        for _ in range(2):
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-            os.close(fd)
-            tmps.append(tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # the hash covers every archive member, so it is known once the archive is written: write it
-            # once to learn it, then again with it (torch writes the same members both times; checked)
-            torch.jit.save(scripted, tmps[0], _extra_files={METADATA_FILE: json.dumps(metadata)})
-            digest = _artifact_digest(_read_members(tmps[0]), metadata)
-            stored = {**metadata, INTEGRITY_KEY: digest}
-            torch.jit.save(scripted, tmps[1], _extra_files={METADATA_FILE: json.dumps(stored)})
-        if _artifact_digest(_read_members(tmps[1]), stored) != digest:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the hash covers every archive member, so it is known once the archive is written: write it
+        # once to learn it, then again with it (torch writes the same members both times; checked)
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        digest = _artifact_digest(_read_members(tmp), metadata)
+        stored = {**metadata, INTEGRITY_KEY: digest}
+        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(stored)})
+        if _artifact_digest(_read_members(tmp), stored) != digest:
             raise RuntimeError("torch.jit.save wrote different archives for the same module; cannot stamp a hash")
-        os.replace(tmps[1], out)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return stored
 
 
@@ -161,8 +115,9 @@ def rewrite_artifact(path: str | Path, out: str | Path, record: dict | None = No
         metadata, tensors, attrs = _read_artifact(path)
     potential = _rebuild(path, metadata, tensors, attrs)  # dequantized caches stay empty: codes only
     metadata = dict(metadata)
-    metadata["rewritten"] = list(metadata.get("rewritten") or []) + [
-        {**(record or {}), "previous_file_sha256": file_sha256, "torch": torch.__version__}]
+    metadata["format_version"] = ARTIFACT_VERSION  # written with the current layout
+    metadata["rewritten"] = [*(metadata.get("rewritten") or []),
+                             {**(record or {}), "previous_file_sha256": file_sha256, "torch": torch.__version__}]
     return save_artifact(_script(potential), metadata, out)
 
 
@@ -266,7 +221,7 @@ class _DataOnlyUnpickler(pickle._Unpickler):
     (their code, including any __setstate__, is never run), tensors are rebuilt from the archive's
     storages, and no other global resolves. Only the opcodes TorchScript's pickler writes are accepted."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[dict] = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("collections", "OrderedDict"): collections.OrderedDict,
         **{("torch.jit._pickle", name): _identity for name in (
@@ -358,7 +313,7 @@ class _DataOnlyUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("refused append")
         self.stack[-1].extend(items)
 
-    dispatch = {op[0]: pickle._Unpickler.dispatch[op[0]] for op in (
+    dispatch: ClassVar[dict] = {op[0]: pickle._Unpickler.dispatch[op[0]] for op in (
         pickle.PROTO, pickle.FRAME, pickle.STOP, pickle.MARK, pickle.POP, pickle.POP_MARK, pickle.DUP,
         pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.INT, pickle.BININT, pickle.BININT1, pickle.BININT2,
         pickle.LONG, pickle.LONG1, pickle.LONG4, pickle.FLOAT, pickle.BINFLOAT, pickle.BINUNICODE,
@@ -424,7 +379,7 @@ def _read_artifact(path, payload: bool = True) -> tuple[dict, dict, dict]:
         raise ModelFileError(f"{path}: unreadable metadata record ({_one_line(err)})") from err
     if not isinstance(metadata, dict) or metadata.get("format") != ARTIFACT_FORMAT:
         raise ModelFileError(f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)")
-    if metadata.get("format_version") != ARTIFACT_VERSION:
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise ModelFileError(f"{path}: unsupported artifact version {metadata.get('format_version')}")
     stored = metadata.get(INTEGRITY_KEY)
     if stored is None:
@@ -443,7 +398,10 @@ def artifact_metadata(path: str | Path) -> dict:
     return _read_artifact(path, payload=False)[0]
 
 
-PACKED_ATTRIBUTES = ("in_features", "weight_bits", "has_bias", "act_kind", "act_bits", "act_qmax", "act_levels")
+#: attributes of a PackedLinear (and of its activation quantizer) that must match the quantization config
+PACKED_ATTRIBUTES = ("in_features", "weight_bits", "has_bias", "act_quantizer.kind", "act_quantizer.bits")
+#: the same attributes in format 1, where the activation quantizer's lived on the layer
+PACKED_ATTRIBUTES_V1 = {"act_kind": "act_quantizer.kind", "act_bits": "act_quantizer.bits"}
 
 
 def _rebuild(path, metadata: dict, tensors: dict, attrs: dict) -> nn.Module:
@@ -458,19 +416,14 @@ def _rebuild(path, metadata: dict, tensors: dict, attrs: dict) -> nn.Module:
             model = prepare(model, QuantConfig(**metadata["quantization"]))
             for module in list(model.modules()):
                 for name, child in list(module.named_children()):
-                    if isinstance(child, QuantLinear):
-                        out_features, in_features = child.weight.shape
-                        kind = _act_kind(child)
-                        setattr(module, name, PackedLinear(
-                            torch.zeros(out_features, in_features, dtype=torch.int8),
-                            torch.zeros_like(child.weight_step.detach()), child.weight_bits, child.bias, kind,
-                            torch.zeros(()), child.act_bits or 0,
-                            child.codebook if kind == ACT_MDDQ else torch.zeros(0, 3)))
+                    if isinstance(child, QuantLinear):  # the layout; the tensors come from the file
+                        setattr(module, name, PackedLinear.from_quant(child, check=False))
             model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
     except Exception as err:
         raise ModelFileError(f"{path}: the metadata does not describe a gaq_calc network "
                              f"({type(err).__name__}: {_one_line(err)})") from err
     module = EnergyForces(model).eval()
+    tensors = upgrade_state_dict(module, tensors)  # format 1: the names of before issue 14
     expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if set(expected) != set(tensors):
         extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
@@ -480,22 +433,30 @@ def _rebuild(path, metadata: dict, tensors: dict, attrs: dict) -> nn.Module:
         source = tensors[name]
         # artifacts exported before the per-mode reference energies were kept in float64 hold them in
         # float32; widening them is exact, and the network uses them as float64 either way
-        widened = name.endswith("_reference_energies") and (source.dtype, target.dtype) == (torch.float32,
-                                                                                             torch.float64)
+        widened = name.endswith("reference_energies") and (source.dtype, target.dtype) == (torch.float32,
+                                                                                            torch.float64)
         if (source.dtype != target.dtype and not widened) or source.shape != target.shape:
             raise ModelFileError(f"{path}: tensor {name} is {source.dtype} {list(source.shape)}, the network "
                                  f"needs {target.dtype} {list(target.shape)}")
+    renamed = {f"{layer}.{old}": f"{layer}.{new}" for layer, sub in module.named_modules()
+               if isinstance(sub, PackedLinear) for old, new in PACKED_ATTRIBUTES_V1.items()}  # fmt: skip
+    stored = {renamed.get(key, key): value for key, value in attrs.items()}
     for name, layer in module.named_modules():
         if isinstance(layer, PackedLinear):
             for attr in PACKED_ATTRIBUTES:
-                key = f"{name}.{attr}"
-                if key in attrs and attrs[key] != getattr(layer, attr):
-                    raise ModelFileError(f"{path}: {key} is {attrs[key]!r}; the quantization config says "
-                                         f"{getattr(layer, attr)!r}")
+                key, expect = f"{name}.{attr}", _attribute(layer, attr)
+                if key in stored and stored[key] != expect:
+                    raise ModelFileError(f"{path}: {key} is {stored[key]!r}; the quantization config says {expect!r}")
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name])
     return module.potential
+
+
+def _attribute(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _dequantize(module: nn.Module) -> None:
@@ -538,17 +499,3 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", scripted
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
-
-
-def set_mode(module, mode: str) -> None:
-    """"quantized": activations rounded as in QAT (forces are the straight-through gradient).
-    "conservative": activations not rounded, weights quantized: forces are exact gradients."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    for _, sub in module.named_modules():
-        if hasattr(sub, "round_activations"):
-            sub.round_activations = mode == "quantized"
-    potential = module.potential
-    if hasattr(potential, f"{mode}_reference_energies"):  # each mode's fitted reference energies
-        with torch.no_grad():
-            potential.reference_energies.copy_(getattr(potential, f"{mode}_reference_energies"))

@@ -22,6 +22,9 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from gaq_calc.quant.kinds import FUSED_KINDS, ActKind
+from gaq_calc.quant.primitives import qrange
+
 SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 _lock = threading.Lock()
 _loaded = False
@@ -175,31 +178,47 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _rounds(module) -> bool:
+    """Whether a quantized layer rounds its inputs now (mode "quantized")."""
+    act = module.act_quantizer
+    return act.kind != ActKind.NONE and act.enabled
+
+
 def _linear_weights(module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias or empty) of nn.Linear, a QuantLinear with unrounded activations, or an
-    artifact's PackedLinear (dequantized weights)."""
-    if hasattr(module, "round_activations"):  # PackedLinear (scripted artifact)
+    """(weight, bias or empty) of nn.Linear, a QuantLinear with unrounded activations, or a PackedLinear
+    (an artifact's or a converted model's layer: dequantized weights)."""
+    if hasattr(module, "packed"):  # PackedLinear (eager or scripted)
         return module.dequantized_weight(), (module.bias if module.has_bias else torch.zeros(0))
     bias = module.bias if module.bias is not None else torch.zeros(0)
-    if hasattr(module, "quantized_weight"):  # QuantLinear (eager QAT model)
-        if module.quantize_acts and module.act_bits is not None:
+    if hasattr(module, "weight_quantizer"):  # QuantLinear (eager QAT model)
+        if _rounds(module):
             raise KernelUnavailable("activations are rounded (quantized mode) in an eager QAT model: "
                                     "use its exported artifact or the reference kernel")
-        return module.quantized_weight(), bias
+        return module.weight_quantizer(module.weight), bias
     return module.weight, bias
 
 
 def _activation_quantizer(module) -> List[torch.Tensor]:
-    """[meta (kind, act step, qmax), weight codes int8, weight steps] of one Linear; kind 0 = no rounding."""
-    off = [torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), torch.zeros(0, dtype=torch.int8), torch.zeros(0)]
-    if not hasattr(module, "round_activations") or not module.round_activations or module.act_kind == 0:
+    """[meta (kind, act step, qmax), weight codes int8, weight steps] of one Linear; kind NONE = no rounding.
+    The kind is quant.ActKind's value (the C++ source numbers kinds the same way; tests/test_kernels.py)."""
+    off = [torch.tensor([float(ActKind.NONE), 1.0, 0.0], dtype=torch.float64), torch.zeros(0, dtype=torch.int8),
+           torch.zeros(0)]  # fmt: skip
+    if not hasattr(module, "packed") or not _rounds(module):
         return off
-    if module.act_kind not in (1, 2):  # MDDQ (kind 3): codebook directions, not in the fused kernel
+    act = module.act_quantizer
+    if act.kind not in FUSED_KINDS:  # MDDQ: codebook directions, not in the fused kernel
         raise KernelUnavailable("MDDQ activation rounding runs on the reference kernel only")
     codes = module.codes().to(torch.int8)  # [out, in]
     steps = module.weight_step.reshape(-1).expand(codes.shape[0]).contiguous()
-    meta = torch.tensor([float(module.act_kind), float(module.act_step), float(module.act_qmax)], dtype=torch.float64)
+    meta = torch.tensor([float(act.kind), float(act.step), float(qrange(act.bits)[1])], dtype=torch.float64)
     return [meta, codes, steps]
+
+
+def _reference_energies(potential) -> torch.Tensor:
+    """The reference energies of the network's inference mode (quant.set_mode)."""
+    if getattr(potential, "conservative", False) and hasattr(potential, "conservative_reference_energies"):
+        return potential.conservative_reference_energies
+    return potential.reference_energies
 
 
 def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[torch.Tensor]]:
@@ -242,7 +261,7 @@ def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[
         p += list(_linear_weights(getattr(readout, names[1])))
         p += list(_linear_weights(getattr(readout, names[3])))
         linears += [getattr(readout, names[1]), getattr(readout, names[3])]
-        p += [potential.energy_scale, potential.reference_energies]
+        p += [potential.energy_scale, _reference_energies(potential)]
         p = [t.detach().contiguous() for t in p]
         quant = [t for m in linears for t in _activation_quantizer(m)]
         if all(float(quant[i][0]) == 0 for i in range(0, len(quant), 3)):

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 
+from gaq_calc.io import atomic_path
 from gaq_calc.units import MEV_PER_EV
 
 
@@ -159,6 +160,5 @@ def _figure(size):
 
 
 def _save_png(fig, path: str | os.PathLike) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)  # a reader never sees a half-written image
+    with atomic_path(path) as tmp:  # a reader never sees a half-written image
+        fig.savefig(tmp, dpi=120, format="png")

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 from gaq_calc.calculator import KERNELS
-from gaq_calc.export.artifact import MODES
 from gaq_calc.md.dynamics import THERMOSTATS
 from gaq_calc.md.runner import InputError, MDSettings, RestartError
+from gaq_calc.quant import MODES
 
 EXIT_WRITE_ERROR = 1  # a write failed (disk full): frames up to the checkpoint are kept
 EXIT_USAGE = 2  # bad arguments or input, or a refused (re)start: nothing was written
@@ -115,7 +116,7 @@ def add_thermostat_arguments(parser: argparse.ArgumentParser, prefix: str = "", 
 
 
 def n_steps(time_ps: float, timestep_fs: float) -> int:
-    return int(round(time_ps * 1000.0 / timestep_fs))
+    return round(time_ps * 1000.0 / timestep_fs)
 
 
 def settings_from_args(args, ensemble: str, thermostat: str | None, time_ps: float) -> MDSettings:
@@ -143,7 +144,7 @@ def setup(args, protocol: str):
 
     try:
         atoms = load_structure(args.structure, args.frame)
-    except Exception as err:  # noqa: BLE001 - readers fail in many ways (ASE's formats, npz); all bad input
+    except Exception as err:  # readers fail in many ways (ASE's formats, npz); all bad input
         raise UsageError(f"--structure {args.structure or 'azobenzene'} --frame {args.frame}: {err}") from err
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -162,7 +163,7 @@ def setup(args, protocol: str):
         "model": str(args.model), "model_path": str(model_path), "structure": str(args.structure or "azobenzene"),
         "frame": args.frame, "device": args.device, "dtype": args.dtype,
         "mode": args.mode if calc.quantized else None,
-        "kernel": calc.kernel, "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+        "kernel": calc.kernel, "torch_threads": torch.get_num_threads(), "command": shlex.join(sys.argv),
     }
     return atoms, out, metadata
 

@@ -20,11 +20,12 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from gaq_calc.io import write_json_atomic
 
 #: Per-frame datasets: name -> (shape after the frame axis given n_atoms, dtype).
 FRAME_FIELDS = {
@@ -72,26 +73,6 @@ def free_bytes(path: str | os.PathLike) -> int:
     if limit != resource.RLIM_INFINITY:
         room = min(room, limit - (path.stat().st_size if path.is_file() else 0))
     return room
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then os.replace: readers (and a
-    restart after a kill) see either the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=True)  # floats round-trip exactly through repr
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):  # name the file: "No space left on device" alone does not say which
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
-        raise
 
 
 def read_json(path: str | os.PathLike):
@@ -185,7 +166,7 @@ class TrajectoryWriter:
         if k:
             self._check_room(k)
             n0, n1 = self._n_written, self._n_written + k
-            for name, (shape, dtype) in FRAME_FIELDS.items():
+            for name, (_shape, dtype) in FRAME_FIELDS.items():
                 ds = self.file[name]
                 if ds.shape[0] != n1:
                     ds.resize(n1, axis=0)

@@ -40,6 +40,9 @@ class GAQPotential(nn.Module):
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("reference_energies", torch.zeros(len(config.species), dtype=torch.float64))
         self.register_buffer("atomic_numbers", torch.tensor(config.species, dtype=torch.long))
+        # inference mode (gaq_calc.quant.set_mode): a quantized model also holds the conservative mode's
+        # reference energies (conservative_reference_energies) and uses them while this is True
+        self.conservative = False
 
     def _apply(self, fn, recurse=True):
         # reference energies (and the per-mode ones of quantized models) stay float64 whatever dtype
@@ -49,6 +52,14 @@ class GAQPotential(nn.Module):
         for name, buf in refs.items():
             setattr(self, name, buf.to(device=self.energy_scale.device, dtype=torch.float64))
         return self
+
+    def upgrade_state(self, state: dict, prefix: str) -> None:
+        """Model files and artifacts written before issue 14 held a live copy of one mode's reference
+        energies plus one set per mode; files before that, one set for both modes."""
+        if prefix + "quantized_reference_energies" in state:
+            state[prefix + "reference_energies"] = state.pop(prefix + "quantized_reference_energies")
+        if hasattr(self, "conservative_reference_energies") and prefix + "reference_energies" in state:
+            state.setdefault(prefix + "conservative_reference_energies", state[prefix + "reference_energies"])
 
     def set_energy_reference(self, reference_energies, energy_scale: float) -> None:
         ref = torch.as_tensor(reference_energies, dtype=torch.float64, device=self.energy_scale.device)
@@ -83,7 +94,12 @@ class GAQPotential(nn.Module):
             h, v = layer(h, v, filters, attn_bias, envelope, sph4, receivers, senders)
 
         atomic = self.readout(h).squeeze(-1) * self.energy_scale  # [n]
-        atomic = atomic.to(torch.float64) + self.reference_energies.index_select(0, species)
+        references = self.reference_energies
+        # (nested: TorchScript resolves a hasattr standing alone statically, so FP32 models compile)
+        if hasattr(self, "conservative_reference_energies"):  # noqa: SIM102
+            if self.conservative:
+                references = self.conservative_reference_energies
+        atomic = atomic.to(torch.float64) + references.index_select(0, species)
         return scatter_sum(atomic, batch, n_graphs)
 
     def num_parameters(self) -> int:

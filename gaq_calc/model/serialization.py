@@ -7,15 +7,14 @@ says how to re-save them (gaq-resave, which changes no number)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gaq_calc.io import atomic_path
 from gaq_calc.model.network import GAQPotential
 
 MODEL_FORMAT = "gaq_calc.model"
@@ -33,16 +32,8 @@ class UnverifiedModelWarning(UserWarning):
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _feed(h, obj: Any) -> None:
@@ -115,6 +106,17 @@ def save_model(path: str | Path, model: GAQPotential, metadata: dict | None = No
     if quant_config is not None:
         data["quant_config"] = quant_config.to_dict()
     write_model_file(path, data)
+
+
+def upgrade_state_dict(module: torch.nn.Module, state: dict) -> dict:
+    """A state dict written with an older layout of `module`'s classes, in the current one: every submodule
+    with an `upgrade_state(state, prefix)` method renames (or drops) its own entries."""
+    state = dict(state)
+    for name, sub in module.named_modules():
+        upgrade = getattr(sub, "upgrade_state", None)
+        if upgrade is not None:
+            upgrade(state, f"{name}." if name else "")
+    return state
 
 
 def unverified_warning(path: str | Path, kind: str = "model file") -> None:

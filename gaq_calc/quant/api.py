@@ -1,14 +1,15 @@
-"""prepare (FP32 -> QAT) and convert (QAT -> integer weights) for a GAQPotential."""
+"""prepare (FP32 -> QAT), calibrate, convert (QAT -> packed integer weights) for a GAQPotential."""
+
 from __future__ import annotations
 
 import copy
 
 import torch
-
 from torch import nn
 
 from gaq_calc.quant.config import QuantConfig
-from gaq_calc.quant.modules import IntLinear, QuantLinear
+from gaq_calc.quant.modes import set_mode
+from gaq_calc.quant.modules import ActQuantizer, IdentityQuantizer, PackedLinear, QuantLinear
 
 #: Linear layers acting on l=1 features (the vector branch); every other Linear is scalar branch.
 VECTOR_LINEARS = ("vector_mix",)
@@ -36,20 +37,31 @@ def prepare(model: nn.Module, config: QuantConfig) -> nn.Module:
         if type(child) is not nn.Linear:
             return None
         float_acts = name.startswith(tuple(config.float_act_layers))  # mixed precision
-        options = dict(per_channel=config.per_channel_weights, drop_prob=config.drop_prob,
-                       protect_prob=config.protect_prob, range_percentile=config.range_percentile)
+        options = dict(
+            per_channel=config.per_channel_weights,
+            drop_prob=config.drop_prob,
+            protect_prob=config.protect_prob,
+            range_percentile=config.range_percentile,
+        )
         if branch_of(name) == "vector":
-            return QuantLinear(child, "vector", config.vector_weight_bits,
-                               None if float_acts else config.vector_act_bits,
-                               config.vector_method, config.directions, **options)
-        return QuantLinear(child, "scalar", config.scalar_weight_bits, None if float_acts else config.scalar_act_bits,
-                           **options)
+            return QuantLinear(
+                child,
+                "vector",
+                config.vector_weight_bits,
+                None if float_acts else config.vector_act_bits,
+                config.vector_method,
+                config.directions,
+                **options,
+            )
+        return QuantLinear(
+            child, "scalar", config.scalar_weight_bits, None if float_acts else config.scalar_act_bits, **options
+        )
 
     prepared = _swap(copy.deepcopy(model), build)
     prepared.quant_config = config
-    # reference energies per inference mode (see set_quant_mode); both start as the FP32 model's
+    # the conservative mode's reference energies (quant.modes): the FP32 model's until fitted
+    # (fit_conservative_reference); reference_energies serve the quantized mode
     if hasattr(prepared, "reference_energies"):
-        prepared.register_buffer("quantized_reference_energies", prepared.reference_energies.clone())
         prepared.register_buffer("conservative_reference_energies", prepared.reference_energies.clone())
     if config.protect_prob > 0:
         prepared.register_forward_pre_hook(_record_in_degrees)
@@ -61,7 +73,7 @@ def _record_in_degrees(model: nn.Module, args) -> None:
     positions, receivers = args[1], args[2]
     degree = torch.bincount(receivers, minlength=positions.shape[0])  # [n_atoms]
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, ActQuantizer) and hasattr(module, "node_degree"):
             module.node_degree = degree
 
 
@@ -69,23 +81,8 @@ def set_vector_quantization(model: nn.Module, enabled: bool) -> None:
     """Staged warm-up: switch the vector branch's quantizers off (first epochs) or on."""
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.branch == "vector":
-            module.quantize_weights = enabled
-            module.quantize_acts = enabled and module.act_bits is not None
-
-
-def set_quant_mode(model: nn.Module, mode: str) -> None:
-    """Inference modes of a quantized model: "quantized" rounds activations (as trained);
-    "conservative" leaves activations unrounded (weights stay quantized), so forces are exact
-    gradients of the energy. The exported artifact offers the same two modes."""
-    if mode not in ("quantized", "conservative"):
-        raise ValueError(f"mode must be 'quantized' or 'conservative', not {mode!r}")
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.quantize_acts = mode == "quantized" and module.act_bits is not None
-    references = getattr(model, f"{mode}_reference_energies", None)
-    if references is not None:
-        with torch.no_grad():
-            model.reference_energies.copy_(references)
+            module.weight_quantizer.enabled = enabled
+            module.act_quantizer.enabled = enabled and not isinstance(module.act_quantizer, IdentityQuantizer)
 
 
 def fit_conservative_reference(model: nn.Module, batches, run) -> torch.Tensor:
@@ -97,29 +94,30 @@ def fit_conservative_reference(model: nn.Module, batches, run) -> torch.Tensor:
     run(model, batch) -> energies [n_graphs]. Returns the correction (eV per element)."""
     import numpy as np
 
-    set_quant_mode(model, "conservative")
+    set_mode(model, "conservative")
     n_species = model.reference_energies.shape[0]
     counts, errors = [], []
-    with torch.no_grad():
-        model.reference_energies.copy_(model.quantized_reference_energies)
+    with torch.no_grad():  # the quantized mode's references, plus the fitted correction below
+        model.conservative_reference_energies.copy_(model.reference_energies)
     for batch in batches:
         energies = run(model, batch).detach().double().cpu().numpy()
         one_hot = torch.nn.functional.one_hot(batch.species, n_species).double()
-        counts.append(torch.zeros(batch.n_graphs, n_species, dtype=torch.float64).index_add_(
-            0, batch.batch, one_hot).numpy())
+        counts.append(
+            torch.zeros(batch.n_graphs, n_species, dtype=torch.float64).index_add_(0, batch.batch, one_hot).numpy()
+        )
         errors.append(batch.energy.double().cpu().numpy() - energies)
     correction, *_ = np.linalg.lstsq(np.concatenate(counts), np.concatenate(errors), rcond=None)
     correction = torch.as_tensor(correction, dtype=torch.float64, device=model.reference_energies.device)
     with torch.no_grad():
-        model.conservative_reference_energies.copy_(model.quantized_reference_energies + correction)
-    set_quant_mode(model, "quantized")
+        model.conservative_reference_energies.copy_(model.reference_energies + correction)
+    set_mode(model, "quantized")
     return correction
 
 
 def calibrate(model: nn.Module, batches, run) -> nn.Module:
     """Post-training calibration: activation ranges = min-max over all `batches`; run(model, batch)
     does one forward pass (e.g. energy_and_forces)."""
-    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quant = [m for m in model.modules() if isinstance(m, ActQuantizer) and hasattr(m, "calibrated")]
     for m in quant:
         m.calibrated.fill_(False)
         m.observing = True
@@ -135,8 +133,13 @@ def calibrate(model: nn.Module, batches, run) -> nn.Module:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Integer-weight inference model from a prepared (QAT) model; same outputs for the same inputs."""
-    return _swap(copy.deepcopy(model), lambda name, child: IntLinear(child) if isinstance(child, QuantLinear) else None)
+    """The inference model of a prepared (QAT) model: every QuantLinear becomes a PackedLinear (integer
+    weight codes, the same activation quantizer frozen); same outputs for the same inputs. Training-only
+    hooks (Degree-Quant's degree recorder) are dropped. gaq-export scripts this network."""
+    converted = _swap(copy.deepcopy(model), lambda name, child: PackedLinear.from_quant(child)
+                      if isinstance(child, QuantLinear) else None)  # fmt: skip
+    converted._forward_pre_hooks.clear()
+    return converted
 
 
 def storage_bytes(model: nn.Module) -> dict:
@@ -146,11 +149,11 @@ def storage_bytes(model: nn.Module) -> dict:
     total, by_bits = 0.0, {}
     skip = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear) and module.quantize_weights:
-            n = module.weight.numel()
-            by_bits[module.weight_bits] = by_bits.get(module.weight_bits, 0) + n
-            total += n * module.weight_bits / 8 + module.weight_step.numel() * 4
-            skip.update({id(module.weight), id(module.weight_log_step)})
+        if isinstance(module, QuantLinear) and module.weight_quantizer.enabled:
+            n, bits = module.weight.numel(), module.weight_quantizer.bits
+            by_bits[bits] = by_bits.get(bits, 0) + n
+            total += n * bits / 8 + module.weight_quantizer.log_step.numel() * 4
+            skip.update({id(module.weight), id(module.weight_quantizer.log_step)})
     for tensor in list(model.parameters()) + list(model.buffers()):
         if id(tensor) in skip or tensor.dtype == torch.bool:
             continue
@@ -158,4 +161,4 @@ def storage_bytes(model: nn.Module) -> dict:
         total += tensor.numel() * itemsize
         if tensor.is_floating_point() and tensor.requires_grad:
             by_bits[32] = by_bits.get(32, 0) + tensor.numel()
-    return {"packed_bytes": int(round(total)), "weights_by_bits": {str(k): v for k, v in sorted(by_bits.items())}}
+    return {"packed_bytes": round(total), "weights_by_bits": {str(k): v for k, v in sorted(by_bits.items())}}

@@ -1,23 +1,32 @@
-"""Quantization primitives: pure functions and autograd Functions, no model code.
+"""Quantization primitives: pure functions, no model code, and the one place each rounding is written.
 
-- symmetric linear quantization (2-8 bits) with a straight-through estimator and LSQ step-size grads;
+- symmetric linear quantization (2-16 bits) with a straight-through estimator and LSQ step-size grads;
 - spherical codebooks for unit directions, with their covering radius;
 - the Geometric STE: nearest codeword forward, tangent-plane projection (I - u u^T) g backward;
-- MDDQ: v -> Q_m(|v|) * Q_d(v / |v|), safe at v = 0.
+- MDDQ: v -> Q_m(|v|) * Q_d(v / |v|), safe at v = 0;
+- linear rounding in an equivariant local frame (exactly equivariant l=1 rounding);
+- nearest k-means centroid (the SVQ-KMeans baseline).
+
+Every rounding function is TorchScript-compatible: QAT (quant.modules), the exported artifact (which
+scripts the same activation quantizers) and the fused kernel's Python side all call these. Only the
+codebook builders (`fibonacci_sphere`, `covering_radius`, `kmeans_centroids`) are eager-only: they run
+when a model is built or calibrated, never inside a network.
 """
+
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import numpy as np
 import torch
 
 
-def qrange(bits: int) -> tuple[int, int]:
+def qrange(bits: int) -> Tuple[int, int]:
     """Signed symmetric integer range: [-(2^(b-1) - 1), 2^(b-1) - 1] (the zero point stays exact)."""
     if not 2 <= bits <= 16:  # above 8 only for fake quantization (analysis); codes are int8
-        raise ValueError(f"bits must lie in [2, 16], not {bits}")
-    q = 2 ** (bits - 1) - 1
+        raise ValueError("bits must lie in [2, 16], not " + str(bits))
+    q = (1 << (bits - 1)) - 1
     return -q, q
 
 
@@ -38,17 +47,17 @@ def positive(step: torch.Tensor) -> torch.Tensor:
 
 
 def lsq_grad_scale(n_elements: float, qmax: int) -> float:
-    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N = elements sharing one step. An empty input
-    (a structure without edges) gives the step no gradient at all, so any finite scale does: N >= 1."""
-    return 1.0 / math.sqrt(max(n_elements, 1) * qmax)
+    """LSQ's step-gradient scale 1 / sqrt(N * qmax), N = elements sharing one step (Esser et al. 2020). An
+    empty input (a structure without edges) gives the step no gradient at all, so any finite scale does."""
+    return 1.0 / math.sqrt(max(n_elements, 1.0) * qmax)
 
 
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:
     """Symmetric linear fake quantization: step * clamp(round(x / step)).
 
     step broadcasts against x (per-tensor or per-channel). With lsq=True the step receives the LSQ
-    gradient (Esser et al. 2020) scaled by 1 / sqrt(N * qmax), N = elements sharing one step; x gets
-    the clipped straight-through estimator.
+    gradient scaled by 1 / sqrt(N * qmax), N = elements sharing one step; x gets the clipped
+    straight-through estimator.
     """
     qmin, qmax = qrange(bits)
     step = positive(step)
@@ -60,12 +69,13 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = Tr
 def quantize_int(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer codes of fake_quantize (int8 storage for every bit width up to 8)."""
     if bits > 8:
-        raise ValueError(f"integer codes are int8: bits must be <= 8, not {bits}")
+        raise ValueError("integer codes are int8: bits must be <= 8, not " + str(bits))
     qmin, qmax = qrange(bits)
     return torch.clamp(torch.round(x / positive(step)), qmin, qmax).to(torch.int8)
 
 
 # ---- spherical codebooks ------------------------------------------------------------------------------
+
 
 def fibonacci_sphere(n: int) -> np.ndarray:
     """n near-uniform unit vectors on the golden-angle spiral, [n, 3] float64.
@@ -95,26 +105,17 @@ def covering_radius(codebook: np.ndarray) -> float:
     return float(np.arccos(cos).max())
 
 
-class GeometricSTE(torch.autograd.Function):
-    """Nearest codeword on the sphere; the backward pass projects onto the tangent plane at u."""
-
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-        # u [..., 3] unit vectors, codebook [K, 3]
-        index = torch.argmax(u @ codebook.T, dim=-1)  # nearest in angle = largest cosine
-        ctx.save_for_backward(u)
-        return codebook[index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (u,) = ctx.saved_tensors
-        radial = (grad * u).sum(-1, keepdim=True)
-        return grad - radial * u, None  # (I - u u^T) g
-
-
 def quantize_direction(u: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Q_d with the Geometric STE; u [..., 3] must be unit vectors."""
-    return GeometricSTE.apply(u, codebook)
+    """Q_d with the Geometric STE: the nearest codeword of u [..., 3] (unit vectors) in angle, codebook
+    [K, 3]; the gradient is projected onto the tangent plane at u, (I - u u^T) g (Prop. III.1).
+
+    The projection is written as a term that is exactly zero forward, (u - u0) - u0 <u - u0, u0> with
+    u0 = u detached, so autograd (eager and TorchScript) differentiates it without a custom Function."""
+    u0 = u.detach()
+    index = torch.argmax(u0 @ codebook.t(), dim=-1)  # nearest in angle = largest cosine
+    nearest = codebook.index_select(0, index.reshape(-1)).reshape(u0.shape)
+    tangent = (u - u0) - u0 * ((u - u0) * u0).sum(-1, keepdim=True)
+    return nearest + tangent
 
 
 def mddq(
@@ -130,13 +131,14 @@ def mddq(
     (its direction is irrelevant because its quantized magnitude is 0).
     """
     norm = torch.sqrt((v * v).sum(-1, keepdim=True) + eps * eps)  # [..., 1], smooth at 0
-    levels = 2**magnitude_bits - 1
-    step = grad_scale(positive(magnitude_step), lsq_grad_scale(norm.numel(), levels))
+    levels = (1 << magnitude_bits) - 1
+    step = grad_scale(positive(magnitude_step), lsq_grad_scale(float(norm.numel()), levels))
     magnitude = round_ste(torch.clamp(norm / step, 0, levels)) * step
     return magnitude * quantize_direction(v / norm, codebook)
 
 
 # ---- equivariant local frames (beyond the paper) ------------------------------------------------------
+
 
 def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     """A right-handed orthonormal frame per feature set, built from the vectors themselves.
@@ -148,7 +150,6 @@ def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     Degenerate sets fall back: all-zero -> identity (every component is 0 anyway); collinear to within
     rel_tol -> any e2 perpendicular to e1 (the components along e2, e3 are below rel_tol |v| and round
     to 0 inside the calibrated range; only this case is not exactly equivariant).
-    TorchScript-compatible (the exported artifact calls it).
     """
     lead = v.shape[:-2]
     flat = v.reshape(-1, 3, v.shape[-1])  # [m, 3, C]
@@ -159,7 +160,8 @@ def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     eye = torch.eye(3, dtype=v.dtype, device=v.device)
     e1 = torch.where(first_norm > 0, first / first_norm.clamp_min(1e-30), eye[0].expand(m, 3))  # [m, 3]
     perp = flat - e1.unsqueeze(2) * (e1.unsqueeze(2) * flat).sum(1, keepdim=True)  # [m, 3, C]
-    second = perp.gather(2, torch.linalg.vector_norm(perp, dim=1).argmax(1).view(m, 1, 1).expand(m, 3, 1)).squeeze(2)  # [m, 3]
+    largest = torch.linalg.vector_norm(perp, dim=1).argmax(1)  # [m]
+    second = perp.gather(2, largest.view(m, 1, 1).expand(m, 3, 1)).squeeze(2)  # [m, 3]
     second_norm = torch.linalg.vector_norm(second, dim=1, keepdim=True)
     # fallback e2: perpendicular to e1 and to the Cartesian axis least aligned with it
     fallback = torch.linalg.cross(e1, eye.index_select(0, e1.abs().argmin(1)))
@@ -170,7 +172,7 @@ def local_frame(v: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
     return torch.stack([e1, e2, e3], dim=1).reshape(shape)  # [..., 3, 3]
 
 
-def frame_quantize(v: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+def frame_quantize(v: torch.Tensor, step: torch.Tensor, bits: int, lsq: bool = True) -> torch.Tensor:
     """Rotation-equivariant linear quantization of l=1 features v [..., 3, C].
 
     Components are taken in the local frame of v (rotation invariant), fake-quantized linearly, and
@@ -180,10 +182,11 @@ def frame_quantize(v: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tens
     """
     frame = local_frame(v.detach())  # [..., 3, 3]
     components = frame @ v  # [..., 3, C] invariant
-    return frame.transpose(-1, -2) @ fake_quantize(components, step, bits)
+    return frame.transpose(-1, -2) @ fake_quantize(components, step, bits, lsq)
 
 
 # ---- k-means vector codebook (the SVQ-KMeans baseline) --------------------------------------------------
+
 
 def kmeans_centroids(data: torch.Tensor, k: int, seed: int = 0, iterations: int = 25) -> torch.Tensor:
     """Lloyd's k-means on data [n, d], seeded by k-means++ (D^2 sampling)."""
@@ -208,4 +211,4 @@ def kmeans_centroids(data: torch.Tensor, k: int, seed: int = 0, iterations: int 
 def nearest_centroid(v: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Hard assignment of v [..., 3] to its nearest codeword: no gradient flows through it."""
     flat = v.detach().reshape(-1, v.shape[-1])
-    return codebook[torch.cdist(flat, codebook).argmin(-1)].reshape(v.shape)
+    return codebook.index_select(0, torch.cdist(flat, codebook).argmin(-1)).reshape(v.shape)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, train_val_split
+from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
-from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, write_model_file
+from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, upgrade_state_dict, write_model_file
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
@@ -96,15 +96,11 @@ def lee_penalty(model, batch, forces, seed: int) -> torch.Tensor:
 
 
 def _write_log(out: Path, history: list[dict]) -> None:
-    tmp = out / ".log.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(out / "log.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, out / "log.csv")
-    tmp = out / ".log.json.tmp"
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, out / "log.json")
+    write_text_atomic(out / "log.json", json.dumps(history, indent=1))
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
@@ -129,9 +125,31 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+#: parameters of QAT layers before issue 14 that the current layout does not have (unrounded layers' steps)
+LEGACY_DEAD_PARAMETERS = (".act_log_step",)
+
+
+def _upgrade_optimizer_state(model, saved_model_state: dict, optimizer_state: dict) -> dict:
+    """The optimizer state of a checkpoint written with an older layout of the network: the entries of the
+    parameters that still exist, in the current order. (Before issue 14, QAT layers whose inputs are not
+    rounded had an unused activation step; it never had a gradient, so it never had optimizer state.)"""
+    (group,) = optimizer_state["param_groups"]
+    names = [name for name, _ in model.named_parameters()]
+    if len(group["params"]) == len(names):
+        return optimizer_state
+    saved_name = upgrade_state_dict(model, {k: k for k in saved_model_state})  # current name -> saved name
+    legacy = [saved_name[name] for name in names]
+    order = [k for k in saved_model_state if k in set(legacy) or k.endswith(LEGACY_DEAD_PARAMETERS)]
+    if len(order) != len(group["params"]):
+        raise ValueError("the checkpoint's optimizer state does not match the network; use a new out_dir")
+    index = {name: group["params"][i] for i, name in enumerate(order)}
+    state = {j: optimizer_state["state"][index[name]] for j, name in enumerate(legacy)
+             if index[name] in optimizer_state["state"]}  # fmt: skip
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
 
 
 # fields that only say where and for how long a run goes; a resumed run may change them
@@ -199,9 +217,9 @@ def train(
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if _trajectory_fields(ckpt["config"]) != _trajectory_fields(cfg.to_dict()):
             raise ValueError(f"{ckpt_path} was written with a different config; use a new out_dir")
-        model.load_state_dict(ckpt["model"])
-        ema.model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(upgrade_state_dict(model, ckpt["model"]))  # (checkpoints of an older layout)
+        ema.model.load_state_dict(upgrade_state_dict(ema.model, ckpt["ema"]))
+        optimizer.load_state_dict(_upgrade_optimizer_state(model, ckpt["model"], ckpt["optimizer"]))
         state = ckpt["state"]
         for key, value in (("train_cpu_seconds", 0.0), ("step", 0), ("epoch_losses", []), ("epoch_seconds", 0.0),
                            ("epoch_cpu_seconds", 0.0)):

@@ -1,4 +1,5 @@
 """Two signed 4-bit codes per byte (low nibble first). TorchScript-compatible."""
+
 import torch
 
 
