@@ -174,7 +174,10 @@ def test_every_shipped_model_and_path_gives_the_stored_numbers():
     for key in sorted(now):
         a, b = now[key], stored[key]
         assert a.dtype == b.dtype and a.shape == b.shape, key
-        if same_machine:
+        # TorchScript's profiling executor re-optimizes a graph after its first calls, and what it fuses
+        # depends on what ran before in the process (the suite as a whole, not this test alone: measured
+        # 8e-7 eV/A in float32 forces); its paths get the float tolerance, every other path bit for bit
+        if same_machine and "script" not in key.split("|")[1]:
             if not np.array_equal(a, b):
                 differ.append(f"{key}: max |diff| {np.abs(a - b).max():.3g}")
         else:  # another CPU or torch: rounding may differ in the last bits
