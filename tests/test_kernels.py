@@ -103,8 +103,9 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     fused = FusedEnergyForces(module.potential)  # integer GEMMs through sgemm, exact
     int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int32 accumulation loop
     assert fused.rounds_activations
-    assert all(c.dtype == torch.float32 for c in fused.quant[1::3] if c.numel())  # every GEMM in sgemm
-    assert all(c.dtype == torch.int8 for c in int32.quant[1::3])
+    codes = [k for k in fused.weights if k.endswith(".codes")]
+    assert codes and all(fused.weights[k].dtype == torch.float32 for k in codes)  # every GEMM in sgemm
+    assert all(int32.weights[k].dtype == torch.int8 for k in codes)
     close, worst = 0, 0.0
     for k in range(10, 20):
         b = ethanol_batch(ethanol_frames, [k], torch.float32)
