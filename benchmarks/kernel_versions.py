@@ -2,13 +2,17 @@
 
     python benchmarks/kernel_versions.py --base 36053eb --check          # bit identity, shipped artifacts
     python benchmarks/kernel_versions.py --base 36053eb --time --rounds 7  # per-call time, alternated
+    python benchmarks/kernel_versions.py --base 36053eb --md --json benchmarks/results/kernel_versions.json
 
 The base revision's fused_cpu.cpp is built under another op namespace (torch.ops.gaq_base) and called
 with the parameter list its own gather_parameters (git show of that revision's kernels/fused.py) makes,
 so both libraries live in one process. --check compares energies and forces bit for bit on shipped
 artifacts (every model, both modes, float32 and float64, one molecule and a batch of five) and exits
 non-zero on a difference. --time alternates calls of both kernels on one azobenzene (and optionally a
-larger batch) and prints medians and the ratio. Not a test: it builds a second library (~1 min).
+larger batch) and prints medians and the ratio. --md runs ASE VelocityVerlet (0.5 fs, azobenzene) with the
+base revision's calculator (its gaq_calc/calculator.py on its kernel) and the current one, blocks
+alternated, and prints ms per MD step for every model and mode. Not a test: it builds a second library
+(~1 min).
 """
 from __future__ import annotations
 
@@ -135,6 +139,60 @@ def timing(module, op, rounds: int, calls: int, sizes) -> None:
                   f"{1e3 * base:.3f} ms, new {1e3 * cur:.3f} ms, base/new {base / cur:.2f}x")
 
 
+def base_calculator(rev: str, module, op, model: str, mode: str, threads: int):
+    """The base revision's GAQCalculator (its calculator.py) running the base revision's kernel."""
+    src = git_show(rev, "gaq_calc/calculator.py")
+    path = Path.home() / ".cache" / "gaq_kernel_versions" / f"calculator_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"gaq_calculator_{rev}", path)
+    calc_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calc_module)
+    calc = calc_module.GAQCalculator(model, **({} if model.endswith("fp32") else {"mode": mode}))
+    from gaq_calc.export import load_artifact, set_mode
+
+    ef, meta = load_artifact(REPO / "models" / model)
+    if meta.get("quantization"):
+        set_mode(ef, mode)
+    calc.energy_forces = BaseKernel(module, op, ef.potential, torch.float32)
+    return calc
+
+
+def md(rev: str, module, op, rounds: int, steps: int) -> list:
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from gaq_calc import GAQCalculator
+    from gaq_calc.md import load_structure, maxwell_boltzmann
+
+    rows = []
+    for label, model, mode in (("w4a8 default", "azobenzene_w4a8.pt", "conservative"),
+                               ("w4a8 quantized", "azobenzene_w4a8.pt", "quantized"),
+                               ("fp32", "azobenzene_fp32.pt", "conservative")):
+        calcs = {"base": base_calculator(rev, module, op, model, mode, torch.get_num_threads()),
+                 "new": GAQCalculator(model, **({} if model.endswith("fp32.pt") else {"mode": mode}))}
+        start = load_structure("azobenzene", 0)
+        maxwell_boltzmann(start, 300.0, np.random.default_rng(0))
+        times = {k: [] for k in calcs}
+        energies = {}
+        for r in range(rounds + 1):
+            for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+                atoms = start.copy()
+                atoms.calc = calcs[name]
+                dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+                t0 = time.perf_counter()
+                dyn.run(steps)
+                if r:  # round 0 warms up
+                    times[name].append((time.perf_counter() - t0) / steps)
+                energies[name] = atoms.get_potential_energy()
+        base, new = np.median(times["base"]), np.median(times["new"])
+        rows.append({"variant": label, "model": model, "mode": mode, "threads": torch.get_num_threads(),
+                     "base_ms_per_step": 1e3 * base, "new_ms_per_step": 1e3 * new, "speedup": base / new,
+                     "same_trajectory_energy": bool(energies["base"] == energies["new"])})
+        print(f"| {label} | {torch.get_num_threads()} | {1e3 * base:.3f} | {1e3 * new:.3f} | {base / new:.2f}x | "
+              f"{'yes' if rows[-1]['same_trajectory_energy'] else 'no'} |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="36053eb", help="git revision of the base kernel")
@@ -144,6 +202,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--md", action="store_true", help="ms per ASE MD step, base against current")
+    parser.add_argument("--md-steps", type=int, default=100)
+    parser.add_argument("--json", help="write the --md rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     module, op = load_base(args.base)
@@ -153,6 +214,21 @@ def main() -> None:
     bad = check(module, op) if args.check else 0
     if args.time:
         timing(module, op, args.rounds, args.calls, args.sizes)
+    if args.md:
+        import json
+        import os
+        import platform
+
+        print(f"| variant | threads | base ms / step | new ms / step | speed-up | same energy after {args.md_steps} "
+              "steps |\n|---|---|---|---|---|---|")
+        load = os.getloadavg()
+        rows = md(args.base, module, op, args.rounds, args.md_steps)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "command": "python benchmarks/kernel_versions.py " + " ".join(sys.argv[1:]),
+                "base": args.base, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "torch": torch.__version__, "load_average": {"start": load, "end": os.getloadavg()},
+                "md_steps": args.md_steps, "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
     sys.exit(1 if bad else 0)
 
 
