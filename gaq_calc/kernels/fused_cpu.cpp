@@ -38,6 +38,7 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
+int MKL_Set_Num_Threads_Local(int n);  // this thread's MKL thread count (0: back to the global one)
 }
 
 namespace {
@@ -1194,6 +1195,17 @@ struct Model : torch::CustomClassHolder {
     check_range(sd_, "senders", n, "n_atoms");
     check_range(bt, "batch", n_graphs, "n_graphs");
     ws.prepare(w, n, E);
+    // Small graphs run their GEMMs on this thread alone: a molecule's matmuls take microseconds, and a
+    // second MKL thread only adds a barrier per call, which costs a scheduler time slice whenever the
+    // other core is busy (at 2 threads on the shared machine, azobenzene took 0.4-1.2 s per call instead
+    // of 4 ms). Large graphs keep torch's thread count. At 1 thread nothing changes.
+    const bool serial_blas = E * w.W * w.R < (int64_t(1) << 26);
+    const int previous = serial_blas ? MKL_Set_Num_Threads_Local(1) : 0;
+    struct Restore {
+      bool on;
+      int previous;
+      ~Restore() { if (on) MKL_Set_Num_Threads_Local(previous); }
+    } restore{serial_blas, previous};
     at::Tensor energy = at::zeros({n_graphs}, pos.options().dtype(at::kDouble));
     at::Tensor forces = at::zeros({n, 3}, pos.options());
     StageClock clock{profile, acc};
