@@ -155,3 +155,25 @@ def test_calculator_kernels_agree(tiny_model_file, ethanol_frames):
     with pytest.raises(ValueError, match="kernel must be"):
         GAQCalculator(str(tiny_model_file), kernel="cuda-int4")
 
+
+
+@pytest.mark.parametrize("name, mode", [("fp32", None), ("w4a8", "conservative"), ("w4a8", "quantized")])
+def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
+    """gather_parameters finds modules by type and attribute, in the eager rebuild and in the file's
+    TorchScript alike (benchmarks/deploy.py's fused-int32 row builds the kernel from the scripted one)."""
+    from pathlib import Path
+
+    from gaq_calc.kernels.fused import LAYOUT_VERSION, gather_parameters
+
+    path = Path(__file__).resolve().parents[1] / "models" / f"azobenzene_{name}.pt"
+    scripted, _ = load_artifact(path, scripted=True)
+    eager, _ = load_artifact(path, scripted=False)
+    if mode:
+        set_mode(scripted, mode)
+        set_mode(eager, mode)
+    ws, cs = gather_parameters(scripted.potential)
+    we, ce = gather_parameters(eager.potential)
+    assert sorted(ws) == sorted(we) and cs == ce
+    assert all(torch.equal(ws[k], we[k]) for k in ws)
+    assert any(k.endswith(".act") for k in ws) == (mode == "quantized")
+    assert LAYOUT_VERSION == torch.ops.gaq.layout_version()

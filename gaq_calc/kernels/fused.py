@@ -205,17 +205,23 @@ def _activation_quantizer(module) -> List[torch.Tensor]:
     return [meta, codes, steps]
 
 
+def _type_name(module) -> str:
+    """The class name of an eager module, or of the module a scripted one was compiled from."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
 def _is_linear(module) -> bool:
-    """nn.Linear, QuantLinear or an artifact's PackedLinear (anything with weights and a Linear's role)."""
-    return hasattr(module, "round_activations") or hasattr(module, "quantized_weight") or isinstance(
-        module, torch.nn.Linear)
+    """nn.Linear, QuantLinear or an artifact's PackedLinear, eager or scripted."""
+    return (hasattr(module, "round_activations") or hasattr(module, "quantized_weight")
+            or isinstance(module, torch.nn.Linear) or _type_name(module) == "Linear")
 
 
 def _children(sequential, kind) -> list:
     """The children of a Sequential that are Linear layers (kind="linear") or LayerNorms (kind="norm"),
-    in order, found by type rather than by position."""
+    in order, found by type rather than by position (eager or scripted)."""
     if kind == "norm":
-        return [m for m in sequential.children() if isinstance(m, torch.nn.LayerNorm)]
+        return [m for m in sequential.children()
+                if isinstance(m, torch.nn.LayerNorm) or _type_name(m) == "LayerNorm"]
     return [m for m in sequential.children() if _is_linear(m)]
 
 
@@ -244,7 +250,7 @@ def gather_parameters(potential) -> Tuple[Dict[str, torch.Tensor], List[float]]:
             raise KernelUnavailable(f"unexpected radial network with {len(radial)} Linear layers")
         linear("radial.filter", radial[-1], bias=False)
         eps = heads = None
-        for l, layer in enumerate(potential.layers):
+        for l, (_, layer) in enumerate(potential.layers.named_children()):  # (a scripted ModuleList has no iter)
             eps = float(layer.norm.eps) if eps is None else eps
             heads = int(layer.num_heads)
             p = f"layers.{l}."
