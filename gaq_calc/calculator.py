@@ -1,16 +1,20 @@
 """A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from gaq_calc.data.graphs import GraphBatch, centred, neighbour_graph, species_index, wrap_positions
+from gaq_calc.data.graphs import (BRUTE_FORCE_MAX_ATOMS, GraphBatch, centred, neighbour_graph, species_index,
+                                  wrap_positions)
 from gaq_calc.loading import DTYPES, KERNELS, load_energy_forces
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.quant import MODES
 
-ARGUMENTS = ("model", "device", "dtype", "min_distance", "jit", "mode", "kernel")
+ARGUMENTS = ("model", "device", "dtype", "min_distance", "jit", "mode", "kernel", "skin")
 ASE_ARGUMENTS = ("label", "directory", "atoms")  # ase.calculators.calculator.Calculator's, passed on
 
 
@@ -40,13 +44,18 @@ class GAQCalculator(Calculator):
     An artifact is read as data (its tensors and metadata, integrity-checked) and rebuilt in eager
     PyTorch; only kernel="reference" runs the file's own TorchScript, which is a program: use it only
     for artifacts you trust like code.
+    skin (Å, default 0.5; 0 turns it off): a structure without periodic boundaries keeps a neighbour list
+    of pairs within cutoff + skin, built when needed, and reuses it until an atom has moved more than
+    skin / 2 since; each call keeps the pairs within the cutoff, in the order a fresh list has, so
+    energies and forces are bit for bit those of a list rebuilt every call. Periodic structures get a
+    fresh list every call.
     Other keyword arguments: ASE's label, directory and atoms; anything else is a TypeError.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, jit=True,
-                 mode="conservative", kernel="auto", **kwargs):
+                 mode="conservative", kernel="auto", skin=0.5, **kwargs):
         unknown = [k for k in kwargs if k not in ASE_ARGUMENTS]
         if unknown:
             import difflib
@@ -65,6 +74,11 @@ class GAQCalculator(Calculator):
         if not min_distance > 0:
             raise ValueError(f"min_distance must be > 0 Å, not {min_distance}")
         self.min_distance = float(min_distance)
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0 Å, not {skin}")
+        self.skin = float(skin)
+        self._list = None  # the neighbour list kept across calls (non-periodic, skin > 0)
+        self._fixed = None  # (numbers, species tensor, batch tensor) of the last structure
         self.model_path = None if isinstance(model, torch.nn.Module) else resolve_model(model)
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -83,7 +97,15 @@ class GAQCalculator(Calculator):
         positions = np.asarray(atoms.positions, dtype=np.float64)
         if not np.isfinite(positions).all():
             raise ValueError("atoms have NaN or infinite positions")
-        species = species_index(atoms.numbers, self.species)
+        numbers = atoms.numbers
+        dev, dt = self.device, self.dtype
+        fixed = self._fixed
+        if fixed is None or not np.array_equal(fixed[0], numbers):  # species and batch: once per structure
+            species = species_index(numbers, self.species)
+            n = len(numbers)
+            fixed = self._fixed = (np.array(numbers), torch.from_numpy(species).to(dev),
+                                   torch.zeros(n, dtype=torch.long, device=dev), torch.tensor([n], device=dev))
+            self._list = None
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
         if pbc.any():
@@ -96,27 +118,60 @@ class GAQCalculator(Calculator):
         # float64 until the graph is built: about its centre, a structure keeps its float32 digits for
         # the edge vectors however far from the origin it sits (forces do not change under a rigid shift)
         positions = centred(positions)
-        receivers, senders, shifts = neighbour_graph(positions, self.cutoff, cell, pbc)
+        if pbc.any() or self.skin == 0:
+            receivers, senders, shifts = neighbour_graph(positions, self.cutoff, cell, pbc)
+            if not pbc.any() and len(positions) > BRUTE_FORCE_MAX_ATOMS:  # matscipy's order: sort as all-pairs
+                order = np.lexsort((senders, receivers))  # (as the skin list, so both give the same bits)
+                receivers, senders, shifts = receivers[order], senders[order], shifts[order]
+            dist = np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1) if len(receivers) else None
+            edges = (torch.from_numpy(receivers).to(dev), torch.from_numpy(senders).to(dev),
+                     torch.from_numpy(shifts).to(dev, dt))
+        else:
+            receivers, senders, dist, edges = self._skin_edges(positions)
         if len(receivers):
-            dist = np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1)
             k = int(np.argmin(dist))
             if dist[k] < self.min_distance:
                 raise ValueError(
                     f"atoms {receivers[k]} and {senders[k]} overlap ({dist[k]:.3g} Å apart, "
                     f"below min_distance={self.min_distance} Å)"
                 )
-        n = len(atoms)
-        dev, dt = self.device, self.dtype
         return GraphBatch(
-            species=torch.from_numpy(species).to(dev),
+            species=fixed[1],
             positions=torch.from_numpy(positions).to(dev, dt),
-            receivers=torch.from_numpy(receivers).to(dev),
-            senders=torch.from_numpy(senders).to(dev),
-            shifts=torch.from_numpy(shifts).to(dev, dt),
-            batch=torch.zeros(n, dtype=torch.long, device=dev),
+            receivers=edges[0],
+            senders=edges[1],
+            shifts=edges[2],
+            batch=fixed[2],
             n_graphs=1,
-            n_atoms_per_graph=torch.tensor([n], device=dev),
+            n_atoms_per_graph=fixed[3],
         )
+
+    def _skin_edges(self, positions: np.ndarray):
+        """(receivers, senders, distances, edge tensors) within the cutoff, from the kept list of pairs
+        within cutoff + skin (rebuilt once an atom has moved more than skin / 2 since it was built).
+        Kept pairs are in a fresh list's order (receiver, then sender; see neighbour_graph), and the test
+        is the all-pairs one (squared distance below cutoff^2), so the graph is the one a fresh list gives."""
+        kept = self._list
+        if kept is not None:
+            moved = positions - kept["positions"]
+            if np.einsum("ij,ij->i", moved, moved).max(initial=0.0) > (0.5 * self.skin) ** 2:
+                kept = None
+        if kept is None:
+            r, s, _ = neighbour_graph(positions, self.cutoff + self.skin)
+            order = np.lexsort((s, r))  # all-pairs lists come sorted; matscipy's need it
+            kept = self._list = {"positions": positions.copy(), "r": r[order], "s": s[order], "mask": None}
+        r, s = kept["r"], kept["s"]
+        vec = positions[r] - positions[s]
+        d2 = (vec * vec).sum(-1)
+        mask = d2 < self.cutoff * self.cutoff
+        if kept["mask"] is None or not np.array_equal(mask, kept["mask"]):
+            rc, sc = r[mask], s[mask]
+            dev = self.device
+            kept["mask"], kept["rs"] = mask, (rc, sc)
+            kept["edges"] = (torch.from_numpy(rc).to(dev), torch.from_numpy(sc).to(dev),
+                             torch.zeros((len(rc), 3), dtype=self.dtype, device=dev))
+        rc, sc = kept["rs"]
+        return rc, sc, np.sqrt(d2[mask]), kept["edges"]
 
     def check_state(self, atoms, tol=1e-15):
         """ASE's check_state without its allclose calls on every array (on a small molecule they cost a
@@ -137,16 +192,27 @@ class GAQCalculator(Calculator):
         return changes
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
+        # ASE's Calculator.calculate copies the atoms (get_property has just done so) and stats the
+        # directory on every call: copy only when the kept atoms differ, and make the directory once
+        if atoms is not None and (self.atoms is None or self.check_state(atoms)):
+            self.atoms = atoms.copy()
+        if self.directory != "." and not os.path.isdir(self.directory):
+            super().calculate(atoms, properties, system_changes)
         if len(self.atoms) == 0:
             self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3))}
             return
-        # forces need autograd even under a caller's no_grad/inference_mode; both are restored on exit
-        with torch.inference_mode(False), torch.enable_grad():
+        if self.kernel == "fused":  # no autograd: a hand-written backward
             g = self._graph(self.atoms)
             energy, forces = self.energy_forces(g.species, g.positions, g.receivers, g.senders, g.shifts, g.batch, 1)
-        energy = float(energy.detach().cpu()[0])
-        forces = forces.detach().cpu().double().numpy()
+        else:
+            # forces need autograd even under a caller's no_grad/inference_mode; both are restored on exit
+            with torch.inference_mode(False), torch.enable_grad():
+                g = self._graph(self.atoms)
+                energy, forces = self.energy_forces(g.species, g.positions, g.receivers, g.senders, g.shifts,
+                                                    g.batch, 1)
+            energy, forces = energy.detach().cpu(), forces.detach().cpu()
+        energy = float(energy[0])
+        forces = forces.numpy().astype(np.float64)
         if not (np.isfinite(energy) and np.isfinite(forces).all()):
             raise FloatingPointError("the model returned a non-finite energy or forces for this structure")
         self.results = {"energy": energy, "free_energy": energy, "forces": forces}

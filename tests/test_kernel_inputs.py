@@ -21,14 +21,14 @@ def _valid_inputs(quantized: bool = False):
     """A tiny random model and a valid two-molecule batch, as the op's arguments (a dict)."""
     from helpers import randomize, tiny_config
     from gaq_calc.data.graphs import neighbour_graph
-    from gaq_calc.kernels.fused import _cast_quantizers, gather_parameters
+    from gaq_calc.kernels.fused import LAYOUT_VERSION, _cast_weights, gather_parameters
     from gaq_calc.model import GAQPotential
 
     torch.manual_seed(0)
     model = randomize(GAQPotential(tiny_config()), seed=2, scale=0.3).eval()
-    params, consts, quant = gather_parameters(model)
+    weights, consts = gather_parameters(model)
     if quantized:  # linear int8 rounding of every Linear's input, frame rounding of the vector mix
-        quant = _synthetic_quantizers(params)
+        weights.update(_synthetic_quantizers(weights))
     mol = torch.tensor([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0], [0.2, -0.5, 0.9], [2.0, 1.0, -0.5]],
                        dtype=torch.float64)
     species = torch.tensor([1, 0, 0, 2, 0, 1, 0, 0, 2, 0])
@@ -42,34 +42,32 @@ def _valid_inputs(quantized: bool = False):
     return dict(
         positions=pos.float(), species=species, receivers=torch.cat(rcv), senders=torch.cat(snd),
         shifts=torch.cat(sh).float(), batch=torch.tensor([0] * 5 + [1] * 5), n_graphs=2,
-        params=[t.float() for t in params[:-1]] + [params[-1].double()], consts=consts,
-        quant=_cast_quantizers(quant, torch.float32, True) if quant else [],
+        layout=LAYOUT_VERSION, weights=_cast_weights(weights, torch.float32, True), consts=consts,
     )
 
 
-def _synthetic_quantizers(params):
-    """Per Linear: [kind, act step, qmax], int8 weight codes of the Linear's shape, per-row steps."""
-    L = (len(params) - 5 - 8) // 11
-    weights = [params[2], params[4]]  # radial hidden, radial filter
-    kinds = [1, 1]
-    for l in range(L):
-        q = params[5 + 11 * l: 5 + 11 * (l + 1)]
-        weights += [q[2], q[3], q[6], q[8], q[10]]
-        kinds += [1, 1, 1, 1, 2]
-    weights += [params[5 + 11 * L + 2], params[5 + 11 * L + 4]]
-    kinds += [1, 1]
-    out = []
+LINEARS = ["radial.hidden", "radial.filter", "layers.0.qk", "layers.0.value", "layers.0.exchange_in",
+           "layers.0.exchange_out", "layers.0.vector_mix"]
+
+
+def _synthetic_quantizers(weights):
+    """Per Linear: {name}.act [kind, act step, qmax], int8 weight codes of the Linear's shape, per-row steps."""
+    names = sorted({k[:-len(".weight")] for k in weights if k.endswith(".weight") and k != "embedding.weight"
+                    and not k.endswith("norm.weight")})
+    out = {}
     gen = torch.Generator().manual_seed(0)
-    for w, kind in zip(weights, kinds):
-        codes = torch.randint(-7, 8, w.shape, generator=gen, dtype=torch.int8)
-        out += [torch.tensor([float(kind), 0.05, 127.0], dtype=torch.float64), codes,
-                torch.full((w.shape[0],), 0.02)]
+    for name in names:
+        w = weights[name + ".weight"]
+        kind = 2 if name.endswith("vector_mix") else 1
+        out[name + ".act"] = torch.tensor([float(kind), 0.05, 127.0], dtype=torch.float64)
+        out[name + ".codes"] = torch.randint(-7, 8, w.shape, generator=gen, dtype=torch.int8)
+        out[name + ".wstep"] = torch.full((w.shape[0],), 0.02)
     return out
 
 
 def _call(a):
     return torch.ops.gaq.energy_forces(a["positions"], a["species"], a["receivers"], a["senders"], a["shifts"],
-                                       a["batch"], a["n_graphs"], a["params"], a["consts"], a["quant"])
+                                       a["batch"], a["n_graphs"], a["layout"], a["weights"], a["consts"])
 
 
 def _set(key, value):
@@ -78,17 +76,14 @@ def _set(key, value):
     return f
 
 
-def _param(i, value):
+def _weight(name, value):
+    """Replace (value: a function of the tensor) or drop (value None) one named weight."""
     def f(a):
-        a["params"] = list(a["params"])
-        a["params"][i] = value(a["params"][i])
-    return f
-
-
-def _quant(i, value):
-    def f(a):
-        a["quant"] = list(a["quant"])
-        a["quant"][i] = value(a["quant"][i])
+        a["weights"] = dict(a["weights"])
+        if value is None:
+            del a["weights"][name]
+        else:
+            a["weights"][name] = value(a["weights"][name]) if callable(value) else value
     return f
 
 
@@ -139,45 +134,50 @@ BAD = {
     "species float": _set("species", lambda a: a["species"].float()),
     "batch [n, 1]": _set("batch", lambda a: a["batch"][:, None]),
     "receivers [E, 2]": _set("receivers", lambda a: torch.stack([a["receivers"], a["receivers"]], 1)),
-    # the parameter list and constants
-    "one parameter missing": _set("params", lambda a: a["params"][:-1]),
-    "no parameters": _set("params", []),
-    "embedding narrower": _param(0, lambda t: t[:, :-1]),
-    "embedding 1-D": _param(0, lambda t: t[0]),
-    "frequencies longer": _param(1, lambda t: torch.cat([t, t])),
-    "radial hidden weight short": _param(2, lambda t: t[:-1]),
-    "radial hidden bias short": _param(3, lambda t: t[:-1]),
-    "radial filter weight short": _param(4, lambda t: t[:-5]),
-    "layer norm gain short": _param(5, lambda t: t[:-1]),
-    "query-key weight transposed": _param(7, lambda t: t.t()),
-    "value weight short": _param(8, lambda t: t[:-2]),
-    "value bias short": _param(9, lambda t: t[:-1]),
-    "log tau short": _param(10, lambda t: t[:-1]),
-    "exchange-in weight short": _param(11, lambda t: t[:, :-1]),
-    "exchange-out bias long": _param(14, lambda t: torch.cat([t, t])),
-    "vector-mix weight short": _param(15, lambda t: t[:-1]),
-    "readout weight short": _param(-6, lambda t: t[:-1]),
-    "readout output weight [2, F]": _param(-4, lambda t: torch.cat([t, t])),
-    "energy scale empty": _param(-2, lambda t: t.reshape(-1)[:0]),
-    "reference energies short": _param(-1, lambda t: t[:-1]),
-    "integer parameter": _param(6, lambda t: t.long()),
+    # the named weights, their layout version and the constants
+    "one weight missing": _weight("reference_energies", None),
+    "a layer's weight missing": _weight("layers.1.qk.weight", None),
+    "no weights": _set("weights", {}),
+    "unknown weight name": _weight("layers.0.qk.bias", torch.zeros(16)),
+    "layout version 1": _set("layout", 1),
+    "layout version from the future": _set("layout", 99),
+    "embedding narrower": _weight("embedding.weight", lambda t: t[:, :-1]),
+    "embedding 1-D": _weight("embedding.weight", lambda t: t[0]),
+    "frequencies longer": _weight("rbf.frequencies", lambda t: torch.cat([t, t])),
+    "radial hidden weight short": _weight("radial.hidden.weight", lambda t: t[:-1]),
+    "radial hidden bias short": _weight("radial.hidden.bias", lambda t: t[:-1]),
+    "radial filter weight short": _weight("radial.filter.weight", lambda t: t[:-5]),
+    "layer norm gain short": _weight("layers.0.norm.weight", lambda t: t[:-1]),
+    "query-key weight transposed": _weight("layers.0.qk.weight", lambda t: t.t()),
+    "value weight short": _weight("layers.0.value.weight", lambda t: t[:-2]),
+    "value bias short": _weight("layers.0.value.bias", lambda t: t[:-1]),
+    "log tau short": _weight("layers.0.log_tau", lambda t: t[:-1]),
+    "exchange-in weight short": _weight("layers.0.exchange_in.weight", lambda t: t[:, :-1]),
+    "exchange-out bias long": _weight("layers.0.exchange_out.bias", lambda t: torch.cat([t, t])),
+    "vector-mix weight short": _weight("layers.0.vector_mix.weight", lambda t: t[:-1]),
+    "readout weight short": _weight("readout.hidden.weight", lambda t: t[:-1]),
+    "readout output weight [2, F]": _weight("readout.out.weight", lambda t: torch.cat([t, t])),
+    "energy scale empty": _weight("energy_scale", lambda t: t.reshape(-1)[:0]),
+    "reference energies short": _weight("reference_energies", lambda t: t[:-1]),
+    "integer parameter": _weight("layers.0.norm.bias", lambda t: t.long()),
     "heads = 0": _set("consts", lambda a: a["consts"][:4] + [0.0]),
     "heads do not divide features": _set("consts", lambda a: a["consts"][:4] + [3.0]),
     "heads negative": _set("consts", lambda a: a["consts"][:4] + [-2.0]),
     "consts short": _set("consts", lambda a: a["consts"][:3]),
 }
 BAD_QUANTIZED = {
-    "quantizers short": _set("quant", lambda a: a["quant"][:-3]),
-    "quantizer codes transposed": _quant(1 + 3 * 3, lambda t: t.t().contiguous()),
-    "quantizer codes short": _quant(1 + 3 * 4, lambda t: t[:-1]),
-    "quantizer steps short": _quant(2 + 3 * 2, lambda t: t[:-1]),
-    "quantizer qmax above int8": _quant(3 * 2, lambda t: torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64)),
-    "quantizer step zero": _quant(3 * 2, lambda t: torch.tensor([1.0, 0.0, 127.0], dtype=torch.float64)),
-    "frame rounding on a scalar Linear": _quant(3 * 2, lambda t: torch.tensor([2.0, 0.05, 127.0],
-                                                                               dtype=torch.float64)),
-    "frame rounding of the radial filter": _quant(3 * 1, lambda t: torch.tensor([2.0, 0.05, 127.0],
+    "quantizer without its act": _weight("readout.out.act", None),
+    "quantizer codes missing": _weight("layers.0.qk.codes", None),
+    "quantizer codes transposed": _weight("layers.0.value.codes", lambda t: t.t().contiguous()),
+    "quantizer codes short": _weight("layers.0.exchange_in.codes", lambda t: t[:-1]),
+    "quantizer steps short": _weight("layers.0.qk.wstep", lambda t: t[:-1]),
+    "quantizer qmax above int8": _weight("layers.0.qk.act", torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64)),
+    "quantizer step zero": _weight("layers.0.qk.act", torch.tensor([1.0, 0.0, 127.0], dtype=torch.float64)),
+    "frame rounding on a scalar Linear": _weight("layers.0.qk.act", torch.tensor([2.0, 0.05, 127.0],
                                                                                  dtype=torch.float64)),
-    "quantizer meta short": _quant(0, lambda t: t[:2]),
+    "frame rounding of the radial filter": _weight("radial.filter.act", torch.tensor([2.0, 0.05, 127.0],
+                                                                                     dtype=torch.float64)),
+    "quantizer meta short": _weight("radial.hidden.act", lambda t: t[:2]),
 }
 
 
@@ -257,13 +257,17 @@ def test_bad_inputs_raise_clear_errors_and_never_crash():
 
 def test_checks_name_the_problem():
     results = _run_isolated(["receiver >= n_atoms", "batch >= n_graphs", "n_graphs = 0", "species >= n_species",
-                             "shifts short", "value weight short"])
+                             "shifts short", "value weight short", "layout version 1", "unknown weight name",
+                             "a layer's weight missing"])
     assert "receivers" in results["receiver >= n_atoms"]["message"]
     assert "batch" in results["batch >= n_graphs"]["message"]
     assert "n_graphs" in results["n_graphs = 0"]["message"]
     assert "species" in results["species >= n_species"]["message"]
     assert "shifts" in results["shifts short"]["message"]
-    assert "param" in results["value weight short"]["message"]
+    assert "layers.0.value.weight" in results["value weight short"]["message"]
+    assert "layout version 1 is not supported" in results["layout version 1"]["message"]
+    assert "unknown name 'layers.0.qk.bias'" in results["unknown weight name"]["message"]
+    assert "'layers.1.qk.weight' is missing" in results["a layer's weight missing"]["message"]
 
 
 def test_valid_inputs_still_run_bit_identically(ethanol_frames):

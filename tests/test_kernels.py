@@ -100,8 +100,9 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     fused = FusedEnergyForces(module.potential)  # integer GEMMs through sgemm, exact
     int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int32 accumulation loop
     assert fused.rounds_activations
-    assert all(c.dtype == torch.float32 for c in fused.quant[1::3] if c.numel())  # every GEMM in sgemm
-    assert all(c.dtype == torch.int8 for c in int32.quant[1::3])
+    codes = [k for k in fused.weights if k.endswith(".codes")]
+    assert codes and all(fused.weights[k].dtype == torch.float32 for k in codes)  # every GEMM in sgemm
+    assert all(int32.weights[k].dtype == torch.int8 for k in codes)
     close, worst = 0, 0.0
     for k in range(10, 20):
         b = ethanol_batch(ethanol_frames, [k], torch.float32)
@@ -164,3 +165,24 @@ def test_the_cpp_kernel_numbers_quantizer_kinds_as_quant_does():
     assert {name for _, name in pairs} == {"none", "linear", "frame"}, pairs
     assert {(int(number), name) for number, name in pairs} == {(int(k), k.name.lower()) for k in FUSED_KINDS}
     assert set(FUSED_KINDS) == {ActKind.NONE, ActKind.LINEAR, ActKind.FRAME}
+
+@pytest.mark.parametrize("name, mode", [("fp32", None), ("w4a8", "conservative"), ("w4a8", "quantized")])
+def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
+    """gather_parameters finds modules by type and attribute, in the eager rebuild and in the file's
+    TorchScript alike (benchmarks/deploy.py's fused-int32 row builds the kernel from the scripted one)."""
+    from pathlib import Path
+
+    from gaq_calc.kernels.fused import LAYOUT_VERSION, gather_parameters
+
+    path = Path(__file__).resolve().parents[1] / "models" / f"azobenzene_{name}.pt"
+    scripted, _ = load_artifact(path, scripted=True)
+    eager, _ = load_artifact(path, scripted=False)
+    if mode:
+        set_mode(scripted, mode)
+        set_mode(eager, mode)
+    ws, cs = gather_parameters(scripted.potential)
+    we, ce = gather_parameters(eager.potential)
+    assert sorted(ws) == sorted(we) and cs == ce
+    assert all(torch.equal(ws[k], we[k]) for k in ws)
+    assert any(k.endswith(".act") for k in ws) == (mode == "quantized")
+    assert LAYOUT_VERSION == torch.ops.gaq.layout_version()

@@ -47,6 +47,6 @@ def test_short_profile_runs_and_restores_what_it_wrapped(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "| C++ kernel | torch.ops.gaq.energy_forces |" in out and "| **step** |" in out
+    assert "| C++ kernel | gaq::Model.energy_forces |" in out and "| **step** |" in out
     assert "| check_state | GAQCalculator.check_state |" in out and "| 3 |" in out  # ASE asks 3 times per step
     assert (Calculator.calculate, calculator_module.neighbour_graph, torch.ops.gaq.energy_forces) == before

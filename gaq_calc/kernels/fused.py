@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -198,6 +198,9 @@ def _linear_weights(module) -> Tuple[torch.Tensor, torch.Tensor]:
     return module.weight, bias
 
 
+LAYOUT_VERSION = 2  # the kernel's weight layout (fused_cpu.cpp, kLayoutVersion): names listed there
+
+
 def _activation_quantizer(module) -> List[torch.Tensor]:
     """[meta (kind, act step, qmax), weight codes int8, weight steps] of one Linear; kind NONE = no rounding.
     The kind is quant.ActKind's value (the C++ source numbers kinds the same way; tests/test_kernels.py)."""
@@ -221,71 +224,98 @@ def _reference_energies(potential) -> torch.Tensor:
     return potential.reference_energies
 
 
-def gather_parameters(potential) -> Tuple[List[torch.Tensor], List[float], List[torch.Tensor]]:
-    """The op's parameter list, constants and activation quantizers (layouts fixed in fused_cpu.cpp)
-    from a GAQPotential or the `potential` submodule of an artifact. The quantizer list is empty when
-    no activation is rounded (FP32, weights-only, or the conservative mode)."""
+def _type_name(module) -> str:
+    """The class name of an eager module, or of the module a scripted one was compiled from."""
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def _is_linear(module) -> bool:
+    """nn.Linear, QuantLinear or an artifact's PackedLinear, eager or scripted."""
+    return (hasattr(module, "packed") or hasattr(module, "weight_quantizer")
+            or isinstance(module, torch.nn.Linear) or _type_name(module) == "Linear")
+
+
+def _children(sequential, kind) -> list:
+    """The children of a Sequential that are Linear layers (kind="linear") or LayerNorms (kind="norm"),
+    in order, found by type rather than by position (eager or scripted)."""
+    if kind == "norm":
+        return [m for m in sequential.children()
+                if isinstance(m, torch.nn.LayerNorm) or _type_name(m) == "LayerNorm"]
+    return [m for m in sequential.children() if _is_linear(m)]
+
+
+def gather_parameters(potential) -> Tuple[Dict[str, torch.Tensor], List[float]]:
+    """The kernel's weights as named tensors (layout LAYOUT_VERSION: names and shapes in fused_cpu.cpp)
+    and constants [cutoff, envelope p, rbf prefactor, layer-norm eps, heads], from a GAQPotential or the
+    `potential` submodule of an artifact. Activation quantizers are named {linear}.act / .codes / .wstep,
+    present only where an activation is rounded (none: FP32, weights-only, or the conservative mode)."""
+    weights: Dict[str, torch.Tensor] = {}
+    quant: Dict[str, List[torch.Tensor]] = {}
+
+    def linear(name: str, module, bias: bool = True) -> None:
+        w, b = _linear_weights(module)
+        weights[f"{name}.weight"] = w
+        if bias and b.numel():
+            weights[f"{name}.bias"] = b
+        quant[name] = _activation_quantizer(module)
+
     with torch.no_grad():
-        p: List[torch.Tensor] = [potential.embedding.weight, potential.rbf.frequencies]
-        linears = []  # in the kernel's order of activation quantizers
-        radial = potential.radial
-        names = [name for name, _ in radial.named_children()]
-        if len(names) == 3:
-            first, last = getattr(radial, names[0]), getattr(radial, names[2])
-            w1, b1 = _linear_weights(first)
-            p += [w1, b1, _linear_weights(last)[0]]
-            linears += [first, last]
-        elif len(names) == 1:
-            last = getattr(radial, names[0])
-            p += [torch.zeros(0), torch.zeros(0), _linear_weights(last)[0]]
-            linears += [last]
-        else:
-            raise KernelUnavailable(f"unexpected radial network with {len(names)} modules")
-        eps = None
-        heads = None
-        for _, layer in potential.layers.named_children():
+        weights["embedding.weight"] = potential.embedding.weight
+        weights["rbf.frequencies"] = potential.rbf.frequencies
+        radial = _children(potential.radial, "linear")
+        if len(radial) == 2:
+            linear("radial.hidden", radial[0])
+        elif len(radial) != 1:
+            raise KernelUnavailable(f"unexpected radial network with {len(radial)} Linear layers")
+        linear("radial.filter", radial[-1], bias=False)
+        eps = heads = None
+        for l, (_, layer) in enumerate(potential.layers.named_children()):  # (a scripted ModuleList has no iter)
             eps = float(layer.norm.eps) if eps is None else eps
             heads = int(layer.num_heads)
-            p += [layer.norm.weight, layer.norm.bias]
-            p += [_linear_weights(layer.qk_proj)[0]]
-            p += list(_linear_weights(layer.value_proj))
-            p += [layer.log_tau]
-            p += list(_linear_weights(layer.exchange_in))
-            p += list(_linear_weights(layer.exchange_out))
-            p += [_linear_weights(layer.vector_mix)[0]]
-            linears += [layer.qk_proj, layer.value_proj, layer.exchange_in, layer.exchange_out, layer.vector_mix]
-        readout = potential.readout
-        names = [name for name, _ in readout.named_children()]  # LayerNorm, Linear, SiLU, Linear
-        norm = getattr(readout, names[0])
-        p += [norm.weight, norm.bias]
-        p += list(_linear_weights(getattr(readout, names[1])))
-        p += list(_linear_weights(getattr(readout, names[3])))
-        linears += [getattr(readout, names[1]), getattr(readout, names[3])]
-        p += [potential.energy_scale, _reference_energies(potential)]
-        p = [t.detach().contiguous() for t in p]
-        quant = [t for m in linears for t in _activation_quantizer(m)]
-        if all(float(quant[i][0]) == 0 for i in range(0, len(quant), 3)):
-            quant = []
-    consts = [float(potential.cutoff), float(potential.envelope.p), float(potential.rbf.prefactor), eps,
-              float(heads)]
-    return p, consts, quant
+            p = f"layers.{l}."
+            weights[p + "norm.weight"], weights[p + "norm.bias"] = layer.norm.weight, layer.norm.bias
+            linear(p + "qk", layer.qk_proj, bias=False)
+            linear(p + "value", layer.value_proj)
+            weights[p + "log_tau"] = layer.log_tau
+            linear(p + "exchange_in", layer.exchange_in)
+            linear(p + "exchange_out", layer.exchange_out)
+            linear(p + "vector_mix", layer.vector_mix, bias=False)
+        norms, linears = _children(potential.readout, "norm"), _children(potential.readout, "linear")
+        if len(norms) != 1 or len(linears) != 2:
+            raise KernelUnavailable(f"unexpected readout with {len(norms)} LayerNorms and {len(linears)} Linears")
+        weights["readout.norm.weight"], weights["readout.norm.bias"] = norms[0].weight, norms[0].bias
+        linear("readout.hidden", linears[0])
+        linear("readout.out", linears[1])
+        weights["energy_scale"] = potential.energy_scale
+        weights["reference_energies"] = _reference_energies(potential)
+        weights = {k: t.detach().contiguous() for k, t in weights.items()}
+        if any(float(q[0][0]) != 0 for q in quant.values()):
+            for name, (meta, codes, steps) in quant.items():
+                if float(meta[0]) != 0:
+                    weights[f"{name}.act"], weights[f"{name}.codes"], weights[f"{name}.wstep"] = meta, codes, steps
+    consts = [float(potential.cutoff), float(potential.envelope.p), float(potential.rbf.prefactor),
+              1e-5 if eps is None else eps, float(heads if heads is not None else 1)]
+    return weights, consts
 
 
-def _cast_quantizers(quant: List[torch.Tensor], dtype: torch.dtype, float_codes: bool) -> List[torch.Tensor]:
-    """Cast once, not per call: meta to float64, weight steps to the compute dtype, and the weight codes
-    to the compute dtype where the kernel may multiply them in floating-point units exactly, that is
-    where every partial sum in * max|activation code| * max|weight code| is an integer the dtype holds."""
+def _cast_weights(weights: Dict[str, torch.Tensor], dtype: torch.dtype, float_codes: bool) -> Dict[str, torch.Tensor]:
+    """Cast once, not per call: weights to the compute dtype (reference energies stay float64), quantizer
+    meta to float64, and the weight codes to the compute dtype where the kernel may multiply them in
+    floating-point units exactly, that is where every partial sum in * max|activation code| * max|weight
+    code| is an integer the dtype holds (else int8: the int32 loop)."""
     exact_below = 2.0 ** (24 if dtype == torch.float32 else 53)
-    out = []
-    for i in range(0, len(quant), 3):
-        meta, codes, steps = quant[i], quant[i + 1], quant[i + 2]
-        meta = meta.to(torch.float64).contiguous()
-        codes = codes.to(torch.int8).contiguous()
-        if float_codes and codes.numel():
-            bound = codes.shape[1] * float(meta[2]) * float(codes.abs().max())
-            if bound < exact_below:
+    out = {}
+    for name, t in weights.items():
+        if name == "reference_energies" or name.endswith(".act"):
+            out[name] = t.to(torch.float64).contiguous()
+        elif name.endswith(".codes"):
+            codes = t.to(torch.int8).contiguous()
+            qmax = float(weights[name[:-len(".codes")] + ".act"][2])
+            if float_codes and codes.numel() and codes.shape[1] * qmax * float(codes.abs().max()) < exact_below:
                 codes = codes.to(dtype)
-        out += [meta, codes, steps.to(dtype).reshape(-1).contiguous()]
+            out[name] = codes
+        else:
+            out[name] = t.to(dtype).reshape(t.shape).contiguous()
     return out
 
 
@@ -306,18 +336,26 @@ class FusedEnergyForces:
     def __init__(self, potential, dtype: torch.dtype = torch.float32, int_gemm: str = "float"):
         if int_gemm not in self.INT_GEMMS:
             raise ValueError(f"int_gemm must be one of {self.INT_GEMMS}, not {int_gemm!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
         load_extension()
-        params, self.consts, quant = gather_parameters(potential)
+        weights, self.consts = gather_parameters(potential)
         self.int_gemm = int_gemm
-        self.quant = _cast_quantizers(quant, dtype, int_gemm == "float")
-        self.rounds_activations = bool(self.quant)
-        # cast once: float weights to the compute dtype, reference energies kept float64
-        self.params = [t.to(dtype) for t in params[:-1]] + [params[-1].to(torch.float64)]
+        self.weights = _cast_weights(weights, dtype, int_gemm == "float")
         self.dtype = dtype
+        # checked and cast once; keeps one workspace per graph size across calls
+        self.model = torch.classes.gaq.Model(LAYOUT_VERSION, self.weights, self.consts, dtype == torch.float64)
+        self.rounds_activations = bool(self.model.quantized())
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs: int):
         if positions.device.type != "cpu":
             raise KernelUnavailable("the fused kernel runs on CPU")
-        return torch.ops.gaq.energy_forces(positions.to(self.dtype), species, receivers, senders,
-                                           shifts.to(self.dtype), batch, int(n_graphs), self.params, self.consts,
-                                           self.quant)
+        return self.model.energy_forces(positions, species, receivers, senders, shifts, batch, int(n_graphs))
+
+    def profile(self, on: bool = True) -> None:
+        """Time every stage of the kernel (forward and backward per stage) from now on; stage_seconds reads."""
+        self.model.set_profile(bool(on))
+
+    def stage_seconds(self) -> Dict[str, float]:
+        """Seconds per kernel stage summed over the profiled calls since the last read ("calls": how many)."""
+        return dict(self.model.stage_seconds())

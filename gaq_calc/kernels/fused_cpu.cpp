@@ -2,20 +2,48 @@
 //
 // Same function as gaq_calc.model.network.GAQPotential (+ EnergyForces): the reference path runs it
 // as ~1,000 small ATen ops forward and backward; here every pair x feature loop is one fused pass over
-// the edges and only the matmuls go to ATen (BLAS). Forces are the exact gradient of the returned
-// energy (reverse mode written out below; tests compare it with autograd in float64).
-// Quantized models run here in "conservative" mode only (dequantized weights, unrounded activations).
+// the edges and the matmuls go straight to the BLAS (MKL's sgemm_/dgemm_, the routine ATen's matmul
+// calls, with the same arguments, so results are the bits at::mm gives). Forces are the exact gradient
+// of the returned energy when activations are not rounded (reverse mode written out below; tests compare
+// it with autograd in float64). In an artifact's "quantized" mode the input of every Linear is rounded
+// to int8 codes and the forces are QAT's straight-through gradient.
 //
-// Layouts (row-major): h [n, F]; v [n, 3, F]; per-edge filters [E, L, 3F + H] as in the network.
+// Weights come as named tensors with a layout version (kLayoutVersion; the names are listed at
+// `Weights::from_named`, and gaq_calc/kernels/fused.py emits them). `gaq::Model` (a TorchScript class)
+// checks and casts them once, and keeps one workspace per graph size: a call allocates only its two
+// outputs. `gaq::energy_forces` is the same computation for one call (it builds a Model each time).
+//
+// Layouts (row-major): h [n, F]; v [n, 3, F]; per-edge filters of layer l [E, W], W = 3F + H:
+// (sv, s, vv filters, head biases).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
 #include <vector>
 
+extern "C" {
+// MKL's Fortran BLAS as exported by libtorch_cpu (ATen's cpublas::gemm calls these)
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+int MKL_Set_Num_Threads_Local(int n);  // this thread's MKL thread count (0: back to the global one)
+}
+
 namespace {
+
+constexpr int64_t kLayoutVersion = 2;
 
 template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
 template <typename T> inline T silu(T x) { return x * sigmoid(x); }
@@ -23,8 +51,56 @@ template <typename T> inline T dsilu(T x) { const T s = sigmoid(x); return s * (
 template <typename T> inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }
 template <typename T> inline T dsoftplus(T x) { return x > T(20) ? T(1) : sigmoid(x); }
 
-template <typename T> inline T* ptr(at::Tensor& t) { return t.data_ptr<T>(); }
-template <typename T> inline const T* cptr(const at::Tensor& t) { return t.data_ptr<T>(); }
+// ---- BLAS: column-major gemm as ATen's cpublas::gemm calls it (normalize_last_dims included)
+template <typename T>
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (n == 1) ldc = m;
+  if (ta != 'N') {
+    if (m == 1) lda = k;
+  } else if (k == 1) {
+    lda = m;
+  }
+  if (tb != 'N') {
+    if (k == 1) ldb = n;
+  } else if (n == 1) {
+    ldb = k;
+  }
+  const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  } else {
+    dgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+  }
+}
+
+// y [m, out] = x [m, in] w[out, in]^T (+ b): at::mm(x, w.t()) / at::addmm(b, x, w.t()) into y
+template <typename T>
+void linear_nt(const T* x, int64_t m, int64_t in, const T* w, int64_t out, const T* b, T* y) {
+  if (m == 0 || out == 0) return;
+  if (b)
+    for (int64_t i = 0; i < m; ++i) std::copy(b, b + out, y + i * out);
+  if (in == 0) {
+    if (!b) std::fill(y, y + m * out, T(0));
+    return;
+  }
+  const T beta = b ? T(1) : T(0);
+  if (out == 1)  // ATen treats an [m, 1] result as column-major
+    blas_gemm<T>('T', 'N', m, 1, in, T(1), x, in, w, in, beta, y, 1);
+  else
+    blas_gemm<T>('T', 'N', out, m, in, T(1), w, in, x, in, beta, y, out);
+}
+
+// y [m, in] (=, or += with accumulate) gy [m, out] w [out, in]: at::mm(gy, w) / y.addmm_(gy, w)
+template <typename T>
+void linear_nn(const T* gy, int64_t m, int64_t out, const T* w, int64_t in, T* y, bool accumulate = false) {
+  if (m == 0 || in == 0) return;
+  if (out == 0) {
+    if (!accumulate) std::fill(y, y + m * in, T(0));
+    return;
+  }
+  blas_gemm<T>('N', 'N', in, m, out, T(1), w, in, gy, out, accumulate ? T(1) : T(0), y, in);
+}
 
 // y = LN(x) * g + b over rows of width F; saves mean and 1/std for the backward
 template <typename T>
@@ -66,20 +142,23 @@ void layer_norm_backward(const T* x, const T* g, const T* mean, const T* rstd, c
   }
 }
 
-inline at::Tensor mm_nt(const at::Tensor& x, const at::Tensor& w) { return at::mm(x, w.t()); }
-inline at::Tensor mm_nt(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return at::addmm(b, x, w.t());
+// at::silu (ATen's vectorised kernel, so the bits match the reference path) on raw buffers
+template <typename T>
+void silu_into(const T* x, int64_t numel, T* y) {
+  if (numel == 0) return;
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor out = at::from_blob(y, {numel}, opt);
+  at::silu_out(out, at::from_blob(const_cast<T*>(x), {numel}, opt));
 }
 
-
 // ---- the artifact's "quantized" mode: inputs of Linear layers rounded to integer codes, integer GEMM
-// (int8 activation codes x int8/int4 weight codes, int32 accumulation, one rescale per output), and
+// (int8 activation codes x int8/int4 weight codes, exact integer sums, one rescale per output), and
 // the straight-through backward of QAT (identity inside the clipping range, zero outside).
 struct ActQuant {
   int kind = 0;  // 0 none (float GEMM on dequantized weights), 1 linear per tensor, 2 linear in the local frame
   double step = 1.0;
   int qmax = 127;
-  at::Tensor codes;  // int8 [out, in] weight codes
+  at::Tensor codes;  // int8 [out, in] weight codes (engine 0)
   at::Tensor wstep;  // [out] weight steps
   // the codes as floats [out, in] when the integer GEMM runs in floating-point units (engine 1): exact,
   // because every product and partial sum is an integer below 2^24 (float) or 2^53 (double)
@@ -107,52 +186,26 @@ __attribute__((noinline)) void rescale_codes(T* Y, int64_t m, int64_t rows, T sa
 // Engine 0: int32 accumulation in a loop. Engine 1 (q.codes_fp set): the same integer products and sums
 // through the BLAS GEMM in floating-point units, exact below 2^24 / 2^53, so both engines give identical
 // bits; at these shapes this int8 loop (and torch._int_mm) is slower than MKL's sgemm.
+// `scratch` holds m * in values (engine 1's codes as floats).
 template <typename T>
-at::Tensor int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const at::Tensor& bias,
-                      int64_t row0, int64_t rows, const at::TensorOptions& opt) {
-  at::Tensor y;
+void int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const T* bias, int64_t row0,
+                int64_t rows, T* y, T* scratch) {
   if (q.codes_fp.defined()) {
-    at::Tensor xf = at::empty({m, in}, opt);
-    T* X = xf.data_ptr<T>();
-    for (int64_t i = 0; i < m * in; ++i) X[i] = static_cast<T>(xc[i]);
-    y = at::mm(xf, q.codes_fp.narrow(0, row0, rows).t());  // [m, rows] integer-valued
+    for (int64_t i = 0; i < m * in; ++i) scratch[i] = static_cast<T>(xc[i]);
+    linear_nt<T>(scratch, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
   } else {
-    y = at::empty({m, rows}, opt);
     const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
-    T* Y = y.data_ptr<T>();
     for (int64_t i = 0; i < m; ++i) {
       const int8_t* __restrict__ xr = xc + i * in;
       for (int64_t o = 0; o < rows; ++o) {
         const int8_t* __restrict__ wr = wc + o * in;
         int32_t acc = 0;
         for (int64_t k = 0; k < in; ++k) acc += static_cast<int32_t>(xr[k]) * static_cast<int32_t>(wr[k]);
-        Y[i * rows + o] = static_cast<T>(acc);
+        y[i * rows + o] = static_cast<T>(acc);
       }
     }
   }
-  rescale_codes<T>(y.data_ptr<T>(), m, rows, T(q.step), q.wstep.data_ptr<T>() + row0,
-                   bias.numel() ? bias.data_ptr<T>() : nullptr);
-  return y;
-}
-
-// y = Q(x) W^T + b with Q per `q` (kind 0 or no q: no rounding); the straight-through mask goes to *mask
-template <typename T>
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const ActQuant* q, at::Tensor* mask) {
-  if (q == nullptr || q->kind == 0) return b.numel() ? mm_nt(x, w, b) : mm_nt(x, w);
-  TORCH_CHECK(q->kind == 1, "frame quantization is applied by the vector-branch code path");
-  at::Tensor xc = x.contiguous();
-  const int64_t m = xc.size(0), in = xc.size(1);
-  std::vector<int8_t> codes(m * in);
-  *mask = at::empty_like(xc);
-  quantize_codes(xc.data_ptr<T>(), m * in, *q, codes.data(), mask->data_ptr<T>());
-  return int_linear<T>(codes.data(), m, in, *q, b, 0, w.size(0), xc.options());
-}
-
-// gx = (gy W) * mask: backward of qlinear with respect to its input
-inline at::Tensor qlinear_backward(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& mask) {
-  at::Tensor gx = at::mm(gy, w);
-  if (mask.defined()) gx.mul_(mask);
-  return gx;
+  rescale_codes<T>(y, m, rows, T(q.step), q.wstep.template data_ptr<T>() + row0, bias);
 }
 
 // local frames of l=1 features v [n, 3, C] as gaq_calc.quant.primitives.local_frame: rows e1 (largest
@@ -204,482 +257,216 @@ void local_frames(const T* v, int64_t n, int64_t C, T* frames, double rel_tol) {
   }
 }
 
-// parameter list layout (kept in step with gaq_calc/kernels/fused.py)
-constexpr int kGlobal = 5;   // embedding, frequencies, radial W1, radial b1, radial W2
-constexpr int kPerLayer = 11;  // ln g, ln b, Wqk, Wv, bv, log_tau, Win, bin, Wout, bout, Wvm
-constexpr int kReadout = 8;  // ln g, ln b, W1, b1, W2, b2, energy_scale, reference energies (float64)
-
-struct LayerCache {
-  at::Tensor rad, h, v, x, mean0, rstd0, qkn, qknorm, ex, score, S, alpha, af, val;
-  at::Tensor h1, v1, mean1, rstd1, vm, vn, z2, a, dot;
-  at::Tensor m_qk, m_v, m_ein, m_eout, m_vm, frames;  // quantized mode: straight-through masks, frames
-};
-
-template <typename T>
-std::tuple<at::Tensor, at::Tensor> energy_forces_impl(
-    const at::Tensor& pos, const at::Tensor& species, const at::Tensor& receivers, const at::Tensor& senders,
-    const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, const std::vector<at::Tensor>& p,
-    const std::vector<double>& c, const std::vector<ActQuant>& Q) {
-  const double cutoff = c[0], env_p = c[1], rbf_pref = c[2], eps = c[3];
-  const int64_t num_heads = static_cast<int64_t>(c[4]);
-  const int64_t n = pos.size(0), E = receivers.size(0);
-  const at::Tensor& emb = p[0];
-  const int64_t F = emb.size(1), H = num_heads, D = F / H, K = p[1].size(0);
-  const int64_t L = (static_cast<int64_t>(p.size()) - kGlobal - kReadout) / kPerLayer;
-  const int64_t W = 3 * F + H;  // filter block per layer
-  const bool hidden = p[2].numel() > 0;
-  auto opt = pos.options();
-  const int64_t* rcv = cptr<int64_t>(receivers);
-  const int64_t* snd = cptr<int64_t>(senders);
-  const T sqrt3 = std::sqrt(T(3));
-  const at::Tensor none = at::empty({0}, opt);
-  // activation quantizers, one per Linear: radial (1 or 2), per layer (qk, value, exchange in/out,
-  // vector mix), readout (2); an empty list: no rounding
-  const int64_t nrad = hidden ? 2 : 1;
-  auto qp = [&](int64_t i) -> const ActQuant* { return Q.empty() ? nullptr : &Q[i]; };
-
-  // ---- geometry: unit vectors, l=1 harmonics sqrt(3) u (e3nn "component", order x, y, z), basis, envelope
-  at::Tensor u = at::empty({E, 3}, opt), dist = at::empty({E}, opt), env = at::empty({E}, opt),
-             denv = at::empty({E}, opt), rbf = at::empty({E, K}, opt), drbf = at::empty({E, K}, opt);
-  {
-    const T* P = cptr<T>(pos);
-    const T* S = cptr<T>(shifts);
-    const T* fr = cptr<T>(p[1]);
-    T *U = ptr<T>(u), *Dd = ptr<T>(dist), *En = ptr<T>(env), *dEn = ptr<T>(denv), *B = ptr<T>(rbf),
-      *dB = ptr<T>(drbf);
-    const T pp = T(env_p), rc = T(cutoff), pref = T(rbf_pref);
-    const T c0 = (pp + 1) * (pp + 2) / 2, c1 = pp * (pp + 2), c2 = pp * (pp + 1) / 2;
-    for (int64_t e = 0; e < E; ++e) {
-      T d2 = 0, vec[3];
-      for (int a = 0; a < 3; ++a) {
-        vec[a] = P[snd[e] * 3 + a] - P[rcv[e] * 3 + a] + S[e * 3 + a];
-        d2 += vec[a] * vec[a];
-      }
-      const T d = std::sqrt(d2);
-      Dd[e] = d;
-      for (int a = 0; a < 3; ++a) U[e * 3 + a] = vec[a] / d;
-      const T x = d / rc;
-      if (x < T(1)) {
-        const T xp1 = std::pow(x, pp - 1), xp = xp1 * x;
-        En[e] = T(1) - c0 * xp + c1 * xp * x - c2 * xp * x * x;
-        dEn[e] = (-c0 * pp * xp1 + c1 * (pp + 1) * xp - c2 * (pp + 2) * xp * x) / rc;
-      } else {
-        En[e] = 0;
-        dEn[e] = 0;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const T s = std::sin(fr[k] * d), co = std::cos(fr[k] * d);
-        B[e * K + k] = pref * s / d;
-        dB[e * K + k] = pref * (fr[k] * co * d - s) / (d * d);
-      }
-    }
-  }
-  // radial filters: the hidden features once, then each layer's [E, W] block right before its use
-  // (one block stays in cache; the full [E, L * W] output would not)
-  at::Tensor z1, radial_in, m_r1, m_r2;  // [E, R], [E, R or K]
-  if (hidden) {
-    z1 = qlinear<T>(rbf, p[2], p[3], qp(0), &m_r1);
-    radial_in = at::silu(z1);
-  } else {
-    radial_in = rbf;
-  }
-  const ActQuant* qr2 = qp(nrad - 1);
-  std::vector<int8_t> radial_codes;  // the rounded input of the filter layer, shared by all layers
-  if (qr2 && qr2->kind == 1) {
-    radial_in = radial_in.contiguous();
-    radial_codes.resize(radial_in.numel());
-    m_r2 = at::empty_like(radial_in);
-    quantize_codes(cptr<T>(radial_in), radial_in.numel(), *qr2, radial_codes.data(), ptr<T>(m_r2));
-  }
-  const int64_t radial_width = radial_in.size(1);
-  auto radial_weight = [&](int64_t l) { return p[4].narrow(0, l * W, W); };  // [W, R] rows of layer l
-
-  // ---- forward through the layers
-  std::vector<LayerCache> caches(L);
-  at::Tensor h = emb.index_select(0, species).contiguous();  // [n, F]
-  at::Tensor v = at::zeros({n, 3, F}, opt);
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* q = &p[kGlobal + l * kPerLayer];
-    const T *lg = cptr<T>(q[0]), *lb = cptr<T>(q[1]);
-    LayerCache& C = caches[l];
-    const int64_t qb = nrad + l * 5;  // this layer's quantizers
-    C.rad = radial_codes.empty()  // [E, W]: filters sv, s, vv and head biases
-                ? mm_nt(radial_in, radial_weight(l)).contiguous()
-                : int_linear<T>(radial_codes.data(), E, radial_width, *qr2, none, l * W, W, opt);
-    const T* RAD = cptr<T>(C.rad);
-    C.h = h;
-    C.v = v;
-    C.x = at::empty({n, F}, opt);
-    C.mean0 = at::empty({n}, opt);
-    C.rstd0 = at::empty({n}, opt);
-    layer_norm(cptr<T>(h), lg, lb, ptr<T>(C.x), ptr<T>(C.mean0), ptr<T>(C.rstd0), n, F, eps);
-    // cosine attention: L2-normalised queries (c=0) and keys (c=1) per head
-    C.qkn = qlinear<T>(C.x, q[2], none, qp(qb), &C.m_qk).contiguous();  // [n, 2F]
-    C.qknorm = at::empty({n, 2 * H}, opt);
-    {
-      T *QK = ptr<T>(C.qkn), *NR = ptr<T>(C.qknorm);
-      for (int64_t i = 0; i < n * 2 * H; ++i) {
-        T* row = QK + i * D;
-        T s = 0;
-        for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
-        const T nrm = std::sqrt(s);
-        NR[i] = nrm;
-        const T inv = T(1) / std::max(nrm, T(1e-12));
-        for (int64_t d = 0; d < D; ++d) row[d] *= inv;
-      }
-    }
-    std::vector<T> tau(H);
-    for (int64_t hh = 0; hh < H; ++hh) tau[hh] = std::exp(cptr<T>(q[5])[hh]);
-    C.ex = at::empty({E, H}, opt);
-    C.score = at::empty({E, H}, opt);
-    C.S = at::ones({n, H}, opt);
-    C.alpha = at::empty({E, H}, opt);
-    {
-      const T* QK = cptr<T>(C.qkn);
-      T *EX = ptr<T>(C.ex), *SC = ptr<T>(C.score), *SS = ptr<T>(C.S), *AL = ptr<T>(C.alpha);
-      const T* En = cptr<T>(env);
-      for (int64_t e = 0; e < E; ++e) {
-        const T* qr = QK + rcv[e] * 2 * F;
-        const T* ks = QK + snd[e] * 2 * F + F;
-        const T* bias = RAD + e * W + 3 * F;
-        for (int64_t hh = 0; hh < H; ++hh) {
-          T cs = 0;
-          for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
-          const T x = std::exp(tau[hh] * (cs - T(1)) - softplus(bias[hh]));
-          EX[e * H + hh] = x;
-          SC[e * H + hh] = En[e] * x;
-          SS[rcv[e] * H + hh] += En[e] * x;
-        }
-      }
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t hh = 0; hh < H; ++hh) AL[e * H + hh] = SC[e * H + hh] / SS[rcv[e] * H + hh];
-      C.af = at::empty({E, F}, opt);  // alpha per feature channel (head of the channel)
-      T* AF = ptr<T>(C.af);
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t hh = 0; hh < H; ++hh)
-          for (int64_t d = 0; d < D; ++d) AF[e * F + hh * D + d] = AL[e * H + hh];
-    }
-    C.val = qlinear<T>(C.x, q[3], q[4], qp(qb + 1), &C.m_v).contiguous();  // [n, 2F]: (value_sv, value_s)
-    at::Tensor h1 = h.clone(), v1 = v.clone();
-    {
-      const T *VAL = cptr<T>(C.val), *V = cptr<T>(v), *AF = cptr<T>(C.af), *U = cptr<T>(u);
-      T *H1 = ptr<T>(h1), *V1 = ptr<T>(v1);
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t r = rcv[e], s = snd[e];
-        const T* __restrict__ f0 = RAD + e * W;  // filters: sv, s, vv
-        const T* __restrict__ f1 = f0 + F;
-        const T* __restrict__ f2 = f0 + 2 * F;
-        const T* __restrict__ af = AF + e * F;
-        const T* __restrict__ vsv = VAL + s * 2 * F;
-        const T* __restrict__ vs = vsv + F;
-        T* __restrict__ hr = H1 + r * F;
-        for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
-        for (int a = 0; a < 3; ++a) {
-          const T y = sqrt3 * U[e * 3 + a];
-          const T* __restrict__ vsa = V + (s * 3 + a) * F;
-          T* __restrict__ vra = V1 + (r * 3 + a) * F;
-          for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
-        }
-      }
-    }
-    C.h1 = h1;
-    C.v1 = v1;
-    // exchange between the branches through invariants
-    const ActQuant* qv = qp(qb + 4);
-    if (qv && qv->kind == 2) {  // components in the local frame rounded; the mix runs in frame coordinates
-      C.frames = at::empty({n, 3, 3}, opt);
-      local_frames(cptr<T>(v1), n, F, ptr<T>(C.frames), 1e-7);
-      at::Tensor comp = at::matmul(C.frames, v1).contiguous();  // [n, 3, F]
-      std::vector<int8_t> codes(comp.numel());
-      C.m_vm = at::empty_like(comp);
-      quantize_codes(cptr<T>(comp), comp.numel(), *qv, codes.data(), ptr<T>(C.m_vm));
-      at::Tensor yf = int_linear<T>(codes.data(), 3 * n, F, *qv, none, 0, 2 * F, opt).view({n, 3, 2 * F});
-      C.vm = at::matmul(C.frames.transpose(1, 2), yf).contiguous();  // back to Cartesian: (v_u, v_w)
-    } else {
-      C.vm = qlinear<T>(v1.view({3 * n, F}), q[10], none, qv, &C.m_vm).view({n, 3, 2 * F}).contiguous();
-    }
-    C.vn = at::empty({n, F}, opt);
-    C.dot = at::empty({n, F}, opt);
-    at::Tensor cin = at::empty({n, 2 * F}, opt);  // (LN(h1), |v_w|-ish)
-    C.mean1 = at::empty({n}, opt);
-    C.rstd1 = at::empty({n}, opt);
-    {
-      const T* VM = cptr<T>(C.vm);
-      T *VN = ptr<T>(C.vn), *DT = ptr<T>(C.dot), *CI = ptr<T>(cin);
-      std::vector<T> y(F);
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t f = 0; f < F; ++f) {
-          T sw = 0, sd = 0;
-          for (int a = 0; a < 3; ++a) {
-            const T vu = VM[(i * 3 + a) * 2 * F + f], vw = VM[(i * 3 + a) * 2 * F + F + f];
-            sw += vw * vw;
-            sd += vu * vw;
-          }
-          VN[i * F + f] = std::sqrt(sw + T(1)) - T(1);
-          DT[i * F + f] = sd;
-          CI[i * 2 * F + F + f] = VN[i * F + f];
-        }
-      }
-      at::Tensor yn = at::empty({n, F}, opt);
-      layer_norm(cptr<T>(h1), lg, lb, ptr<T>(yn), ptr<T>(C.mean1), ptr<T>(C.rstd1), n, F, eps);
-      const T* YN = cptr<T>(yn);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t f = 0; f < F; ++f) CI[i * 2 * F + f] = YN[i * F + f];
-    }
-    C.z2 = qlinear<T>(cin, q[6], q[7], qp(qb + 2), &C.m_ein);
-    C.a = qlinear<T>(at::silu(C.z2), q[8], q[9], qp(qb + 3), &C.m_eout).contiguous();  // [n, 3F]: a_vv, a_sv, a_ss
-    at::Tensor h2 = h1.clone(), v2 = v1.clone();
-    {
-      const T *A = cptr<T>(C.a), *DT = cptr<T>(C.dot), *VM = cptr<T>(C.vm);
-      T *H2 = ptr<T>(h2), *V2 = ptr<T>(v2);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* ai = A + i * 3 * F;
-        for (int64_t f = 0; f < F; ++f) H2[i * F + f] += ai[2 * F + f] + ai[F + f] * DT[i * F + f];
-        for (int a = 0; a < 3; ++a)
-          for (int64_t f = 0; f < F; ++f) V2[(i * 3 + a) * F + f] += ai[f] * VM[(i * 3 + a) * 2 * F + f];
-      }
-    }
-    h = h2;
-    v = v2;
-  }
-
-  // ---- readout and energy (float64 accumulation)
-  const at::Tensor* ro = &p[kGlobal + L * kPerLayer];
-  at::Tensor yr = at::empty({n, F}, opt), mr = at::empty({n}, opt), sr = at::empty({n}, opt);
-  layer_norm(cptr<T>(h), cptr<T>(ro[0]), cptr<T>(ro[1]), ptr<T>(yr), ptr<T>(mr), ptr<T>(sr), n, F, eps);
-  at::Tensor m_ro1, m_ro2;
-  at::Tensor t = qlinear<T>(yr, ro[2], ro[3], qp(nrad + 5 * L), &m_ro1).contiguous();  // [n, F]
-  at::Tensor o = qlinear<T>(at::silu(t), ro[4], ro[5], qp(nrad + 5 * L + 1), &m_ro2).contiguous();  // [n, 1]
-  const T scale = cptr<T>(ro[6])[0];
-  at::Tensor energy = at::zeros({n_graphs}, opt.dtype(at::kDouble));
-  {
-    const double* ref = cptr<double>(ro[7]);
-    const int64_t *spc = cptr<int64_t>(species), *bat = cptr<int64_t>(batch);
-    double* en = ptr<double>(energy);
-    const T* O = cptr<T>(o);
-    for (int64_t i = 0; i < n; ++i)
-      en[bat[i]] += static_cast<double>(O[i] * scale) + ref[spc[i]];
-  }
-
-  // ---- backward: gradient of sum(energy) with respect to positions
-  at::Tensor gh = at::zeros({n, F}, opt);
-  {
-    at::Tensor gt = at::empty({n, F}, opt);
-    const T *T_ = cptr<T>(t), *W2 = cptr<T>(ro[4]);
-    T* GT = ptr<T>(gt);
-    const T* M2 = m_ro2.defined() ? cptr<T>(m_ro2) : nullptr;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t f = 0; f < F; ++f)
-        GT[i * F + f] = scale * W2[f] * (M2 ? M2[i * F + f] : T(1)) * dsilu(T_[i * F + f]);
-    at::Tensor gy = qlinear_backward(gt, ro[2], m_ro1).contiguous();
-    layer_norm_backward(cptr<T>(h), cptr<T>(ro[0]), cptr<T>(mr), cptr<T>(sr), cptr<T>(gy), F, ptr<T>(gh), n, F);
-  }
-  at::Tensor gv = at::zeros({n, 3, F}, opt);
-  at::Tensor grad_radial_in = at::zeros_like(radial_in), genv = at::zeros({E}, opt), gY = at::zeros({E, 3}, opt);
-  at::Tensor grad_rad = at::empty({E, W}, opt);  // one layer's block, every element written each layer
-  T *GR = ptr<T>(grad_rad), *GEN = ptr<T>(genv), *GYp = ptr<T>(gY);
-    for (int64_t l = L - 1; l >= 0; --l) {
-    const at::Tensor* q = &p[kGlobal + l * kPerLayer];
-    const T *lg = cptr<T>(q[0]);
-    LayerCache& C = caches[l];
-    const T* RAD = cptr<T>(C.rad);
-    // h2 = h1 + a_ss + a_sv * dot;  v2 = v1 + a_vv * v_u
-    at::Tensor ga = at::empty({n, 3 * F}, opt), gvm = at::empty({n, 3, 2 * F}, opt);
-    {
-      const T *GH = cptr<T>(gh), *GV = cptr<T>(gv), *A = cptr<T>(C.a), *DT = cptr<T>(C.dot), *VM = cptr<T>(C.vm);
-      T *GA = ptr<T>(ga), *GVM = ptr<T>(gvm);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* ai = A + i * 3 * F;
-        T* gai = GA + i * 3 * F;
-        for (int64_t f = 0; f < F; ++f) {
-          const T g = GH[i * F + f];
-          T s = 0;
-          for (int a = 0; a < 3; ++a) s += GV[(i * 3 + a) * F + f] * VM[(i * 3 + a) * 2 * F + f];
-          gai[f] = s;
-          gai[F + f] = g * DT[i * F + f];
-          gai[2 * F + f] = g;
-          const T gdot = g * ai[F + f];
-          for (int a = 0; a < 3; ++a) {
-            const T* vmr = VM + (i * 3 + a) * 2 * F;
-            T* gvmr = GVM + (i * 3 + a) * 2 * F;
-            gvmr[f] = GV[(i * 3 + a) * F + f] * ai[f] + gdot * vmr[F + f];
-            gvmr[F + f] = gdot * vmr[f];
-          }
-        }
-      }
-    }
-    at::Tensor gz2 = qlinear_backward(ga, q[8], C.m_eout).contiguous();  // [n, F]
-    {
-      const T* Z = cptr<T>(C.z2);
-      T* G = ptr<T>(gz2);
-      for (int64_t i = 0; i < n * F; ++i) G[i] *= dsilu(Z[i]);
-    }
-    at::Tensor gc = qlinear_backward(gz2, q[6], C.m_ein).contiguous();  // [n, 2F]
-    {
-      const T *GC = cptr<T>(gc), *VM = cptr<T>(C.vm), *VN = cptr<T>(C.vn);
-      T* GVM = ptr<T>(gvm);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t f = 0; f < F; ++f) {
-          const T k = GC[i * 2 * F + F + f] / (VN[i * F + f] + T(1));
-          for (int a = 0; a < 3; ++a) GVM[(i * 3 + a) * 2 * F + F + f] += k * VM[(i * 3 + a) * 2 * F + F + f];
-        }
-    }
-    at::Tensor gh1 = gh.clone();
-    layer_norm_backward(cptr<T>(C.h1), lg, cptr<T>(C.mean1), cptr<T>(C.rstd1), cptr<T>(gc), 2 * F, ptr<T>(gh1), n, F);
-    at::Tensor gxq = at::mm(gvm.view({3 * n, 2 * F}), q[10]).view({n, 3, F});  // d/d(rounded input)
-    at::Tensor gv1;
-    if (C.frames.defined()) {  // x_q = Fr^T Q(Fr x): straight-through gradient Fr^T M Fr
-      gv1 = gv + at::matmul(C.frames.transpose(1, 2), at::matmul(C.frames, gxq).mul_(C.m_vm));
-    } else {
-      if (C.m_vm.defined()) gxq.mul_(C.m_vm.view({n, 3, F}));
-      gv1 = gv + gxq;
-    }
-    // messages: h1 = h + sum_e msg_s, v1 = v + sum_e msg_v
-    at::Tensor ghin = gh1.clone(), gvin = gv1.clone();
-    at::Tensor gval = at::zeros({n, 2 * F}, opt), galpha = at::empty({E, H}, opt);
-    {
-      const T *GH1 = cptr<T>(gh1), *GV1 = cptr<T>(gv1), *VAL = cptr<T>(C.val), *V = cptr<T>(C.v),
-              *AF = cptr<T>(C.af), *U = cptr<T>(u);
-      T *GVIN = ptr<T>(gvin), *GVAL = ptr<T>(gval), *GAL = ptr<T>(galpha);
-      std::vector<T> buf(3 * F);
-      T* __restrict__ gmy = buf.data();   // sum_a dE/dmsg_a * Y_a
-      T* __restrict__ gg2 = gmy + F;      // dE/dg_vv
-      T* __restrict__ pr = gmy + 2 * F;   // dE/dalpha per channel
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t r = rcv[e], s = snd[e];
-        const T* __restrict__ f0 = RAD + e * W;
-        const T* __restrict__ f1 = f0 + F;
-        const T* __restrict__ f2 = f0 + 2 * F;
-        T* __restrict__ gf0 = GR + e * W;
-        T* __restrict__ gf1 = gf0 + F;
-        T* __restrict__ gf2 = gf0 + 2 * F;
-        const T* __restrict__ af = AF + e * F;
-        const T* __restrict__ vsv = VAL + s * 2 * F;
-        const T* __restrict__ vs = vsv + F;
-        T* __restrict__ gvsv = GVAL + s * 2 * F;
-        T* __restrict__ gvs = gvsv + F;
-        const T* __restrict__ ghr = GH1 + r * F;
-        for (int64_t f = 0; f < F; ++f) { gmy[f] = 0; gg2[f] = 0; }
-        for (int a = 0; a < 3; ++a) {
-          const T y = sqrt3 * U[e * 3 + a];
-          const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
-          const T* __restrict__ vsa = V + (s * 3 + a) * F;
-          T* __restrict__ gvin = GVIN + (s * 3 + a) * F;
-          T su = 0;
-#pragma omp simd reduction(+ : su)
-          for (int64_t f = 0; f < F; ++f) {
-            gmy[f] += gm[f] * y;
-            gg2[f] += gm[f] * vsa[f];
-            gvin[f] += gm[f] * f2[f] * af[f];
-            su += gm[f] * f0[f] * af[f] * vsv[f];
-          }
-          GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
-        }
-        for (int64_t f = 0; f < F; ++f) {
-          const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
-          gvsv[f] += f0[f] * af[f] * gmy[f];
-          gvs[f] += ghr[f] * f1[f] * af[f];
-          gf0[f] = gsv * af[f];
-          gf1[f] = gg1 * af[f];
-          gf2[f] = gg2[f] * af[f];
-          pr[f] = gsv * f0[f] + gg1 * f1[f] + gg2[f] * f2[f];
-        }
-        for (int64_t hh = 0; hh < H; ++hh) {
-          T su = 0;
-          for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
-          GAL[e * H + hh] = su;
-        }
-      }
-    }
-    // alpha = score / S[r], score = env * exp(tau (cos - 1) - softplus(b))
-    at::Tensor gqk = at::zeros({n, 2 * F}, opt);
-    {
-      const T *GAL = cptr<T>(galpha), *AL = cptr<T>(C.alpha), *SS = cptr<T>(C.S), *SC = cptr<T>(C.score),
-              *EX = cptr<T>(C.ex), *QK = cptr<T>(C.qkn);
-      T* GQK = ptr<T>(gqk);
-      std::vector<T> gS(n * H, T(0));
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t hh = 0; hh < H; ++hh)
-          gS[rcv[e] * H + hh] -= GAL[e * H + hh] * AL[e * H + hh] / SS[rcv[e] * H + hh];
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t r = rcv[e], s = snd[e];
-        const T* bias = RAD + e * W + 3 * F;
-        T* gbias = GR + e * W + 3 * F;
-        for (int64_t hh = 0; hh < H; ++hh) {
-          const T gsc = GAL[e * H + hh] / SS[r * H + hh] + gS[r * H + hh];
-          GEN[e] += gsc * EX[e * H + hh];
-          const T gpre = gsc * SC[e * H + hh];
-          gbias[hh] = -gpre * dsoftplus(bias[hh]);  // written once per layer
-          const T gcos = gpre * std::exp(cptr<T>(q[5])[hh]);
-          const T* qr = QK + r * 2 * F + hh * D;
-          const T* ks = QK + s * 2 * F + F + hh * D;
-          T* gqr = GQK + r * 2 * F + hh * D;
-          T* gks = GQK + s * 2 * F + F + hh * D;
-          for (int64_t d = 0; d < D; ++d) {
-            gqr[d] += gcos * ks[d];
-            gks[d] += gcos * qr[d];
-          }
-        }
-      }
-      // through the L2 normalisation (F.normalize: p / max(|p|, 1e-12))
-      const T* NR = cptr<T>(C.qknorm);
-      for (int64_t i = 0; i < n * 2 * H; ++i) {
-        T* g = GQK + i * D;
-        const T* qn = QK + i * D;
-        const T nrm = NR[i];
-        if (nrm > T(1e-12)) {
-          T dotp = 0;
-          for (int64_t d = 0; d < D; ++d) dotp += g[d] * qn[d];
-          for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - qn[d] * dotp) / nrm;
-        } else {
-          for (int64_t d = 0; d < D; ++d) g[d] /= T(1e-12);
-        }
-      }
-    }
-    at::Tensor gx = (qlinear_backward(gqk, q[2], C.m_qk) + qlinear_backward(gval, q[3], C.m_v)).contiguous();
-    layer_norm_backward(cptr<T>(C.h), lg, cptr<T>(C.mean0), cptr<T>(C.rstd0), cptr<T>(gx), F, ptr<T>(ghin), n, F);
-    grad_radial_in.addmm_(grad_rad, radial_weight(l));
-    gh = ghin;
-    gv = gvin;
-  }
-
-  // ---- radial network and geometry back to positions
-  at::Tensor grbf;
-  if (hidden) {
-    at::Tensor ga1 = grad_radial_in;  // [E, R]
-    if (m_r2.defined()) ga1.mul_(m_r2);
-    const T* Z = cptr<T>(z1);
-    T* G = ptr<T>(ga1);
-    for (int64_t i = 0; i < ga1.numel(); ++i) G[i] *= dsilu(Z[i]);
-    grbf = qlinear_backward(ga1, p[2], m_r1).contiguous();
-  } else {
-    grbf = m_r2.defined() ? grad_radial_in.mul(m_r2) : grad_radial_in;
-  }
-  at::Tensor forces = at::zeros({n, 3}, opt);
-  {
-    const T *GB = cptr<T>(grbf), *dB = cptr<T>(drbf), *dEn = cptr<T>(denv), *U = cptr<T>(u), *Dd = cptr<T>(dist);
-    T* Fo = ptr<T>(forces);
-    for (int64_t e = 0; e < E; ++e) {
-      T gd = GEN[e] * dEn[e];
-      for (int64_t k = 0; k < K; ++k) gd += GB[e * K + k] * dB[e * K + k];
-      const T* ue = U + e * 3;
-      const T* gy = GYp + e * 3;
-      const T ug = ue[0] * gy[0] + ue[1] * gy[1] + ue[2] * gy[2];
-      for (int a = 0; a < 3; ++a) {
-        const T gvec = gd * ue[a] + (gy[a] - ue[a] * ug) / Dd[e];  // d/dvec of (|vec|, vec/|vec|)
-        Fo[snd[e] * 3 + a] -= gvec;  // vec = r_s - r_r: force = -dE/dr
-        Fo[rcv[e] * 3 + a] += gvec;
-      }
-    }
-  }
-  return {energy, forces};
-}
-
 // ---- input checks. The op is reachable from Python and TorchScript with any arguments, and the loops
-// above index raw pointers with receivers, senders, species and batch, so every shape, dtype and index
+// below index raw pointers with receivers, senders, species and batch, so every shape, dtype and index
 // range is checked first: bad input raises ValueError (TORCH_CHECK_VALUE) with a one-line message, never
 // reads or writes out of bounds. Integer passes over n + E entries; valid input is not copied.
 #define GAQ_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "gaq::energy_forces: ", __VA_ARGS__)
+
+// ---- the named, versioned weight layout (kLayoutVersion = 2; gaq_calc/kernels/fused.py emits it)
+//   embedding.weight [S, F]; rbf.frequencies [K];
+//   radial.hidden.weight [R, K], radial.hidden.bias [R] (both absent without a hidden layer: R = K);
+//   radial.filter.weight [L W, R], W = 3F + H: rows l W .. (l + 1) W - 1 are layer l's (sv, s, vv, bias);
+//   layers.{l}.norm.{weight,bias} [F]; layers.{l}.qk.weight [2F, F]; layers.{l}.value.{weight [2F, F], bias [2F]};
+//   layers.{l}.log_tau [H]; layers.{l}.exchange_in.{weight [F, 2F], bias [F]};
+//   layers.{l}.exchange_out.{weight [3F, F], bias [3F]}; layers.{l}.vector_mix.weight [2F, F];
+//   readout.norm.{weight,bias} [F]; readout.hidden.{weight [F, F], bias [F]}; readout.out.{weight [1, F], bias [1]};
+//   energy_scale (one number); reference_energies [S] (float64).
+// Biases may be absent or empty. Activation quantizers (optional, per Linear named above without its
+// ".weight"): {name}.act = [kind, act step, qmax] (kind 0 none, 1 linear, 2 local frame: vector mix only),
+// {name}.codes [out, in] weight codes (int8: int32 loop; floating point: exact BLAS GEMM) and
+// {name}.wstep [out] weight steps. consts = [cutoff, envelope p, rbf prefactor, layer-norm eps, heads].
+using Named = c10::Dict<std::string, at::Tensor>;
+
+template <typename T>
+struct LinearW {
+  std::string name;
+  at::Tensor w, b;  // b undefined: no bias
+  int64_t out = 0, in = 0;
+  ActQuant q;
+  const T* W() const { return w.data_ptr<T>(); }
+  const T* B() const { return b.defined() ? b.data_ptr<T>() : nullptr; }
+};
+
+template <typename T>
+struct Weights {
+  int64_t S = 0, F = 0, H = 0, D = 0, K = 0, R = 0, L = 0, W = 0;
+  bool hidden = false, quantized = false;
+  double cutoff = 0, env_p = 0, rbf_pref = 0, eps = 0;
+  at::Tensor emb, freq, log_tau_all, ln_all, scale, ref;
+  LinearW<T> r1, r2, ro1, ro2;
+  struct Layer {
+    at::Tensor ln_g, ln_b, log_tau;
+    LinearW<T> qk, value, ex_in, ex_out, vmix;
+  };
+  std::vector<Layer> layers;
+  at::Tensor ro_g, ro_b;
+};
+
+const at::Tensor& need(const Named& d, const std::string& key) {
+  auto it = d.find(key);
+  GAQ_CHECK(it != d.end(), "weights: '", key, "' is missing (layout version ", kLayoutVersion, ")");
+  return it->value();
+}
+
+// a floating-point tensor of exactly `shape`, cast to the compute dtype
+at::Tensor take(const Named& d, const std::string& key, at::IntArrayRef shape, at::ScalarType dtype) {
+  const at::Tensor& t = need(d, key);
+  GAQ_CHECK(t.is_floating_point(), "weights['", key, "'] must be floating point, not ", t.scalar_type());
+  GAQ_CHECK(t.sizes() == shape, "weights['", key, "'] has shape ", t.sizes(), ", expected ", shape,
+            ": the weights do not match the model layout");
+  return t.to(dtype).contiguous();
+}
+
+// optional bias: absent, empty, or exactly [n]
+at::Tensor take_bias(const Named& d, const std::string& key, int64_t n, at::ScalarType dtype) {
+  auto it = d.find(key);
+  if (it == d.end()) return at::Tensor();
+  const at::Tensor& t = it->value();
+  GAQ_CHECK(t.is_floating_point(), "weights['", key, "'] must be floating point, not ", t.scalar_type());
+  if (t.numel() == 0) return at::Tensor();
+  GAQ_CHECK(t.dim() == 1 && t.size(0) == n, "weights['", key, "'] has shape ", t.sizes(), ", expected [", n,
+            "] or empty: the weights do not match the model layout");
+  return t.to(dtype).contiguous();
+}
+
+template <typename T>
+void take_linear(const Named& d, LinearW<T>& lin, const std::string& name, int64_t out, int64_t in, bool bias,
+                 bool frame_ok, at::ScalarType dtype, std::set<std::string>& used) {
+  lin.name = name;
+  lin.out = out;
+  lin.in = in;
+  lin.w = take(d, name + ".weight", {out, in}, dtype);
+  used.insert(name + ".weight");
+  if (bias) {
+    lin.b = take_bias(d, name + ".bias", out, dtype);
+    used.insert(name + ".bias");
+  }
+  auto it = d.find(name + ".act");
+  if (it == d.end()) return;
+  for (const char* s : {".act", ".codes", ".wstep"}) used.insert(name + s);
+  const at::Tensor& meta = it->value();
+  GAQ_CHECK(meta.is_floating_point() && meta.numel() == 3, "weights['", name,
+            ".act'] must be 3 floats [kind, act step, qmax], not ", meta.scalar_type(), " ", meta.sizes());
+  const at::Tensor m = meta.to(at::kDouble).contiguous();
+  const double kind = m.data_ptr<double>()[0], step = m.data_ptr<double>()[1], qmax = m.data_ptr<double>()[2];
+  GAQ_CHECK(kind == 0 || kind == 1 || kind == 2, "quantizer ", name, ": kind must be 0 (none), 1 (linear) or ",
+            "2 (frame), not ", kind);
+  if (kind == 0) return;
+  GAQ_CHECK(kind == 1 || frame_ok, "quantizer ", name, ": frame rounding (kind 2) applies to the vector mix only");
+  GAQ_CHECK(std::isfinite(step) && step > 0, "quantizer ", name, ": the activation step must be > 0, not ", step);
+  GAQ_CHECK(qmax >= 1 && qmax <= 127 && qmax == std::floor(qmax), "quantizer ", name,
+            ": qmax must be an integer in [1, 127] (int8 codes), not ", qmax);
+  const at::Tensor& codes = need(d, name + ".codes");
+  const at::Tensor& steps = need(d, name + ".wstep");
+  GAQ_CHECK(codes.scalar_type() == at::kChar || codes.is_floating_point(), "quantizer ", name,
+            ": weight codes must be int8 or floating point, not ", codes.scalar_type());
+  GAQ_CHECK(codes.dim() == 2 && codes.size(0) == out && codes.size(1) == in, "quantizer ", name,
+            ": weight codes of shape ", codes.sizes(), " do not match the weight [", out, ", ", in, "]");
+  GAQ_CHECK(steps.is_floating_point() && steps.numel() == out, "quantizer ", name, ": ", out,
+            " floating-point weight steps expected, got ", steps.scalar_type(), " ", steps.sizes());
+  lin.q.kind = static_cast<int>(kind);
+  lin.q.step = step;
+  lin.q.qmax = static_cast<int>(qmax);
+  // weight codes given as floats select engine 1 (the caller checked exactness: in * qmax * max|code|
+  // below 2^24 for float32); int8 codes select the int32 loop. (No copies when dtypes already match.)
+  if (codes.is_floating_point())
+    lin.q.codes_fp = codes.to(dtype).contiguous();
+  else
+    lin.q.codes = codes.contiguous();
+  lin.q.wstep = steps.to(dtype).reshape({-1}).contiguous();
+}
+
+template <typename T>
+Weights<T> weights_from_named(int64_t version, const Named& d, at::ArrayRef<double> consts) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  GAQ_CHECK(version == kLayoutVersion, "weight layout version ", version, " is not supported: this kernel reads ",
+            "version ", kLayoutVersion, " (rebuild the kernel's weights with gaq_calc.kernels.gather_parameters)");
+  GAQ_CHECK(consts.size() == 5, "consts must be [cutoff, envelope p, rbf prefactor, layer-norm eps, heads], got ",
+            consts.size(), " values");
+  for (double c : consts) GAQ_CHECK(std::isfinite(c), "consts must be finite, got ", consts);
+  GAQ_CHECK(consts[0] > 0, "the cutoff (consts[0]) must be > 0, not ", consts[0]);
+  Weights<T> w;
+  std::set<std::string> used;
+  w.cutoff = consts[0];
+  w.env_p = consts[1];
+  w.rbf_pref = consts[2];
+  w.eps = consts[3];
+  const at::Tensor& emb = need(d, "embedding.weight");
+  GAQ_CHECK(emb.dim() == 2 && emb.size(0) >= 1 && emb.size(1) >= 1,
+            "weights['embedding.weight'] must be [n_species, features], not ", emb.sizes());
+  w.S = emb.size(0);
+  w.F = emb.size(1);
+  const double heads = consts[4];
+  GAQ_CHECK(heads >= 1 && heads == std::floor(heads) && heads <= static_cast<double>(w.F) &&
+                w.F % static_cast<int64_t>(heads) == 0,
+            "the number of heads (consts[4] = ", heads, ") must be a positive divisor of the feature count ", w.F);
+  w.H = static_cast<int64_t>(heads);
+  w.D = w.F / w.H;
+  w.W = 3 * w.F + w.H;
+  const int64_t F = w.F, H = w.H;
+  w.emb = take(d, "embedding.weight", {w.S, F}, dtype);
+  used.insert("embedding.weight");
+  const at::Tensor& fr = need(d, "rbf.frequencies");
+  GAQ_CHECK(fr.dim() == 1, "weights['rbf.frequencies'] must be 1-D, not ", fr.sizes());
+  w.K = fr.size(0);
+  w.freq = take(d, "rbf.frequencies", {w.K}, dtype);
+  used.insert("rbf.frequencies");
+  while (d.contains("layers." + std::to_string(w.L) + ".norm.weight")) ++w.L;
+  const int64_t L = w.L;
+  w.hidden = d.contains("radial.hidden.weight");
+  w.R = w.K;
+  if (w.hidden) {
+    const at::Tensor& t = need(d, "radial.hidden.weight");
+    GAQ_CHECK(t.dim() == 2, "weights['radial.hidden.weight'] must be 2-D, not ", t.sizes());
+    w.R = t.size(0);
+    take_linear<T>(d, w.r1, "radial.hidden", w.R, w.K, true, false, dtype, used);
+  } else {
+    GAQ_CHECK(!d.contains("radial.hidden.bias"), "weights: 'radial.hidden.bias' without 'radial.hidden.weight'");
+  }
+  take_linear<T>(d, w.r2, "radial.filter", L * w.W, w.R, false, false, dtype, used);
+  w.layers.resize(L);
+  for (int64_t l = 0; l < L; ++l) {
+    auto& Ly = w.layers[l];
+    const std::string p = "layers." + std::to_string(l) + ".";
+    Ly.ln_g = take(d, p + "norm.weight", {F}, dtype);
+    Ly.ln_b = take(d, p + "norm.bias", {F}, dtype);
+    Ly.log_tau = take(d, p + "log_tau", {H}, dtype);
+    for (const char* s : {"norm.weight", "norm.bias", "log_tau"}) used.insert(p + s);
+    take_linear<T>(d, Ly.qk, p + "qk", 2 * F, F, false, false, dtype, used);
+    take_linear<T>(d, Ly.value, p + "value", 2 * F, F, true, false, dtype, used);
+    take_linear<T>(d, Ly.ex_in, p + "exchange_in", F, 2 * F, true, false, dtype, used);
+    take_linear<T>(d, Ly.ex_out, p + "exchange_out", 3 * F, F, true, false, dtype, used);
+    take_linear<T>(d, Ly.vmix, p + "vector_mix", 2 * F, F, false, true, dtype, used);
+  }
+  w.ro_g = take(d, "readout.norm.weight", {F}, dtype);
+  w.ro_b = take(d, "readout.norm.bias", {F}, dtype);
+  used.insert("readout.norm.weight");
+  used.insert("readout.norm.bias");
+  take_linear<T>(d, w.ro1, "readout.hidden", F, F, true, false, dtype, used);
+  take_linear<T>(d, w.ro2, "readout.out", 1, F, true, false, dtype, used);
+  const at::Tensor& sc = need(d, "energy_scale");
+  GAQ_CHECK(sc.is_floating_point() && sc.numel() == 1,
+            "weights['energy_scale'] must be one floating-point number, not of shape ", sc.sizes());
+  w.scale = sc.to(dtype).reshape({1}).contiguous();
+  used.insert("energy_scale");
+  const at::Tensor& ref = need(d, "reference_energies");
+  GAQ_CHECK(ref.is_floating_point(), "weights['reference_energies'] must be floating point, not ", ref.scalar_type());
+  GAQ_CHECK(ref.sizes() == at::IntArrayRef({w.S}), "weights['reference_energies'] has shape ", ref.sizes(),
+            ", expected [", w.S, "]: the weights do not match the model layout");
+  w.ref = ref.to(at::kDouble).contiguous();  // reference energies stay float64
+  used.insert("reference_energies");
+  for (const auto& item : d) {
+    GAQ_CHECK(used.count(item.key()), "weights: unknown name '", item.key(), "' in layout version ", kLayoutVersion,
+              " (", L, " layers)");
+  }
+  auto rounds = [](const LinearW<T>& x) { return x.q.kind != 0; };
+  w.quantized = rounds(w.r2) || rounds(w.ro1) || rounds(w.ro2) || (w.hidden && rounds(w.r1));
+  for (const auto& Ly : w.layers)
+    w.quantized = w.quantized || rounds(Ly.qk) || rounds(Ly.value) || rounds(Ly.ex_in) || rounds(Ly.ex_out) ||
+                  rounds(Ly.vmix);
+  return w;
+}
 
 void check_index_tensor(const at::Tensor& t, const char* name, int64_t len, const char* len_name) {
   GAQ_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name, " must be an integer tensor, not ",
@@ -704,19 +491,9 @@ void check_range(const at::Tensor& x, const char* name, int64_t hi, const char* 
             " = ", hi, ")");
 }
 
-// params[i] has exactly `shape`; an optional bias may also be empty
-void check_param(const at::TensorList& params, int64_t i, at::IntArrayRef shape, const char* what,
-                 bool optional = false) {
-  const at::Tensor& t = params[i];
-  GAQ_CHECK(t.is_floating_point(), "params[", i, "] (", what, ") must be floating point, not ", t.scalar_type());
-  if (optional && t.numel() == 0) return;
-  GAQ_CHECK(t.sizes() == shape, "params[", i, "] (", what, ") has shape ", t.sizes(), ", expected ", shape,
-            optional ? " or empty" : "", ": the parameter list does not match the model layout");
-}
-
-void check_inputs(const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers,
-                  const at::Tensor& senders, const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs,
-                  at::TensorList params, at::ArrayRef<double> consts, at::TensorList quant) {
+void check_graph(const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers,
+                 const at::Tensor& senders, const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs) {
+  GAQ_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
   GAQ_CHECK(positions.scalar_type() == at::kFloat || positions.scalar_type() == at::kDouble,
             "positions must be float32 or float64, not ", positions.scalar_type());
   GAQ_CHECK(positions.dim() == 2 && positions.size(1) == 3, "positions must be [n_atoms, 3], not ",
@@ -730,149 +507,760 @@ void check_inputs(const at::Tensor& positions, const at::Tensor& species, const 
   GAQ_CHECK(shifts.dim() == 2 && shifts.size(0) == E && shifts.size(1) == 3, "shifts must be [n_edges, 3] = [", E,
             ", 3], not ", shifts.sizes());
   GAQ_CHECK(n_graphs >= 1, "n_graphs must be >= 1, not ", n_graphs);
-  // constants and the parameter layout (kept in step with gaq_calc/kernels/fused.py)
-  GAQ_CHECK(consts.size() == 5, "consts must be [cutoff, envelope p, rbf prefactor, layer-norm eps, heads], got ",
-            consts.size(), " values");
-  for (double c : consts) GAQ_CHECK(std::isfinite(c), "consts must be finite, got ", consts);
-  GAQ_CHECK(consts[0] > 0, "the cutoff (consts[0]) must be > 0, not ", consts[0]);
-  const int64_t np = static_cast<int64_t>(params.size());
-  GAQ_CHECK(np >= kGlobal + kReadout && (np - kGlobal - kReadout) % kPerLayer == 0, "params has ", np,
-            " tensors, expected ", kGlobal, " + ", kPerLayer, " per layer + ", kReadout,
-            ": the parameter list does not match the model layout");
-  const int64_t L = (np - kGlobal - kReadout) / kPerLayer;
-  GAQ_CHECK(params[0].dim() == 2 && params[0].size(0) >= 1 && params[0].size(1) >= 1,
-            "params[0] (embedding) must be [n_species, features], not ", params[0].sizes());
-  const int64_t S = params[0].size(0), F = params[0].size(1);
-  const double heads = consts[4];
-  GAQ_CHECK(heads >= 1 && heads == std::floor(heads) && heads <= static_cast<double>(F) &&
-                F % static_cast<int64_t>(heads) == 0,
-            "the number of heads (consts[4] = ", heads, ") must be a positive divisor of the feature count ", F);
-  const int64_t H = static_cast<int64_t>(heads), W = 3 * F + H;
-  check_param(params, 0, {S, F}, "embedding");
-  GAQ_CHECK(params[1].dim() == 1, "params[1] (radial frequencies) must be 1-D, not ", params[1].sizes());
-  const int64_t K = params[1].size(0);
-  check_param(params, 1, {K}, "radial frequencies");
-  const bool hidden = params[2].numel() > 0;
-  int64_t R = K;
-  if (hidden) {
-    GAQ_CHECK(params[2].dim() == 2, "params[2] (radial hidden weight) must be 2-D, not ", params[2].sizes());
-    R = params[2].size(0);
-    check_param(params, 2, {R, K}, "radial hidden weight");
-    check_param(params, 3, {R}, "radial hidden bias", true);
-  } else {
-    GAQ_CHECK(params[3].numel() == 0, "params[3] (radial hidden bias) must be empty without a hidden layer");
-  }
-  check_param(params, 4, {L * W, R}, "radial filter weight");
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t b = kGlobal + l * kPerLayer;
-    check_param(params, b + 0, {F}, "layer norm gain");
-    check_param(params, b + 1, {F}, "layer norm bias");
-    check_param(params, b + 2, {2 * F, F}, "query-key weight");
-    check_param(params, b + 3, {2 * F, F}, "value weight");
-    check_param(params, b + 4, {2 * F}, "value bias", true);
-    check_param(params, b + 5, {H}, "log tau");
-    check_param(params, b + 6, {F, 2 * F}, "exchange-in weight");
-    check_param(params, b + 7, {F}, "exchange-in bias", true);
-    check_param(params, b + 8, {3 * F, F}, "exchange-out weight");
-    check_param(params, b + 9, {3 * F}, "exchange-out bias", true);
-    check_param(params, b + 10, {2 * F, F}, "vector-mix weight");
-  }
-  const int64_t r = kGlobal + L * kPerLayer;
-  check_param(params, r + 0, {F}, "readout norm gain");
-  check_param(params, r + 1, {F}, "readout norm bias");
-  check_param(params, r + 2, {F, F}, "readout hidden weight");
-  check_param(params, r + 3, {F}, "readout hidden bias", true);
-  check_param(params, r + 4, {1, F}, "readout output weight");
-  check_param(params, r + 5, {1}, "readout output bias", true);
-  GAQ_CHECK(params[r + 6].is_floating_point() && params[r + 6].numel() == 1, "params[", r + 6,
-            "] (energy scale) must be one floating-point number, not of shape ", params[r + 6].sizes());
-  check_param(params, r + 7, {S}, "reference energies");
-  // activation quantizers: none, or one (meta, weight codes, weight steps) triple per Linear, in order
-  std::vector<int64_t> linear;  // the param index of each Linear's weight
-  if (hidden) linear.push_back(2);
-  linear.push_back(4);
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t k : {2, 3, 6, 8, 10}) linear.push_back(kGlobal + l * kPerLayer + k);
-  linear.push_back(r + 2);
-  linear.push_back(r + 4);
-  const int64_t nq = static_cast<int64_t>(quant.size());
-  GAQ_CHECK(nq == 0 || nq == 3 * static_cast<int64_t>(linear.size()), "quant has ", nq, " tensors, expected 0 or ",
-            3 * linear.size(), " (meta, weight codes, weight steps per Linear)");
-  for (int64_t i = 0; i < nq / 3; ++i) {
-    const at::Tensor &meta = quant[3 * i], &codes = quant[3 * i + 1], &steps = quant[3 * i + 2];
-    GAQ_CHECK(meta.is_floating_point() && meta.numel() == 3, "quant[", 3 * i,
-              "] (meta) must be 3 floats [kind, act step, qmax], not ", meta.scalar_type(), " ", meta.sizes());
-    const at::Tensor m = meta.to(at::kDouble).contiguous();
-    const double kind = m.data_ptr<double>()[0], step = m.data_ptr<double>()[1], qmax = m.data_ptr<double>()[2];
-    GAQ_CHECK(kind == 0 || kind == 1 || kind == 2, "quantizer ", i, ": kind must be 0 (none), 1 (linear) or ",
-              "2 (frame), not ", kind);
-    if (kind == 0) continue;
-    const bool vector_mix = i >= static_cast<int64_t>(linear.size()) - 2 - 5 * L &&
-                            i < static_cast<int64_t>(linear.size()) - 2 &&
-                            (i - (static_cast<int64_t>(linear.size()) - 2 - 5 * L)) % 5 == 4;
-    GAQ_CHECK(kind == 1 || vector_mix, "quantizer ", i, ": frame rounding (kind 2) applies to the vector mix only");
-    GAQ_CHECK(std::isfinite(step) && step > 0, "quantizer ", i, ": the activation step must be > 0, not ", step);
-    GAQ_CHECK(qmax >= 1 && qmax <= 127 && qmax == std::floor(qmax), "quantizer ", i,
-              ": qmax must be an integer in [1, 127] (int8 codes), not ", qmax);
-    const at::Tensor& w = params[linear[i]];
-    GAQ_CHECK(codes.scalar_type() == at::kChar || codes.is_floating_point(), "quantizer ", i,
-              ": weight codes must be int8 or floating point, not ", codes.scalar_type());
-    GAQ_CHECK(codes.sizes() == w.sizes(), "quantizer ", i, ": weight codes of shape ", codes.sizes(),
-              " do not match the weight params[", linear[i], "] of shape ", w.sizes());
-    GAQ_CHECK(steps.is_floating_point() && steps.numel() == w.size(0), "quantizer ", i, ": ", w.size(0),
-              " floating-point weight steps expected, got ", steps.scalar_type(), " ", steps.sizes());
-  }
 }
 
+// ---- one workspace per graph size: every buffer of a call, carved from one arena (64-byte aligned
+// pieces, like ATen's allocations), grown when a larger graph comes and otherwise reused as is
+template <typename T>
+struct LayerBuf {
+  T *rad, *h, *v, *x, *mean0, *rstd0, *qkn, *qknorm, *ex, *score, *S, *alpha, *af, *val;
+  T *h1, *v1, *mean1, *rstd1, *vm, *vn, *dot, *z2, *a;
+  T *m_qk, *m_v, *m_ein, *m_eout, *m_vm, *frames;  // quantized mode: straight-through masks, frames
+  bool has_m_qk, has_m_v, has_m_ein, has_m_eout, has_m_vm, has_frames;
+};
+
+template <typename T>
+struct Workspace {
+  at::Tensor arena;
+  std::vector<int8_t> codes, radial_codes;
+  int64_t n = -1, E = -1;
+  // geometry and radial network
+  T *u, *dist, *env, *denv, *rbf, *drbf, *z1, *radial_in, *m_r1, *m_r2, *scratch;
+  bool has_m_r1 = false, has_m_r2 = false;
+  std::vector<LayerBuf<T>> layer;
+  T *hL, *vL;  // the features after the last layer
+  // forward temporaries
+  T *cin, *yn, *sz, *comp, *yf;
+  // readout
+  T *yr, *mr, *sr, *t, *st, *o, *m_ro1, *m_ro2;
+  bool has_m_ro1 = false, has_m_ro2 = false;
+  // backward
+  T *gt, *gy, *gh, *gv, *ga, *gvm, *gz2, *gc, *gh1, *gxq, *gv1, *ghin, *gvin, *gval, *galpha, *gqk, *gS, *gx, *gx2;
+  T *grad_rad, *grad_radial_in, *grbf, *genv, *gY, *tmp3;
+
+  // Carve the arena for a graph of n atoms and E edges: with base == nullptr only count (returns values).
+  int64_t carve(const Weights<T>& w, int64_t n_, int64_t E_, T* base) {
+    const int64_t F = w.F, H = w.H, K = w.K, R = w.R, W = w.W, L = w.L;
+    int64_t off = 0;
+    auto take = [&](T*& p, int64_t numel) {
+      p = base ? base + off : nullptr;
+      off += (std::max<int64_t>(numel, 1) + 15) / 16 * 16;  // 64 bytes for float, 128 for double
+    };
+    auto maybe = [&](T*& p, bool& has, bool cond, int64_t numel) {
+      has = cond;
+      if (cond) take(p, numel); else p = nullptr;
+    };
+    const int64_t n = n_, E = E_;
+    take(u, E * 3); take(dist, E); take(env, E); take(denv, E); take(rbf, E * K); take(drbf, E * K);
+    if (w.hidden) { take(z1, E * R); take(radial_in, E * R); } else { z1 = nullptr; radial_in = nullptr; }
+    maybe(m_r1, has_m_r1, w.hidden && w.r1.q.kind == 1, E * K);
+    maybe(m_r2, has_m_r2, w.r2.q.kind == 1, E * R);
+    take(scratch, std::max({E * K, E * R, 3 * n * F, 2 * n * F}));
+    layer.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      auto& B = layer[l];
+      const auto& Ly = w.layers[l];
+      take(B.rad, E * W); take(B.h, n * F); take(B.v, n * 3 * F); take(B.x, n * F); take(B.mean0, n);
+      take(B.rstd0, n); take(B.qkn, n * 2 * F); take(B.qknorm, n * 2 * H); take(B.ex, E * H);
+      take(B.score, E * H); take(B.S, n * H); take(B.alpha, E * H); take(B.af, E * F); take(B.val, n * 2 * F);
+      take(B.h1, n * F); take(B.v1, n * 3 * F); take(B.mean1, n); take(B.rstd1, n); take(B.vm, n * 6 * F);
+      take(B.vn, n * F); take(B.dot, n * F); take(B.z2, n * F); take(B.a, n * 3 * F);
+      maybe(B.m_qk, B.has_m_qk, Ly.qk.q.kind == 1, n * F);
+      maybe(B.m_v, B.has_m_v, Ly.value.q.kind == 1, n * F);
+      maybe(B.m_ein, B.has_m_ein, Ly.ex_in.q.kind == 1, n * 2 * F);
+      maybe(B.m_eout, B.has_m_eout, Ly.ex_out.q.kind == 1, n * F);
+      maybe(B.m_vm, B.has_m_vm, Ly.vmix.q.kind != 0, n * 3 * F);
+      maybe(B.frames, B.has_frames, Ly.vmix.q.kind == 2, n * 9);
+    }
+    take(hL, n * F); take(vL, n * 3 * F);
+    take(cin, n * 2 * F); take(yn, n * F); take(sz, n * F); take(comp, n * 3 * F); take(yf, n * 6 * F);
+    take(yr, n * F); take(mr, n); take(sr, n); take(t, n * F); take(st, n * F); take(o, n);
+    maybe(m_ro1, has_m_ro1, w.ro1.q.kind == 1, n * F);
+    maybe(m_ro2, has_m_ro2, w.ro2.q.kind == 1, n * F);
+    take(gt, n * F); take(gy, n * F); take(gh, n * F); take(gv, n * 3 * F); take(ga, n * 3 * F);
+    take(gvm, n * 6 * F); take(gz2, n * F); take(gc, n * 2 * F); take(gh1, n * F); take(gxq, n * 3 * F);
+    take(gv1, n * 3 * F); take(ghin, n * F); take(gvin, n * 3 * F); take(gval, n * 2 * F); take(galpha, E * H);
+    take(gqk, n * 2 * F); take(gS, n * H); take(gx, n * F); take(gx2, n * F); take(grad_rad, E * W);
+    take(grad_radial_in, E * R); take(grbf, E * K); take(genv, E); take(gY, E * 3); take(tmp3, n * 3 * F);
+    return off;
+  }
+
+  void prepare(const Weights<T>& w, int64_t n_, int64_t E_) {
+    if (n_ == n && E_ == E) return;
+    const int64_t need = carve(w, n_, E_, nullptr);
+    if (!arena.defined() || arena.numel() < need)  // grow with room, so that MD's changing edge count fits
+      arena = at::empty({need + need / 4}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    carve(w, n_, E_, arena.data_ptr<T>());
+    codes.resize(std::max({E_ * w.K, E_ * w.R, 3 * n_ * w.F, 2 * n_ * w.F, int64_t(1)}));
+    radial_codes.resize(std::max<int64_t>(E_ * w.R, 1));
+    n = n_;
+    E = E_;
+  }
+};
+
+// per-stage wall time (the `profile` flag of gaq::Model): where a call's time goes, without perf
+enum Stage { kGeometry, kRadial, kAttention, kMessages, kExchange, kReadout, kReadoutBw, kExchangeBw, kMessagesBw,
+             kAttentionBw, kRadialBw, kGeometryBw, kStages };
+const char* const kStageNames[kStages] = {
+    "geometry", "radial filters", "attention", "messages", "exchange", "readout", "readout backward",
+    "exchange backward", "messages backward", "attention backward", "radial backward", "geometry backward"};
+
+struct StageClock {
+  bool on = false;
+  double* acc = nullptr;
+  std::chrono::steady_clock::time_point t0;
+  void start() { if (on) t0 = std::chrono::steady_clock::now(); }
+  void stop(Stage s) {
+    if (on) acc[s] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+};
+
+// ---- one energy + forces evaluation, stage by stage: forward (geometry, radial filters, then per layer
+// attention, messages, exchange; readout) keeps in the workspace what the reverse pass needs; the reverse
+// pass (readout, then per layer from the last: exchange, messages, attention, each with its filter
+// gradient; radial network; geometry) ends at the forces.
+template <typename T>
+struct Pass {
+  const Weights<T>& w;
+  Workspace<T>& ws;
+  StageClock& clock;
+  const T* P;        // positions [n, 3]
+  const T* SH;       // shifts [E, 3]
+  const int64_t* spc;
+  const int64_t* rcv;
+  const int64_t* snd;
+  const int64_t* bat;
+  int64_t n, E, G;
+  const T sqrt3 = std::sqrt(T(3));
+
+  // y [m, out] = Q(x) W^T + b, the Linear `lin` with its activation quantizer (kind 1) or none (kind 0);
+  // the straight-through mask goes to `mask` (m * in values) when rounding
+  void qlinear(const LinearW<T>& lin, const T* x, int64_t m, T* y, T* mask) {
+    if (lin.q.kind == 0) {
+      linear_nt<T>(x, m, lin.in, lin.W(), lin.out, lin.B(), y);
+      return;
+    }
+    TORCH_CHECK(lin.q.kind == 1, "frame quantization is applied by the vector-branch code path");
+    quantize_codes(x, m * lin.in, lin.q, ws.codes.data(), mask);
+    int_linear<T>(ws.codes.data(), m, lin.in, lin.q, lin.B(), 0, lin.out, y, ws.scratch);
+  }
+
+  // gx [m, in] = (gy [m, out] W) * mask: backward of qlinear with respect to its input
+  void qlinear_backward(const LinearW<T>& lin, const T* gy, int64_t m, const T* mask, T* gx) {
+    linear_nn<T>(gy, m, lin.out, lin.W(), lin.in, gx);
+    if (mask)
+      for (int64_t i = 0; i < m * lin.in; ++i) gx[i] *= mask[i];
+  }
+
+  // ---- forward
+  // unit vectors, distances, Bessel basis and envelope with their r-derivatives
+  void geometry() {
+    const int64_t K = w.K;
+    const T* fr = w.freq.template data_ptr<T>();
+    T *U = ws.u, *Dd = ws.dist, *En = ws.env, *dEn = ws.denv, *B = ws.rbf, *dB = ws.drbf;
+    const T pp = T(w.env_p), rc = T(w.cutoff), pref = T(w.rbf_pref);
+    const T c0 = (pp + 1) * (pp + 2) / 2, c1 = pp * (pp + 2), c2 = pp * (pp + 1) / 2;
+    for (int64_t e = 0; e < E; ++e) {
+      T d2 = 0, vec[3];
+      for (int a = 0; a < 3; ++a) {
+        vec[a] = P[snd[e] * 3 + a] - P[rcv[e] * 3 + a] + SH[e * 3 + a];
+        d2 += vec[a] * vec[a];
+      }
+      const T d = std::sqrt(d2);
+      Dd[e] = d;
+      for (int a = 0; a < 3; ++a) U[e * 3 + a] = vec[a] / d;
+      const T x = d / rc;
+      if (x < T(1)) {
+        const T xp1 = std::pow(x, pp - 1), xp = xp1 * x;
+        En[e] = T(1) - c0 * xp + c1 * xp * x - c2 * xp * x * x;
+        dEn[e] = (-c0 * pp * xp1 + c1 * (pp + 1) * xp - c2 * (pp + 2) * xp * x) / rc;
+      } else {
+        En[e] = 0;
+        dEn[e] = 0;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const T s = std::sin(fr[k] * d), co = std::cos(fr[k] * d);
+        B[e * K + k] = pref * s / d;
+        dB[e * K + k] = pref * (fr[k] * co * d - s) / (d * d);
+      }
+    }
+  }
+
+  // the radial network's hidden features (shared by all layers), and their codes in quantized mode
+  const T* radial_in = nullptr;
+  void radial_hidden() {
+    if (w.hidden) {
+      qlinear(w.r1, ws.rbf, E, ws.z1, ws.m_r1);
+      silu_into(ws.z1, E * w.R, ws.radial_in);
+      radial_in = ws.radial_in;
+    } else {
+      radial_in = ws.rbf;
+    }
+    if (w.r2.q.kind == 1)  // the rounded input of the filter layer, shared by all layers
+      quantize_codes(radial_in, E * w.R, w.r2.q, ws.radial_codes.data(), ws.m_r2);
+  }
+
+  // layer l's filters [E, W] (sv, s, vv and head biases), right before their use
+  void radial_filters(int64_t l) {
+    LayerBuf<T>& C = ws.layer[l];
+    if (w.r2.q.kind == 1)
+      int_linear<T>(ws.radial_codes.data(), E, w.R, w.r2.q, nullptr, l * w.W, w.W, C.rad, ws.scratch);
+    else
+      linear_nt<T>(radial_in, E, w.R, w.r2.W() + l * w.W * w.R, w.W, nullptr, C.rad);
+  }
+
+  // pre-norm, cosine attention weights alpha [E, H] (queries c=0 and keys c=1 L2-normalised per head,
+  // temperature tau, head bias from the filters, envelope, normalised over each receiver's edges + 1)
+  void attention(int64_t l) {
+    const auto& Ly = w.layers[l];
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
+    layer_norm(C.h, Ly.ln_g.template data_ptr<T>(), Ly.ln_b.template data_ptr<T>(), C.x, C.mean0, C.rstd0, n, F,
+               w.eps);
+    qlinear(Ly.qk, C.x, n, C.qkn, C.m_qk);  // [n, 2F]
+    {
+      T *QK = C.qkn, *NR = C.qknorm;
+      for (int64_t i = 0; i < n * 2 * H; ++i) {
+        T* row = QK + i * D;
+        T s = 0;
+        for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
+        const T nrm = std::sqrt(s);
+        NR[i] = nrm;
+        const T inv = T(1) / std::max(nrm, T(1e-12));
+        for (int64_t d = 0; d < D; ++d) row[d] *= inv;
+      }
+    }
+    T tau[64];
+    std::vector<T> tau_big;
+    T* tp = tau;
+    if (H > 64) { tau_big.resize(H); tp = tau_big.data(); }
+    for (int64_t hh = 0; hh < H; ++hh) tp[hh] = std::exp(Ly.log_tau.template data_ptr<T>()[hh]);
+    const T* QK = C.qkn;
+    const T* RAD = C.rad;
+    T *EX = C.ex, *SC = C.score, *SS = C.S, *AL = C.alpha;
+    const T* En = ws.env;
+    std::fill(SS, SS + n * H, T(1));
+    for (int64_t e = 0; e < E; ++e) {
+      const T* qr = QK + rcv[e] * 2 * F;
+      const T* ks = QK + snd[e] * 2 * F + F;
+      const T* bias = RAD + e * W + 3 * F;
+      for (int64_t hh = 0; hh < H; ++hh) {
+        T cs = 0;
+        for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
+        const T x = std::exp(tp[hh] * (cs - T(1)) - softplus(bias[hh]));
+        EX[e * H + hh] = x;
+        SC[e * H + hh] = En[e] * x;
+        SS[rcv[e] * H + hh] += En[e] * x;
+      }
+    }
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t hh = 0; hh < H; ++hh) AL[e * H + hh] = SC[e * H + hh] / SS[rcv[e] * H + hh];
+    T* AF = C.af;  // alpha per feature channel (head of the channel)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t hh = 0; hh < H; ++hh)
+        for (int64_t d = 0; d < D; ++d) AF[e * F + hh * D + d] = AL[e * H + hh];
+  }
+
+  // value projection and messages: h1 = h + sum_e alpha f_s value_s, v1 = v + sum_e alpha (f_vv v_s + f_sv value_sv Y)
+  void messages(int64_t l) {
+    const auto& Ly = w.layers[l];
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F, W = w.W;
+    qlinear(Ly.value, C.x, n, C.val, C.m_v);  // [n, 2F]: (value_sv, value_s)
+    std::copy(C.h, C.h + n * F, C.h1);
+    std::copy(C.v, C.v + n * 3 * F, C.v1);
+    const T *VAL = C.val, *V = C.v, *AF = C.af, *U = ws.u, *RAD = C.rad;
+    T *H1 = C.h1, *V1 = C.v1;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r = rcv[e], s = snd[e];
+      const T* __restrict__ f0 = RAD + e * W;  // filters: sv, s, vv
+      const T* __restrict__ f1 = f0 + F;
+      const T* __restrict__ f2 = f0 + 2 * F;
+      const T* __restrict__ af = AF + e * F;
+      const T* __restrict__ vsv = VAL + s * 2 * F;
+      const T* __restrict__ vs = vsv + F;
+      T* __restrict__ hr = H1 + r * F;
+      for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
+      for (int a = 0; a < 3; ++a) {
+        const T y = sqrt3 * U[e * 3 + a];
+        const T* __restrict__ vsa = V + (s * 3 + a) * F;
+        T* __restrict__ vra = V1 + (r * 3 + a) * F;
+        for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
+      }
+    }
+  }
+
+  // exchange between the branches through invariants: vector mix (v_u, v_w), |v_w|, <v_u, v_w>, the
+  // exchange MLP, then h2 = h1 + a_ss + a_sv <v_u, v_w>, v2 = v1 + a_vv v_u into the next layer's input
+  void exchange(int64_t l, T* h_next, T* v_next) {
+    const auto& Ly = w.layers[l];
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F;
+    const T *lg = Ly.ln_g.template data_ptr<T>(), *lb = Ly.ln_b.template data_ptr<T>();
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    if (Ly.vmix.q.kind == 2) {  // components in the local frame rounded; the mix runs in frame coordinates
+      local_frames(C.v1, n, F, C.frames, 1e-7);
+      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
+      at::Tensor comp = at::from_blob(ws.comp, {n, 3, F}, opt);
+      at::matmul_out(comp, frames, at::from_blob(C.v1, {n, 3, F}, opt));  // [n, 3, F]
+      quantize_codes(ws.comp, n * 3 * F, Ly.vmix.q, ws.codes.data(), C.m_vm);
+      int_linear<T>(ws.codes.data(), 3 * n, F, Ly.vmix.q, nullptr, 0, 2 * F, ws.yf, ws.scratch);
+      at::Tensor vm = at::from_blob(C.vm, {n, 3, 2 * F}, opt);  // back to Cartesian: (v_u, v_w)
+      at::matmul_out(vm, frames.transpose(1, 2), at::from_blob(ws.yf, {n, 3, 2 * F}, opt));
+    } else {
+      qlinear(Ly.vmix, C.v1, 3 * n, C.vm, C.m_vm);
+    }
+    const T* VM = C.vm;
+    T *VN = C.vn, *DT = C.dot, *CI = ws.cin;  // cin = (LN(h1), sqrt(|v_w|^2 + 1) - 1)
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t f = 0; f < F; ++f) {
+        T sw = 0, sd = 0;
+        for (int a = 0; a < 3; ++a) {
+          const T vu = VM[(i * 3 + a) * 2 * F + f], vw = VM[(i * 3 + a) * 2 * F + F + f];
+          sw += vw * vw;
+          sd += vu * vw;
+        }
+        VN[i * F + f] = std::sqrt(sw + T(1)) - T(1);
+        DT[i * F + f] = sd;
+        CI[i * 2 * F + F + f] = VN[i * F + f];
+      }
+    }
+    layer_norm(C.h1, lg, lb, ws.yn, C.mean1, C.rstd1, n, F, w.eps);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t f = 0; f < F; ++f) CI[i * 2 * F + f] = ws.yn[i * F + f];
+    qlinear(Ly.ex_in, ws.cin, n, C.z2, C.m_ein);
+    silu_into(C.z2, n * F, ws.sz);
+    qlinear(Ly.ex_out, ws.sz, n, C.a, C.m_eout);  // [n, 3F]: a_vv, a_sv, a_ss
+    std::copy(C.h1, C.h1 + n * F, h_next);
+    std::copy(C.v1, C.v1 + n * 3 * F, v_next);
+    const T *A = C.a;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* ai = A + i * 3 * F;
+      for (int64_t f = 0; f < F; ++f) h_next[i * F + f] += ai[2 * F + f] + ai[F + f] * DT[i * F + f];
+      for (int a = 0; a < 3; ++a)
+        for (int64_t f = 0; f < F; ++f) v_next[(i * 3 + a) * F + f] += ai[f] * VM[(i * 3 + a) * 2 * F + f];
+    }
+  }
+
+  // LN, MLP, scale and per-species reference energies, summed per graph in float64
+  void readout(double* en) {
+    const int64_t F = w.F;
+    layer_norm(ws.hL, w.ro_g.template data_ptr<T>(), w.ro_b.template data_ptr<T>(), ws.yr, ws.mr, ws.sr, n, F, w.eps);
+    qlinear(w.ro1, ws.yr, n, ws.t, ws.m_ro1);  // [n, F]
+    silu_into(ws.t, n * F, ws.st);
+    qlinear(w.ro2, ws.st, n, ws.o, ws.m_ro2);  // [n, 1]
+    const T scale = w.scale.template data_ptr<T>()[0];
+    const double* ref = w.ref.template data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) en[bat[i]] += static_cast<double>(ws.o[i] * scale) + ref[spc[i]];
+  }
+
+  // ---- reverse pass: gradient of sum(energy)
+  void readout_backward() {
+    const int64_t F = w.F;
+    const T scale = w.scale.template data_ptr<T>()[0];
+    const T *T_ = ws.t, *W2 = w.ro2.W();
+    T* GT = ws.gt;
+    const T* M2 = ws.m_ro2;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t f = 0; f < F; ++f)
+        GT[i * F + f] = scale * W2[f] * (M2 ? M2[i * F + f] : T(1)) * dsilu(T_[i * F + f]);
+    qlinear_backward(w.ro1, ws.gt, n, ws.m_ro1, ws.gy);
+    std::fill(ws.gh, ws.gh + n * F, T(0));
+    layer_norm_backward(ws.hL, w.ro_g.template data_ptr<T>(), ws.mr, ws.sr, ws.gy, F, ws.gh, n, F);
+    std::fill(ws.gv, ws.gv + n * 3 * F, T(0));
+  }
+
+  // from (gh, gv) of the layer's output to (gh1, gv1) of the messages' output
+  void exchange_backward(int64_t l) {
+    const auto& Ly = w.layers[l];
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F;
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    {  // h2 = h1 + a_ss + a_sv * dot;  v2 = v1 + a_vv * v_u
+      const T *GH = ws.gh, *GV = ws.gv, *A = C.a, *DT = C.dot, *VM = C.vm;
+      T *GA = ws.ga, *GVM = ws.gvm;
+      for (int64_t i = 0; i < n; ++i) {
+        const T* ai = A + i * 3 * F;
+        T* gai = GA + i * 3 * F;
+        for (int64_t f = 0; f < F; ++f) {
+          const T g = GH[i * F + f];
+          T s = 0;
+          for (int a = 0; a < 3; ++a) s += GV[(i * 3 + a) * F + f] * VM[(i * 3 + a) * 2 * F + f];
+          gai[f] = s;
+          gai[F + f] = g * DT[i * F + f];
+          gai[2 * F + f] = g;
+          const T gdot = g * ai[F + f];
+          for (int a = 0; a < 3; ++a) {
+            const T* vmr = VM + (i * 3 + a) * 2 * F;
+            T* gvmr = GVM + (i * 3 + a) * 2 * F;
+            gvmr[f] = GV[(i * 3 + a) * F + f] * ai[f] + gdot * vmr[F + f];
+            gvmr[F + f] = gdot * vmr[f];
+          }
+        }
+      }
+    }
+    qlinear_backward(Ly.ex_out, ws.ga, n, C.m_eout, ws.gz2);  // [n, F]
+    {
+      const T* Z = C.z2;
+      T* G = ws.gz2;
+      for (int64_t i = 0; i < n * F; ++i) G[i] *= dsilu(Z[i]);
+    }
+    qlinear_backward(Ly.ex_in, ws.gz2, n, C.m_ein, ws.gc);  // [n, 2F]
+    {
+      const T *GC = ws.gc, *VM = C.vm, *VN = C.vn;
+      T* GVM = ws.gvm;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t f = 0; f < F; ++f) {
+          const T k = GC[i * 2 * F + F + f] / (VN[i * F + f] + T(1));
+          for (int a = 0; a < 3; ++a) GVM[(i * 3 + a) * 2 * F + F + f] += k * VM[(i * 3 + a) * 2 * F + F + f];
+        }
+    }
+    std::copy(ws.gh, ws.gh + n * F, ws.gh1);
+    layer_norm_backward(C.h1, Ly.ln_g.template data_ptr<T>(), C.mean1, C.rstd1, ws.gc, 2 * F, ws.gh1, n, F);
+    linear_nn<T>(ws.gvm, 3 * n, 2 * F, Ly.vmix.W(), F, ws.gxq);  // d/d(rounded input) [n, 3, F]
+    if (C.has_frames) {  // x_q = Fr^T Q(Fr x): straight-through gradient Fr^T M Fr
+      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
+      at::Tensor t1 = at::from_blob(ws.comp, {n, 3, F}, opt), t2 = at::from_blob(ws.tmp3, {n, 3, F}, opt);
+      at::matmul_out(t1, frames, at::from_blob(ws.gxq, {n, 3, F}, opt));
+      t1.mul_(at::from_blob(C.m_vm, {n, 3, F}, opt));
+      at::matmul_out(t2, frames.transpose(1, 2), t1);
+      for (int64_t i = 0; i < n * 3 * F; ++i) ws.gv1[i] = ws.gv[i] + ws.tmp3[i];
+    } else {
+      if (C.has_m_vm)
+        for (int64_t i = 0; i < n * 3 * F; ++i) ws.gxq[i] *= C.m_vm[i];
+      for (int64_t i = 0; i < n * 3 * F; ++i) ws.gv1[i] = ws.gv[i] + ws.gxq[i];
+    }
+  }
+
+  // messages: h1 = h + sum_e msg_s, v1 = v + sum_e msg_v; fills the filter gradients (sv, s, vv) of the
+  // layer, dE/dalpha, dE/dvalue, dE/dY and gvin = dE/dv
+  void messages_backward(int64_t l) {
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
+    std::copy(ws.gh1, ws.gh1 + n * F, ws.ghin);
+    std::copy(ws.gv1, ws.gv1 + n * 3 * F, ws.gvin);
+    std::fill(ws.gval, ws.gval + n * 2 * F, T(0));
+    const T *GH1 = ws.gh1, *GV1 = ws.gv1, *VAL = C.val, *V = C.v, *AF = C.af, *U = ws.u, *RAD = C.rad;
+    T *GVIN = ws.gvin, *GVAL = ws.gval, *GAL = ws.galpha, *GR = ws.grad_rad, *GYp = ws.gY;
+    T buf[3 * 256];
+    std::vector<T> big;
+    T* gmy = buf;  // sum_a dE/dmsg_a * Y_a
+    if (F > 256) { big.resize(3 * F); gmy = big.data(); }
+    T* __restrict__ gg2 = gmy + F;     // dE/dg_vv
+    T* __restrict__ pr = gmy + 2 * F;  // dE/dalpha per channel
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r = rcv[e], s = snd[e];
+      const T* __restrict__ f0 = RAD + e * W;
+      const T* __restrict__ f1 = f0 + F;
+      const T* __restrict__ f2 = f0 + 2 * F;
+      T* __restrict__ gf0 = GR + e * W;
+      T* __restrict__ gf1 = gf0 + F;
+      T* __restrict__ gf2 = gf0 + 2 * F;
+      const T* __restrict__ af = AF + e * F;
+      const T* __restrict__ vsv = VAL + s * 2 * F;
+      const T* __restrict__ vs = vsv + F;
+      T* __restrict__ gvsv = GVAL + s * 2 * F;
+      T* __restrict__ gvs = gvsv + F;
+      const T* __restrict__ ghr = GH1 + r * F;
+      for (int64_t f = 0; f < F; ++f) { gmy[f] = 0; gg2[f] = 0; }
+      for (int a = 0; a < 3; ++a) {
+        const T y = sqrt3 * U[e * 3 + a];
+        const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
+        const T* __restrict__ vsa = V + (s * 3 + a) * F;
+        T* __restrict__ gvin = GVIN + (s * 3 + a) * F;
+        T su = 0;
+#pragma omp simd reduction(+ : su)
+        for (int64_t f = 0; f < F; ++f) {
+          gmy[f] += gm[f] * y;
+          gg2[f] += gm[f] * vsa[f];
+          gvin[f] += gm[f] * f2[f] * af[f];
+          su += gm[f] * f0[f] * af[f] * vsv[f];
+        }
+        GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
+        gvsv[f] += f0[f] * af[f] * gmy[f];
+        gvs[f] += ghr[f] * f1[f] * af[f];
+        gf0[f] = gsv * af[f];
+        gf1[f] = gg1 * af[f];
+        gf2[f] = gg2[f] * af[f];
+        pr[f] = gsv * f0[f] + gg1 * f1[f] + gg2[f] * f2[f];
+      }
+      for (int64_t hh = 0; hh < H; ++hh) {
+        T su = 0;
+        for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
+        GAL[e * H + hh] = su;
+      }
+    }
+  }
+
+  // alpha = score / S[r], score = env * exp(tau (cos - 1) - softplus(b)): head-bias filter gradients,
+  // dE/denv, then through the L2 normalisation, both projections and the pre-norm into ghin
+  void attention_backward(int64_t l) {
+    const auto& Ly = w.layers[l];
+    LayerBuf<T>& C = ws.layer[l];
+    const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
+    std::fill(ws.gqk, ws.gqk + n * 2 * F, T(0));
+    std::fill(ws.gS, ws.gS + n * H, T(0));
+    const T *GAL = ws.galpha, *AL = C.alpha, *SS = C.S, *SC = C.score, *EX = C.ex, *QK = C.qkn, *RAD = C.rad;
+    T *GQK = ws.gqk, *gS = ws.gS, *GEN = ws.genv, *GR = ws.grad_rad;
+    const T* log_tau = Ly.log_tau.template data_ptr<T>();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t hh = 0; hh < H; ++hh)
+        gS[rcv[e] * H + hh] -= GAL[e * H + hh] * AL[e * H + hh] / SS[rcv[e] * H + hh];
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r = rcv[e], s = snd[e];
+      const T* bias = RAD + e * W + 3 * F;
+      T* gbias = GR + e * W + 3 * F;
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const T gsc = GAL[e * H + hh] / SS[r * H + hh] + gS[r * H + hh];
+        GEN[e] += gsc * EX[e * H + hh];
+        const T gpre = gsc * SC[e * H + hh];
+        gbias[hh] = -gpre * dsoftplus(bias[hh]);  // written once per layer
+        const T gcos = gpre * std::exp(log_tau[hh]);
+        const T* qr = QK + r * 2 * F + hh * D;
+        const T* ks = QK + s * 2 * F + F + hh * D;
+        T* gqr = GQK + r * 2 * F + hh * D;
+        T* gks = GQK + s * 2 * F + F + hh * D;
+        for (int64_t d = 0; d < D; ++d) {
+          gqr[d] += gcos * ks[d];
+          gks[d] += gcos * qr[d];
+        }
+      }
+    }
+    // through the L2 normalisation (F.normalize: p / max(|p|, 1e-12))
+    const T* NR = C.qknorm;
+    for (int64_t i = 0; i < n * 2 * H; ++i) {
+      T* g = GQK + i * D;
+      const T* qn = QK + i * D;
+      const T nrm = NR[i];
+      if (nrm > T(1e-12)) {
+        T dotp = 0;
+        for (int64_t d = 0; d < D; ++d) dotp += g[d] * qn[d];
+        for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - qn[d] * dotp) / nrm;
+      } else {
+        for (int64_t d = 0; d < D; ++d) g[d] /= T(1e-12);
+      }
+    }
+    qlinear_backward(Ly.qk, ws.gqk, n, C.m_qk, ws.gx);
+    qlinear_backward(Ly.value, ws.gval, n, C.m_v, ws.gx2);
+    for (int64_t i = 0; i < n * F; ++i) ws.gx[i] = ws.gx[i] + ws.gx2[i];
+    layer_norm_backward(C.h, Ly.ln_g.template data_ptr<T>(), C.mean0, C.rstd0, ws.gx, F, ws.ghin, n, F);
+  }
+
+  // the layer's filter gradients [E, W] into the gradient of the radial network's output features
+  void radial_backward_layer(int64_t l) {
+    linear_nn<T>(ws.grad_rad, E, w.W, w.r2.W() + l * w.W * w.R, w.R, ws.grad_radial_in, /*accumulate=*/true);
+  }
+
+  // radial network and geometry back to positions
+  void geometry_backward(T* Fo) {
+    const int64_t K = w.K;
+    const T* GB;
+    T* ga1 = ws.grad_radial_in;  // [E, R]
+    if (w.hidden) {
+      if (ws.has_m_r2)
+        for (int64_t i = 0; i < E * w.R; ++i) ga1[i] *= ws.m_r2[i];
+      const T* Z = ws.z1;
+      for (int64_t i = 0; i < E * w.R; ++i) ga1[i] *= dsilu(Z[i]);
+      qlinear_backward(w.r1, ga1, E, ws.m_r1, ws.grbf);
+      GB = ws.grbf;
+    } else {
+      if (ws.has_m_r2)
+        for (int64_t i = 0; i < E * K; ++i) ga1[i] *= ws.m_r2[i];
+      GB = ga1;
+    }
+    const T *dB = ws.drbf, *dEn = ws.denv, *U = ws.u, *Dd = ws.dist, *GEN = ws.genv, *GYp = ws.gY;
+    for (int64_t e = 0; e < E; ++e) {
+      T gd = GEN[e] * dEn[e];
+      for (int64_t k = 0; k < K; ++k) gd += GB[e * K + k] * dB[e * K + k];
+      const T* ue = U + e * 3;
+      const T* gy = GYp + e * 3;
+      const T ug = ue[0] * gy[0] + ue[1] * gy[1] + ue[2] * gy[2];
+      for (int a = 0; a < 3; ++a) {
+        const T gvec = gd * ue[a] + (gy[a] - ue[a] * ug) / Dd[e];  // d/dvec of (|vec|, vec/|vec|)
+        Fo[snd[e] * 3 + a] -= gvec;  // vec = r_s - r_r: force = -dE/dr
+        Fo[rcv[e] * 3 + a] += gvec;
+      }
+    }
+  }
+
+  void run(double* energy, T* forces) {
+    const int64_t L = w.L, F = w.F;
+    clock.start();
+    geometry();
+    clock.stop(kGeometry);
+    clock.start();
+    radial_hidden();
+    clock.stop(kRadial);
+    // embedding, zero l=1 features
+    {
+      const T* emb = w.emb.template data_ptr<T>();
+      T* h0 = L ? ws.layer[0].h : ws.hL;
+      T* v0 = L ? ws.layer[0].v : ws.vL;
+      for (int64_t i = 0; i < n; ++i) std::copy(emb + spc[i] * F, emb + (spc[i] + 1) * F, h0 + i * F);
+      std::fill(v0, v0 + n * 3 * F, T(0));
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      clock.start();
+      radial_filters(l);
+      clock.stop(kRadial);
+      clock.start();
+      attention(l);
+      clock.stop(kAttention);
+      clock.start();
+      messages(l);
+      clock.stop(kMessages);
+      clock.start();
+      const bool last = l + 1 == L;
+      exchange(l, last ? ws.hL : ws.layer[l + 1].h, last ? ws.vL : ws.layer[l + 1].v);
+      clock.stop(kExchange);
+    }
+    clock.start();
+    readout(energy);
+    clock.stop(kReadout);
+    clock.start();
+    readout_backward();
+    clock.stop(kReadoutBw);
+    std::fill(ws.grad_radial_in, ws.grad_radial_in + E * w.R, T(0));
+    std::fill(ws.genv, ws.genv + E, T(0));
+    std::fill(ws.gY, ws.gY + E * 3, T(0));
+    for (int64_t l = L - 1; l >= 0; --l) {
+      clock.start();
+      exchange_backward(l);
+      clock.stop(kExchangeBw);
+      clock.start();
+      messages_backward(l);
+      clock.stop(kMessagesBw);
+      clock.start();
+      attention_backward(l);
+      clock.stop(kAttentionBw);
+      clock.start();
+      radial_backward_layer(l);
+      clock.stop(kRadialBw);
+      std::swap(ws.gh, ws.ghin);  // the gradients of this layer's input are the next (lower) layer's output's
+      std::swap(ws.gv, ws.gvin);
+    }
+    clock.start();
+    geometry_backward(forces);
+    clock.stop(kGeometryBw);
+  }
+};
+
+// ---- gaq::Model: the weights checked and cast once, a workspace reused across calls
+struct Model : torch::CustomClassHolder {
+  at::ScalarType dtype;
+  Weights<float> wf;
+  Weights<double> wd;
+  Workspace<float> sf;
+  Workspace<double> sd;
+  std::mutex mu;  // one call at a time per model (the workspace is shared)
+  bool profile = false;
+  double acc[kStages] = {0};
+  int64_t profiled_calls = 0;
+
+  Model(int64_t version, const Named& weights, const std::vector<double>& consts, bool float64)
+      : dtype(float64 ? at::kDouble : at::kFloat) {
+    if (float64)
+      wd = weights_from_named<double>(version, weights, consts);
+    else
+      wf = weights_from_named<float>(version, weights, consts);
+  }
+
+  std::tuple<at::Tensor, at::Tensor> energy_forces(const at::Tensor& positions, const at::Tensor& species,
+                                                   const at::Tensor& receivers, const at::Tensor& senders,
+                                                   const at::Tensor& shifts, const at::Tensor& batch,
+                                                   int64_t n_graphs) {
+    RECORD_FUNCTION("gaq::energy_forces", std::vector<c10::IValue>());  // as torch.profiler names it
+    check_graph(positions, species, receivers, senders, shifts, batch, n_graphs);
+    c10::InferenceMode inference;
+    std::lock_guard<std::mutex> lock(mu);
+    return dtype == at::kDouble ? run<double>(wd, sd, positions, species, receivers, senders, shifts, batch, n_graphs)
+                                : run<float>(wf, sf, positions, species, receivers, senders, shifts, batch, n_graphs);
+  }
+
+  template <typename T>
+  std::tuple<at::Tensor, at::Tensor> run(const Weights<T>& w, Workspace<T>& ws, const at::Tensor& positions,
+                                         const at::Tensor& species, const at::Tensor& receivers,
+                                         const at::Tensor& senders, const at::Tensor& shifts, const at::Tensor& batch,
+                                         int64_t n_graphs) {
+    const auto pos = positions.to(dtype).contiguous();
+    const auto sh = shifts.to(dtype).contiguous();
+    const auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
+               sd_ = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
+    const int64_t n = pos.size(0), E = rc.size(0);
+    check_range(sp, "species", w.S, "n_species, from the embedding");
+    check_range(rc, "receivers", n, "n_atoms");
+    check_range(sd_, "senders", n, "n_atoms");
+    check_range(bt, "batch", n_graphs, "n_graphs");
+    ws.prepare(w, n, E);
+    // Small graphs run their GEMMs on this thread alone: a molecule's matmuls take microseconds, and a
+    // second MKL thread only adds a barrier per call, which costs a scheduler time slice whenever the
+    // other core is busy (at 2 threads on the shared machine, azobenzene took 0.4-1.2 s per call instead
+    // of 4 ms). Large graphs keep torch's thread count. At 1 thread nothing changes.
+    const bool serial_blas = E * w.W * w.R < (int64_t(1) << 26);
+    const int previous = serial_blas ? MKL_Set_Num_Threads_Local(1) : 0;
+    struct Restore {
+      bool on;
+      int previous;
+      ~Restore() { if (on) MKL_Set_Num_Threads_Local(previous); }
+    } restore{serial_blas, previous};
+    at::Tensor energy = at::zeros({n_graphs}, pos.options().dtype(at::kDouble));
+    at::Tensor forces = at::zeros({n, 3}, pos.options());
+    StageClock clock{profile, acc};
+    Pass<T> pass{w, ws, clock, pos.data_ptr<T>(), sh.data_ptr<T>(), sp.data_ptr<int64_t>(), rc.data_ptr<int64_t>(),
+                 sd_.data_ptr<int64_t>(), bt.data_ptr<int64_t>(), n, E, n_graphs};
+    pass.run(energy.data_ptr<double>(), forces.data_ptr<T>());
+    profiled_calls += profile;
+    return {energy, forces};
+  }
+
+  void set_profile(bool on) { profile = on; }
+
+  // seconds per stage summed over the calls since the last read (and "calls"), then reset
+  c10::Dict<std::string, double> stage_seconds() {
+    std::lock_guard<std::mutex> lock(mu);
+    c10::Dict<std::string, double> out;
+    for (int s = 0; s < kStages; ++s) {
+      out.insert(kStageNames[s], acc[s]);
+      acc[s] = 0;
+    }
+    out.insert("calls", static_cast<double>(profiled_calls));
+    profiled_calls = 0;
+    return out;
+  }
+
+  bool quantized() const { return dtype == at::kDouble ? wd.quantized : wf.quantized; }
+  int64_t num_layers() const { return dtype == at::kDouble ? wd.L : wf.L; }
+};
+
+// one call without a kept Model: the weights are checked and cast, and a workspace made, every time
 std::tuple<at::Tensor, at::Tensor> energy_forces(
     const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers, const at::Tensor& senders,
-    const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, at::TensorList params,
-    at::ArrayRef<double> consts, at::TensorList quant) {
-  TORCH_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
-  check_inputs(positions, species, receivers, senders, shifts, batch, n_graphs, params, consts, quant);
-  c10::InferenceMode guard;
-  const auto dtype = positions.scalar_type();
-  std::vector<at::Tensor> p;
-  p.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const bool is_ref = i + 1 == params.size();  // reference energies stay float64
-    p.push_back(is_ref ? params[i].to(at::kDouble).contiguous() : params[i].to(dtype).contiguous());
-  }
-  std::vector<ActQuant> Q(quant.size() / 3);
-  for (size_t i = 0; i < Q.size(); ++i) {
-    at::Tensor meta = quant[3 * i].to(at::kDouble).contiguous();
-    Q[i].kind = static_cast<int>(meta.data_ptr<double>()[0]);
-    Q[i].step = meta.data_ptr<double>()[1];
-    Q[i].qmax = static_cast<int>(meta.data_ptr<double>()[2]);
-    // weight codes given as floats select engine 1 (the caller checked exactness: in * qmax * max|code|
-    // below 2^24 for float32); int8 codes select the int32 loop. (No copies when dtypes already match.)
-    const at::Tensor& codes = quant[3 * i + 1];
-    if (codes.is_floating_point()) {
-      Q[i].codes_fp = codes.to(dtype).contiguous();
-    } else {
-      Q[i].codes = codes.to(at::kChar).contiguous();
-    }
-    Q[i].wstep = quant[3 * i + 2].to(dtype).reshape({-1}).contiguous();
-  }
-  std::vector<double> c(consts.begin(), consts.end());
-  auto pos = positions.contiguous();
-  auto sp = species.to(at::kLong).contiguous(), rc = receivers.to(at::kLong).contiguous(),
-       sd = senders.to(at::kLong).contiguous(), bt = batch.to(at::kLong).contiguous();
-  auto sh = shifts.to(dtype).contiguous();
-  check_range(sp, "species", p[0].size(0), "n_species, from the embedding");
-  check_range(rc, "receivers", pos.size(0), "n_atoms");
-  check_range(sd, "senders", pos.size(0), "n_atoms");
-  check_range(bt, "batch", n_graphs, "n_graphs");
-  if (dtype == at::kDouble)
-    return energy_forces_impl<double>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
-  return energy_forces_impl<float>(pos, sp, rc, sd, sh, bt, n_graphs, p, c, Q);
+    const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs, int64_t layout_version,
+    const Named& weights, at::ArrayRef<double> consts) {
+  check_graph(positions, species, receivers, senders, shifts, batch, n_graphs);
+  Model model(layout_version, weights, consts.vec(), positions.scalar_type() == at::kDouble);
+  return model.energy_forces(positions, species, receivers, senders, shifts, batch, n_graphs);
 }
+
+int64_t layout_version() { return kLayoutVersion; }
 
 }  // namespace
 
 TORCH_LIBRARY(gaq, m) {
+  m.class_<Model>("Model")
+      .def(torch::init<int64_t, Named, std::vector<double>, bool>())
+      .def("energy_forces", &Model::energy_forces)
+      .def("set_profile", &Model::set_profile)
+      .def("stage_seconds", &Model::stage_seconds)
+      .def("quantized", &Model::quantized)
+      .def("num_layers", &Model::num_layers);
   m.def("energy_forces(Tensor positions, Tensor species, Tensor receivers, Tensor senders, Tensor shifts, "
-        "Tensor batch, int n_graphs, Tensor[] params, float[] consts, Tensor[] quant) -> (Tensor, Tensor)");
+        "Tensor batch, int n_graphs, int layout_version, Dict(str, Tensor) weights, float[] consts) "
+        "-> (Tensor, Tensor)");
+  m.def("layout_version() -> int", layout_version);
 }
 
 TORCH_LIBRARY_IMPL(gaq, CPU, m) { m.impl("energy_forces", energy_forces); }
