@@ -166,14 +166,16 @@ def test_the_cpp_kernel_numbers_quantizer_kinds_as_quant_does():
     assert {(int(number), name) for number, name in pairs} == {(int(k), k.name.lower()) for k in FUSED_KINDS}
     assert set(FUSED_KINDS) == {ActKind.NONE, ActKind.LINEAR, ActKind.FRAME}
 
-@pytest.mark.parametrize("name, mode", [("fp32", None), ("w4a8", "conservative"), ("w4a8", "quantized")])
+@pytest.mark.parametrize("name, mode", [("fp32", None)])
 def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
     """gather_parameters finds modules by type and attribute, in the eager rebuild and in the file's
-    TorchScript alike (benchmarks/deploy.py's fused-int32 row builds the kernel from the scripted one)."""
+    TorchScript alike. (Quantized artifacts reach the kernel only through their eager rebuild,
+    gaq_calc.loading.load_energy_forces; the shipped ones' format-1 TorchScript layers are not read.)"""
     from pathlib import Path
 
-    from gaq_calc.kernels.fused import LAYOUT_VERSION, gather_parameters
+    from gaq_calc.kernels.fused import LAYOUT_VERSION, gather_parameters, load_extension
 
+    load_extension()
     path = Path(__file__).resolve().parents[1] / "models" / f"azobenzene_{name}.pt"
     scripted, _ = load_artifact(path, scripted=True)
     eager, _ = load_artifact(path, scripted=False)
