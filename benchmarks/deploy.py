@@ -11,6 +11,7 @@ conservative: unrounded activations), at 1 and 2 threads:
 Then a latency breakdown of one call by operator class, measured with torch.profiler (cf. the
 paper's Table IV). Prints markdown tables; not a test, the numbers depend on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # (model, mode, kernel); "fused" in quantized mode is the integer path (int8 activation codes x weight
 # codes through sgemm, exact); "fused-int32" is the same path with int32 accumulation in a loop
-VARIANTS = [("fp32", "fp32", "reference"), ("fp32", "fp32", "fused"),
-            ("w8a8", "quantized", "reference"), ("w8a8", "quantized", "fused"), ("w8a8", "conservative", "fused"),
-            ("w4a8", "quantized", "reference"), ("w4a8", "quantized", "fused"), ("w4a8", "quantized", "fused-int32"),
-            ("w4a8", "conservative", "reference"), ("w4a8", "conservative", "fused")]
+VARIANTS = [
+    ("fp32", "fp32", "reference"),
+    ("fp32", "fp32", "fused"),
+    ("w8a8", "quantized", "reference"),
+    ("w8a8", "quantized", "fused"),
+    ("w8a8", "conservative", "fused"),
+    ("w4a8", "quantized", "reference"),
+    ("w4a8", "quantized", "fused"),
+    ("w4a8", "quantized", "fused-int32"),
+    ("w4a8", "conservative", "reference"),
+    ("w4a8", "conservative", "fused"),
+]
 
 
 def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_steps: int, batch: int) -> dict:
@@ -49,8 +58,9 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
         from gaq_calc.loading import load_energy_forces
 
         calc = GAQCalculator(str(path), kernel="fused", **kwargs)
-        calc.energy_forces = load_energy_forces(path, mode=kwargs.get("mode"), kernel="fused",
-                                                int_gemm="int32").energy_forces
+        calc.energy_forces = load_energy_forces(
+            path, mode=kwargs.get("mode"), kernel="fused", int_gemm="int32"
+        ).energy_forces
         kernel_name = kernel
     else:
         calc = GAQCalculator(str(path), kernel=kernel, **kwargs)
@@ -69,10 +79,16 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
         f(b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, b.n_graphs)
         batch_s = time.perf_counter() - t0
     return {
-        "model": f"azobenzene_{name}", "mode": mode, "kernel": kernel_name, "threads": threads,
-        "ms_per_call": 1e3 * seconds_per_call, "md_steps_per_s": steps_per_s,
-        "batch_molecules": batch, "batch_atoms": len(b.species),
-        "molecules_per_s": batch / batch_s, "file_bytes": path.stat().st_size,
+        "model": f"azobenzene_{name}",
+        "mode": mode,
+        "kernel": kernel_name,
+        "threads": threads,
+        "ms_per_call": 1e3 * seconds_per_call,
+        "md_steps_per_s": steps_per_s,
+        "batch_molecules": batch,
+        "batch_atoms": len(b.species),
+        "molecules_per_s": batch / batch_s,
+        "file_bytes": path.stat().st_size,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -87,8 +103,9 @@ def breakdown(name: str, mode: str, kernel: str, threads: int) -> list[dict]:
     from gaq_calc.data import read_frames
 
     torch.set_num_threads(threads)
-    calc = GAQCalculator(str(REPO / "models" / f"azobenzene_{name}.pt"), kernel=kernel,
-                         **({} if mode == "fp32" else {"mode": mode}))
+    calc = GAQCalculator(
+        str(REPO / "models" / f"azobenzene_{name}.pt"), kernel=kernel, **({} if mode == "fp32" else {"mode": mode})
+    )
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
     for _ in range(5):
@@ -98,8 +115,19 @@ def breakdown(name: str, mode: str, kernel: str, threads: int) -> list[dict]:
         "matmul (linear layers, radial filters)": ("mm", "addmm", "bmm", "matmul", "linear", "_int_mm"),
         "activation quantization (round, clamp, div)": ("round", "clamp", "div", "argmax", "gather", "cross"),
         "gather / scatter (message passing)": ("index_select", "index_add", "scatter", "index"),
-        "cat / split / stack / copies": ("cat", "split", "stack", "unbind", "copy_", "clone", "contiguous", "fill_",
-                                         "zero_", "zeros", "empty"),
+        "cat / split / stack / copies": (
+            "cat",
+            "split",
+            "stack",
+            "unbind",
+            "copy_",
+            "clone",
+            "contiguous",
+            "fill_",
+            "zero_",
+            "zeros",
+            "empty",
+        ),
     }
     totals = {k: 0.0 for k in classes} | {"elementwise and other": 0.0}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -137,18 +165,33 @@ def main() -> None:
         name, mode, kernel, threads = args.breakdown
         print(json.dumps(breakdown(name, mode, kernel, int(threads))))
         return
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="4294967295",
-               MALLOC_TOP_PAD_="268435456")
-    base = [sys.executable, __file__, "--repeats", str(args.repeats), "--md-steps", str(args.md_steps),
-            "--batch", str(args.batch)]
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="4294967295", MALLOC_TOP_PAD_="268435456"
+    )
+    base = [
+        sys.executable,
+        __file__,
+        "--repeats",
+        str(args.repeats),
+        "--md-steps",
+        str(args.md_steps),
+        "--batch",
+        str(args.batch),
+    ]
     rows = []
     for threads in args.threads:
         for name, mode, kernel in VARIANTS:  # one process each: clean peak memory, no shared caches
-            out = subprocess.run(base + ["--worker", name, mode, kernel, str(threads)], capture_output=True,
-                                 text=True, env=env, check=True).stdout
+            out = subprocess.run(
+                base + ["--worker", name, mode, kernel, str(threads)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {name} {mode} {kernel} {threads} thread(s): {rows[-1]['ms_per_call']:.2f} ms/call",
-                  file=sys.stderr)
+            print(
+                f"  {name} {mode} {kernel} {threads} thread(s): {rows[-1]['ms_per_call']:.2f} ms/call", file=sys.stderr
+            )
     # ratios against FP32 on the same kernel and thread count, measured in the same run
     fp = {(r["threads"], r["kernel"]): r for r in rows if r["mode"] == "fp32"}
     ref_fp = {r["threads"]: r for r in rows if r["mode"] == "fp32" and r["kernel"] == "reference"}
@@ -159,13 +202,26 @@ def main() -> None:
         r["throughput_vs_fp32"] = r["molecules_per_s"] / ref["molecules_per_s"]
         r["size_ratio_fp32_over_this"] = ref["file_bytes"] / r["file_bytes"]
     parts = {}
-    for name, mode, kernel in (("fp32", "fp32", "reference"), ("w4a8", "quantized", "reference"),
-                               ("w4a8", "quantized", "fused"), ("w4a8", "conservative", "fused")):
-        out = subprocess.run(base + ["--breakdown", name, mode, kernel, str(min(args.threads))],
-                             capture_output=True, text=True, env=env, check=True).stdout
+    for name, mode, kernel in (
+        ("fp32", "fp32", "reference"),
+        ("w4a8", "quantized", "reference"),
+        ("w4a8", "quantized", "fused"),
+        ("w4a8", "conservative", "fused"),
+    ):
+        out = subprocess.run(
+            base + ["--breakdown", name, mode, kernel, str(min(args.threads))],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
         parts[f"{name} {mode}, {kernel} kernel"] = json.loads(out.strip().splitlines()[-1])
-    result = {"command": shlex.join(["python", "benchmarks/deploy.py", *sys.argv[1:]]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows, "breakdown": parts}
+    result = {
+        "command": shlex.join(["python", "benchmarks/deploy.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "rows": rows,
+        "breakdown": parts,
+    }
     result["markdown"] = format_tables(result)
     print(result["markdown"])
     if args.json:
@@ -177,22 +233,32 @@ def main() -> None:
 def format_tables(result: dict) -> str:
     import torch
 
-    lines = [f"`{result['command']}` on {result['machine']}, torch {torch.__version__}:", "",
-             "Ratios are against FP32 on the same kernel and thread count; the last speed-up column is against "
-             "the FP32 reference kernel.", "",
-             "| model | mode | kernel | threads | ms / call | vs FP32 | MD steps/s | molecules/s (batch) | vs FP32 | "
-             "file KiB | FP32 / this size | peak RSS MiB | vs FP32 reference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{result['command']}` on {result['machine']}, torch {torch.__version__}:",
+        "",
+        "Ratios are against FP32 on the same kernel and thread count; the last speed-up column is against "
+        "the FP32 reference kernel.",
+        "",
+        "| model | mode | kernel | threads | ms / call | vs FP32 | MD steps/s | molecules/s (batch) | vs FP32 | "
+        "file KiB | FP32 / this size | peak RSS MiB | vs FP32 reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['kernel']} | {r['threads']} | {r['ms_per_call']:.2f} | "
             f"{r['call_speedup_vs_fp32']:.2f}x | "
             f"{r['md_steps_per_s']:.1f} | {r['molecules_per_s']:.0f} ({r['batch_molecules']}) | "
             f"{r['throughput_vs_fp32']:.2f}x | {r['file_bytes'] / 1024:.0f} | {r['size_ratio_fp32_over_this']:.2f}x | "
-            f"{r['peak_rss_MiB']:.0f} | {r['call_speedup_vs_fp32_reference']:.2f}x |")
+            f"{r['peak_rss_MiB']:.0f} | {r['call_speedup_vs_fp32_reference']:.2f}x |"
+        )
     for variant, parts in result["breakdown"].items():
-        lines += ["", f"Latency breakdown, {variant} (torch.profiler, self CPU time per call):", "",
-                  "| operator class | ms / call | share |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Latency breakdown, {variant} (torch.profiler, self CPU time per call):",
+            "",
+            "| operator class | ms / call | share |",
+            "|---|---|---|",
+        ]
         lines += [f"| {p['class']} | {p['ms_per_call']:.2f} | {100 * p['share']:.0f}% |" for p in parts]
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ fused kernel accumulates integer codes exactly where the reference path adds flo
 last-bit difference can flip a rounding decision downstream: that is what the agreement columns
 measure. Prints a markdown table; not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,13 @@ from gaq_calc import GAQCalculator
 from gaq_calc.data import read_frames
 from gaq_calc.io import write_text_atomic
 
-VARIANTS = [("azobenzene_fp32.pt", None), ("azobenzene_w8a8.pt", "quantized"), ("azobenzene_w8a8.pt", "conservative"),
-            ("azobenzene_w4a8.pt", "quantized"), ("azobenzene_w4a8.pt", "conservative")]
+VARIANTS = [
+    ("azobenzene_fp32.pt", None),
+    ("azobenzene_w8a8.pt", "quantized"),
+    ("azobenzene_w8a8.pt", "conservative"),
+    ("azobenzene_w4a8.pt", "quantized"),
+    ("azobenzene_w4a8.pt", "conservative"),
+]
 
 
 def evaluate(calc: GAQCalculator, frames, n: int):
@@ -57,25 +63,35 @@ def main(argv=None) -> None:
             out[kernel] = evaluate(calc, frames, n)
         (e_r, f_r), (e_f, f_f) = out["reference"], out["fused"]
         de, df = np.abs(e_f - e_r), np.abs(f_f - f_r).reshape(n, -1).max(1)
-        rows.append({
-            "model": model, "mode": mode or "fp32", "frames": n,
-            "reference_E_MAE_meV": 1e3 * float(np.abs(e_r - e_dft).mean()),
-            "fused_E_MAE_meV": 1e3 * float(np.abs(e_f - e_dft).mean()),
-            "reference_F_MAE_meV_per_A": 1e3 * float(np.abs(f_r - f_dft).mean()),
-            "fused_F_MAE_meV_per_A": 1e3 * float(np.abs(f_f - f_dft).mean()),
-            "max_dE_meV": 1e3 * float(de.max()), "max_dF_meV_per_A": 1e3 * float(df.max()),
-            "agree_share": float(((de < 1e-4) & (df < 1e-4)).mean()),
-        })
+        rows.append(
+            {
+                "model": model,
+                "mode": mode or "fp32",
+                "frames": n,
+                "reference_E_MAE_meV": 1e3 * float(np.abs(e_r - e_dft).mean()),
+                "fused_E_MAE_meV": 1e3 * float(np.abs(e_f - e_dft).mean()),
+                "reference_F_MAE_meV_per_A": 1e3 * float(np.abs(f_r - f_dft).mean()),
+                "fused_F_MAE_meV_per_A": 1e3 * float(np.abs(f_f - f_dft).mean()),
+                "max_dE_meV": 1e3 * float(de.max()),
+                "max_dF_meV_per_A": 1e3 * float(df.max()),
+                "agree_share": float(((de < 1e-4) & (df < 1e-4)).mean()),
+            }
+        )
         print(f"  {model} {rows[-1]['mode']}: max |dE| {rows[-1]['max_dE_meV']:.3g} meV", file=sys.stderr)
     command = shlex.join(["python", "benchmarks/kernel_agreement.py", *(sys.argv[1:] if argv is None else argv)])
-    lines = [f"`{command}`, "
-             f"first {n} test frames:", "",
-             "| artifact | mode | E MAE ref / fused (meV) | F MAE ref / fused (meV/Å) | max abs dE (meV) | "
-             "max abs dF (meV/Å) | frames agreeing to 1e-4 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`, first {n} test frames:",
+        "",
+        "| artifact | mode | E MAE ref / fused (meV) | F MAE ref / fused (meV/Å) | max abs dE (meV) | "
+        "max abs dF (meV/Å) | frames agreeing to 1e-4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['reference_E_MAE_meV']:.2f} / {r['fused_E_MAE_meV']:.2f} | "
-                     f"{r['reference_F_MAE_meV_per_A']:.2f} / {r['fused_F_MAE_meV_per_A']:.2f} | "
-                     f"{r['max_dE_meV']:.3g} | {r['max_dF_meV_per_A']:.3g} | {100 * r['agree_share']:.0f}% |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['reference_E_MAE_meV']:.2f} / {r['fused_E_MAE_meV']:.2f} | "
+            f"{r['reference_F_MAE_meV_per_A']:.2f} / {r['fused_F_MAE_meV_per_A']:.2f} | "
+            f"{r['max_dE_meV']:.3g} | {r['max_dF_meV_per_A']:.3g} | {100 * r['agree_share']:.0f}% |"
+        )
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:

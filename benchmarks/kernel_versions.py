@@ -14,6 +14,7 @@ base revision's calculator (its gaq_calc/calculator.py on its kernel) and the cu
 alternated, and prints ms per MD step for every model and mode. Not a test: it builds a second library
 (~1 min).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,7 @@ sys.path.insert(0, str(REPO))
 
 
 def git_show(rev: str, path: str) -> str:
-    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
 
 
 def load_base(rev: str):
@@ -44,7 +44,8 @@ def load_base(rev: str):
 
     src = git_show(rev, "gaq_calc/kernels/fused_cpu.cpp")
     src = src.replace("TORCH_LIBRARY(gaq,", "TORCH_LIBRARY(gaq_base,").replace(
-        "TORCH_LIBRARY_IMPL(gaq,", "TORCH_LIBRARY_IMPL(gaq_base,")
+        "TORCH_LIBRARY_IMPL(gaq,", "TORCH_LIBRARY_IMPL(gaq_base,"
+    )
     digest = hashlib.sha256(src.encode()).hexdigest()[:12]
     folder = Path.home() / ".cache" / "gaq_kernel_versions" / digest
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +54,12 @@ def load_base(rev: str):
     py.write_text(git_show(rev, "gaq_calc/kernels/fused.py"))
     _ninja_on_path()
     _, flags = build_spec()
-    cpp_extension.load(name=f"gaq_base_{digest}", sources=[str(folder / "fused_cpu_base.cpp")], extra_cflags=flags,
-                       is_python_module=False)
+    cpp_extension.load(
+        name=f"gaq_base_{digest}",
+        sources=[str(folder / "fused_cpu_base.cpp")],
+        extra_cflags=flags,
+        is_python_module=False,
+    )
     spec = importlib.util.spec_from_file_location("gaq_fused_base", py)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -71,8 +76,18 @@ class BaseKernel:
         self.dtype, self.op = dtype, op
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs):
-        return self.op(positions.to(self.dtype), species, receivers, senders, shifts.to(self.dtype), batch,
-                       int(n_graphs), self.params, self.consts, self.quant)
+        return self.op(
+            positions.to(self.dtype),
+            species,
+            receivers,
+            senders,
+            shifts.to(self.dtype),
+            batch,
+            int(n_graphs),
+            self.params,
+            self.consts,
+            self.quant,
+        )
 
 
 def batches(species_list, cutoff, dtype, sizes=(1, 5)):
@@ -104,8 +119,11 @@ def call(f, b):
 
 def check(module, op) -> int:
     bad = 0
-    for model, modes in (("fp32", ["conservative"]), ("w8a8", ["conservative", "quantized"]),
-                         ("w4a8", ["conservative", "quantized"])):
+    for model, modes in (
+        ("fp32", ["conservative"]),
+        ("w8a8", ["conservative", "quantized"]),
+        ("w4a8", ["conservative", "quantized"]),
+    ):
         for mode in modes:
             for dtype in (torch.float32, torch.float64):
                 old, new, species, cutoff = kernels(module, op, model, mode, dtype)
@@ -114,9 +132,11 @@ def check(module, op) -> int:
                     e1, f1 = call(new, b)
                     same = torch.equal(e0, e1) and torch.equal(f0, f1)
                     bad += not same
-                    print(f"{model} {mode} {str(dtype)[6:]} {b.n_graphs} molecule(s): "
-                          f"{'identical' if same else 'DIFFERENT'} (max |dE| {(e0 - e1).abs().max().item():.3g}, "
-                          f"max |dF| {(f0 - f1).abs().max().item():.3g})")
+                    print(
+                        f"{model} {mode} {str(dtype)[6:]} {b.n_graphs} molecule(s): "
+                        f"{'identical' if same else 'DIFFERENT'} (max |dE| {(e0 - e1).abs().max().item():.3g}, "
+                        f"max |dF| {(f0 - f1).abs().max().item():.3g})"
+                    )
     return bad
 
 
@@ -135,8 +155,10 @@ def timing(module, op, rounds: int, calls: int, sizes) -> None:
                         call(f, b)
                     t[name].append((time.perf_counter() - t0) / calls)
             base, cur = np.median(t["base"]), np.median(t["new"])
-            print(f"{model} {mode} {len(b.species)} atoms, {torch.get_num_threads()} thread(s): base "
-                  f"{1e3 * base:.3f} ms, new {1e3 * cur:.3f} ms, base/new {base / cur:.2f}x")
+            print(
+                f"{model} {mode} {len(b.species)} atoms, {torch.get_num_threads()} thread(s): base "
+                f"{1e3 * base:.3f} ms, new {1e3 * cur:.3f} ms, base/new {base / cur:.2f}x"
+            )
 
 
 def base_calculator(rev: str, module, op, model: str, mode: str, threads: int):
@@ -165,17 +187,21 @@ def md(rev: str, module, op, rounds: int, steps: int) -> list:
     from gaq_calc.md import load_structure, maxwell_boltzmann
 
     rows = []
-    for label, model, mode in (("w4a8 default", "azobenzene_w4a8.pt", "conservative"),
-                               ("w4a8 quantized", "azobenzene_w4a8.pt", "quantized"),
-                               ("fp32", "azobenzene_fp32.pt", "conservative")):
-        calcs = {"base": base_calculator(rev, module, op, model, mode, torch.get_num_threads()),
-                 "new": GAQCalculator(model, **({} if model.endswith("fp32.pt") else {"mode": mode}))}
+    for label, model, mode in (
+        ("w4a8 default", "azobenzene_w4a8.pt", "conservative"),
+        ("w4a8 quantized", "azobenzene_w4a8.pt", "quantized"),
+        ("fp32", "azobenzene_fp32.pt", "conservative"),
+    ):
+        calcs = {
+            "base": base_calculator(rev, module, op, model, mode, torch.get_num_threads()),
+            "new": GAQCalculator(model, **({} if model.endswith("fp32.pt") else {"mode": mode})),
+        }
         start = load_structure("azobenzene", 0)
         maxwell_boltzmann(start, 300.0, np.random.default_rng(0))
         times = {k: [] for k in calcs}
         energies = {}
         for r in range(rounds + 1):
-            for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+            for name in ("base", "new") if r % 2 == 0 else ("new", "base"):
                 atoms = start.copy()
                 atoms.calc = calcs[name]
                 dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
@@ -185,11 +211,23 @@ def md(rev: str, module, op, rounds: int, steps: int) -> list:
                     times[name].append((time.perf_counter() - t0) / steps)
                 energies[name] = atoms.get_potential_energy()
         base, new = np.median(times["base"]), np.median(times["new"])
-        rows.append({"variant": label, "model": model, "mode": mode, "threads": torch.get_num_threads(),
-                     "base_ms_per_step": 1e3 * base, "new_ms_per_step": 1e3 * new, "speedup": base / new,
-                     "same_trajectory_energy": bool(energies["base"] == energies["new"])})
-        print(f"| {label} | {torch.get_num_threads()} | {1e3 * base:.3f} | {1e3 * new:.3f} | {base / new:.2f}x | "
-              f"{'yes' if rows[-1]['same_trajectory_energy'] else 'no'} |", flush=True)
+        rows.append(
+            {
+                "variant": label,
+                "model": model,
+                "mode": mode,
+                "threads": torch.get_num_threads(),
+                "base_ms_per_step": 1e3 * base,
+                "new_ms_per_step": 1e3 * new,
+                "speedup": base / new,
+                "same_trajectory_energy": bool(energies["base"] == energies["new"]),
+            }
+        )
+        print(
+            f"| {label} | {torch.get_num_threads()} | {1e3 * base:.3f} | {1e3 * new:.3f} | {base / new:.2f}x | "
+            f"{'yes' if rows[-1]['same_trajectory_energy'] else 'no'} |",
+            flush=True,
+        )
     return rows
 
 
@@ -219,16 +257,29 @@ def main() -> None:
         import os
         import platform
 
-        print(f"| variant | threads | base ms / step | new ms / step | speed-up | same energy after {args.md_steps} "
-              "steps |\n|---|---|---|---|---|---|")
+        print(
+            f"| variant | threads | base ms / step | new ms / step | speed-up | same energy after {args.md_steps} "
+            "steps |\n|---|---|---|---|---|---|"
+        )
         load = os.getloadavg()
         rows = md(args.base, module, op, args.rounds, args.md_steps)
         if args.json:
-            Path(args.json).write_text(json.dumps({
-                "command": "python benchmarks/kernel_versions.py " + " ".join(sys.argv[1:]),
-                "base": args.base, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "torch": torch.__version__, "load_average": {"start": load, "end": os.getloadavg()},
-                "md_steps": args.md_steps, "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "command": "python benchmarks/kernel_versions.py " + " ".join(sys.argv[1:]),
+                        "base": args.base,
+                        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                        "torch": torch.__version__,
+                        "load_average": {"start": load, "end": os.getloadavg()},
+                        "md_steps": args.md_steps,
+                        "rounds": args.rounds,
+                        "rows": rows,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
     sys.exit(1 if bad else 0)
 
 

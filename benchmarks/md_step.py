@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/md_step.py --model azobenzene_fp32 --threads 1 2
 Prints a markdown table and writes it as JSON with --json. Not a test: numbers depend on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,15 +83,22 @@ def main(argv=None) -> None:
         rows = []
         for threads in args.threads:
             torch.set_num_threads(threads)  # a benchmark is an application: it may set threads
-            variants = {"eager": dict(jit=False, kernel="reference"),
-                        "torchscript": dict(jit=True, kernel="reference"), "fused": dict(kernel="fused")}
+            variants = {
+                "eager": dict(jit=False, kernel="reference"),
+                "torchscript": dict(jit=True, kernel="reference"),
+                "fused": dict(kernel="fused"),
+            }
             for name, kwargs in variants.items():
                 calc = GAQCalculator(args.model, **kwargs)
-                rows.append({
-                    "variant": name + (" + malloc" if args.worker == "malloc" else ""), "threads": threads,
-                    "atoms": len(atoms), "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
-                    "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
-                })
+                rows.append(
+                    {
+                        "variant": name + (" + malloc" if args.worker == "malloc" else ""),
+                        "threads": threads,
+                        "atoms": len(atoms),
+                        "ms_per_call": 1e3 * time_calls(calc, atoms, args.repeats),
+                        "md_steps_per_s": md_steps_per_second(calc, atoms, args.md_steps),
+                    }
+                )
         print(json.dumps(rows))
         return
     import subprocess
@@ -99,8 +107,9 @@ def main(argv=None) -> None:
     own = [a for a in (sys.argv[1:] if argv is None else argv)]
     rows = []
     for worker in ("default", "malloc"):
-        out = subprocess.run([sys.executable, __file__, *own, "--worker", worker], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, *own, "--worker", worker], check=True, capture_output=True, text=True
+        ).stdout
         rows.extend(json.loads(out.strip().splitlines()[-1]))
     base = {r["threads"]: r["ms_per_call"] for r in rows if r["variant"] == "eager"}
     print(f"{args.model}, {len(atoms)} atoms, {platform.processor() or platform.machine()}, torch {torch.__version__}")
@@ -109,12 +118,18 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         r["speedup_vs_eager"] = base[r["threads"]] / r["ms_per_call"]
-        print(f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
-              f"{r['md_steps_per_s']:.0f} |")
+        print(
+            f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
+            f"{r['md_steps_per_s']:.0f} |"
+        )
     if args.json:
-        result = {"command": shlex.join(["python", "benchmarks/md_step.py", *own]),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-                  "atoms": len(atoms), "rows": rows}
+        result = {
+            "command": shlex.join(["python", "benchmarks/md_step.py", *own]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__,
+            "atoms": len(atoms),
+            "rows": rows,
+        }
         write_text_atomic(args.json, json.dumps(result, indent=1))
 
 

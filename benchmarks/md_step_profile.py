@@ -29,6 +29,7 @@ the sum over the instrumented blocks. --cprofile N also runs N steps under cProf
 functions with the most own time (cProfile's overhead inflates Python-heavy parts; use it for names,
 the table for times). Not a test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,13 +70,14 @@ class Wrappers:
     """Install / remove the timing wrappers; acc[name] = [seconds, calls]."""
 
     def __init__(self, calc, atoms):
-        import torch
 
         import gaq_calc.calculator as calculator_module
 
         self.calc, self.atoms, self.module = calc, atoms, calculator_module
-        self.acc = {k: [0.0, 0] for k in ("op", "kernel", "neighbours", "graph", "calculate", "base_calculate",
-                                          "check_state", "get_forces")}
+        self.acc = {
+            k: [0.0, 0]
+            for k in ("op", "kernel", "neighbours", "graph", "calculate", "base_calculate", "check_state", "get_forces")
+        }
         self._neighbour_graph = calculator_module.neighbour_graph
         self._model = calc.energy_forces.model  # the fused kernel's gaq::Model (TorchScript class)
         from ase.calculators.calculator import Calculator
@@ -168,22 +170,32 @@ def main(argv=None) -> None:
     steps = args.steps * args.blocks
     total = sum(inst)
     parts = exclusive_parts({k: v[0] for k, v in wrappers.acc.items()}, total)
-    calls = {"C++ kernel": "op", "kernel wrapper": "kernel", "neighbour list": "neighbours",
-             "tensor construction": "graph", "ASE calculate": "base_calculate", "calculate, rest": "calculate", "check_state": "check_state",
-             "ASE get_forces, rest": "get_forces"}
-    print(f"{args.model} {args.mode} ({calc.kernel} kernel), {len(atoms)} atoms, {args.threads} thread(s), "
-          f"torch {torch.__version__}, load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{args.blocks} instrumented blocks of {args.steps} steps, alternated with as many plain ones: "
-          f"{1e3 * total / steps:.3f} ms/step instrumented, {1e3 * sum(plain) / steps:.3f} ms/step plain "
-          f"(median block {1e3 * np.median(inst) / args.steps:.3f} / {1e3 * np.median(plain) / args.steps:.3f})")
+    calls = {
+        "C++ kernel": "op",
+        "kernel wrapper": "kernel",
+        "neighbour list": "neighbours",
+        "tensor construction": "graph",
+        "ASE calculate": "base_calculate",
+        "calculate, rest": "calculate",
+        "check_state": "check_state",
+        "ASE get_forces, rest": "get_forces",
+    }
+    print(
+        f"{args.model} {args.mode} ({calc.kernel} kernel), {len(atoms)} atoms, {args.threads} thread(s), "
+        f"torch {torch.__version__}, load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"{args.blocks} instrumented blocks of {args.steps} steps, alternated with as many plain ones: "
+        f"{1e3 * total / steps:.3f} ms/step instrumented, {1e3 * sum(plain) / steps:.3f} ms/step plain "
+        f"(median block {1e3 * np.median(inst) / args.steps:.3f} / {1e3 * np.median(plain) / args.steps:.3f})"
+    )
     print()
     print("| part | what | ms / step | share | calls / step |")
     print("|---|---|---|---|---|")
     what = dict(PARTS)
     for name, _ in PARTS:
         n = wrappers.acc[calls[name]][1] / steps if name in calls else 1.0
-        print(f"| {name} | {what[name]} | {1e3 * parts[name] / steps:.3f} | {100 * parts[name] / total:.1f}% | "
-              f"{n:g} |")
+        print(f"| {name} | {what[name]} | {1e3 * parts[name] / steps:.3f} | {100 * parts[name] / total:.1f}% | {n:g} |")
     print(f"| **step** | dyn.run / steps | {1e3 * total / steps:.3f} | 100% | 1 |")
 
     if args.cprofile:

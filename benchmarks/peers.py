@@ -21,6 +21,7 @@ eager PyTorch, forces by autograd). gaq_calc: GAQCalculator with its default ker
 Prints a markdown table (rendered by gaq_calc.cli.report.peers_markdown, as gaq-report puts it in
 README) and writes it as JSON with --json. Not a test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,9 @@ def peer_constructor(config: dict, avg_num_neighbors: float | None = None) -> di
     return {
         "r_max": float(config["cutoff"]),
         "num_radial_basis_fn": int(config["num_rbf"]),
-        "degrees": [1],  # l_max = 1: So3krates's Euclidean variables hold degrees 1..l_max (l=0 is the invariant branch)
+        "degrees": [
+            1
+        ],  # l_max = 1: So3krates's Euclidean variables hold degrees 1..l_max (l=0 is the invariant branch)
         "num_features": int(config["num_features"]),
         "num_heads": int(config["num_heads"]),
         "num_layers": int(config["num_layers"]),
@@ -94,14 +97,23 @@ def peer_constructor(config: dict, avg_num_neighbors: float | None = None) -> di
 
 
 def mapping_lines(config: dict, kwargs: dict) -> list[str]:
-    """"ours -> theirs" lines for the hyperparameters the benchmark is asked to match."""
-    pairs = [("num_features", "num_features"), ("num_layers", "num_layers"), ("num_heads", "num_heads"),
-             ("cutoff", "r_max"), ("num_rbf", "num_radial_basis_fn"), ("envelope_exponent", "cutoff_p")]
+    """ "ours -> theirs" lines for the hyperparameters the benchmark is asked to match."""
+    pairs = [
+        ("num_features", "num_features"),
+        ("num_layers", "num_layers"),
+        ("num_heads", "num_heads"),
+        ("cutoff", "r_max"),
+        ("num_rbf", "num_radial_basis_fn"),
+        ("envelope_exponent", "cutoff_p"),
+    ]
     lines = [f"{ours}={config[ours]} -> {theirs}={kwargs[theirs]}" for ours, theirs in pairs if ours in config]
-    lines += ["l_max=1 (l=0 and l=1 features) -> degrees=[1]",
-              "Bessel basis -> radial_basis_fn='bessel'", "polynomial envelope -> cutoff_fn='polynomial'",
-              f"radial_hidden={config.get('radial_hidden')} -> (none: filter nets are num_features wide)",
-              f"tau_init={config.get('tau_init')} -> (none)"]
+    lines += [
+        "l_max=1 (l=0 and l=1 features) -> degrees=[1]",
+        "Bessel basis -> radial_basis_fn='bessel'",
+        "polynomial envelope -> cutoff_fn='polynomial'",
+        f"radial_hidden={config.get('radial_hidden')} -> (none: filter nets are num_features wide)",
+        f"tau_init={config.get('tau_init')} -> (none)",
+    ]
     return lines
 
 
@@ -136,8 +148,12 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def summarize(samples_ms: list[float]) -> dict:
-    return {"ms": float(np.median(samples_ms)), "ms_min": float(np.min(samples_ms)),
-            "ms_max": float(np.max(samples_ms)), "samples": len(samples_ms)}
+    return {
+        "ms": float(np.median(samples_ms)),
+        "ms_min": float(np.min(samples_ms)),
+        "ms_max": float(np.max(samples_ms)),
+        "samples": len(samples_ms),
+    }
 
 
 def _make_peer(config: dict, atoms, seed: int):
@@ -169,16 +185,35 @@ def worker(args, threads: int) -> dict:
     for label, model, mode in GAQ_VARIANTS:
         calc = GAQCalculator(model, mode=mode)
         fp32 = calc if model == "azobenzene_fp32" else fp32
-        variants.append({"label": label, "calc": calc, "row": {
-            "calculator": "gaq_calc", "model": model, "mode": mode if calc.quantized else "fp32",
-            "kernel": calc.kernel}})
+        variants.append(
+            {
+                "label": label,
+                "calc": calc,
+                "row": {
+                    "calculator": "gaq_calc",
+                    "model": model,
+                    "mode": mode if calc.quantized else "fp32",
+                    "kernel": calc.kernel,
+                },
+            }
+        )
     fp32 = fp32 or GAQCalculator("azobenzene_fp32")  # the hyperparameters to map (the W4A8 shares them)
     config = fp32.model.config.to_dict()
     gaq_params = sum(p.numel() for p in fp32.model.parameters())
     peer_calc, peer_kwargs, peer_params = _make_peer(config, start, args.seed)
-    variants.insert(0, {"label": PEER, "calc": peer_calc, "row": {
-        "calculator": PEER, "model": "So3krates (random weights)", "mode": "fp32",
-        "kernel": "TorchkratesCalculator (eager, autograd)"}})
+    variants.insert(
+        0,
+        {
+            "label": PEER,
+            "calc": peer_calc,
+            "row": {
+                "calculator": PEER,
+                "model": "So3krates (random weights)",
+                "mode": "fp32",
+                "kernel": "TorchkratesCalculator (eager, autograd)",
+            },
+        },
+    )
     if torch.get_num_threads() != threads:
         raise SystemExit(f"asked for {threads} threads, torch runs {torch.get_num_threads()}")
 
@@ -189,8 +224,15 @@ def worker(args, threads: int) -> dict:
         atoms = start.copy()
         atoms.calc = v["calc"]
         atoms.set_momenta(p0)
-        v.update(atoms=atoms, dyn=VelocityVerlet(atoms, timestep=args.timestep * units.fs),
-                 timer=CalculatorTimer(v["calc"]), md=[], share=[], pairs=[], calls=[])
+        v.update(
+            atoms=atoms,
+            dyn=VelocityVerlet(atoms, timestep=args.timestep * units.fs),
+            timer=CalculatorTimer(v["calc"]),
+            md=[],
+            share=[],
+            pairs=[],
+            calls=[],
+        )
 
     def reset(v):
         v["atoms"].set_positions(x0)
@@ -211,17 +253,29 @@ def worker(args, threads: int) -> dict:
             v["share"].append(v["timer"].seconds / dt)
             v["calls"].append(v["timer"].calls / args.steps)
             v["pairs"].append(pairs_within(v["atoms"].positions, float(config["cutoff"])))
-        print(f"[{threads} thread(s)] block {b + 1}/{args.blocks}: "
-              + ", ".join(f"{v['label']} {v['md'][-1]:.2f}" for v in variants) + " ms/step", file=sys.stderr)
+        print(
+            f"[{threads} thread(s)] block {b + 1}/{args.blocks}: "
+            + ", ".join(f"{v['label']} {v['md'][-1]:.2f}" for v in variants)
+            + " ms/step",
+            file=sys.stderr,
+        )
 
     rows = []
     for v in variants:
         v["timer"].uninstall()
-        rows.append({**v["row"], "label": v["label"], "measure": "MD step", "threads": threads,
-                     **summarize(v["md"]), "blocks_ms": v["md"],
-                     "calculate_share": float(np.median(v["share"])),
-                     "calculations_per_step": float(np.mean(v["calls"])),
-                     "pairs_at_block_end": float(np.mean(v["pairs"]))})
+        rows.append(
+            {
+                **v["row"],
+                "label": v["label"],
+                "measure": "MD step",
+                "threads": threads,
+                **summarize(v["md"]),
+                "blocks_ms": v["md"],
+                "calculate_share": float(np.median(v["share"])),
+                "calculations_per_step": float(np.mean(v["calls"])),
+                "pairs_at_block_end": float(np.mean(v["pairs"])),
+            }
+        )
 
     # per call: energy + forces through calc.calculate on jittered starting positions, alternated
     rng = np.random.default_rng(args.seed)
@@ -237,10 +291,24 @@ def worker(args, threads: int) -> dict:
             if k >= 5:
                 times[v["label"]].append(1e3 * (time.perf_counter() - t0))
     for v in calls:
-        rows.append({**v["row"], "label": v["label"], "measure": "call (E+F)", "threads": threads,
-                     **summarize(times[v["label"]]), "pairs_at_block_end": float(pairs_within(x0, config["cutoff"]))})
-    return {"rows": rows, "peer_constructor": peer_kwargs, "peer_parameters": peer_params,
-            "gaq_parameters": gaq_params, "model_config": config, "atoms": len(start)}
+        rows.append(
+            {
+                **v["row"],
+                "label": v["label"],
+                "measure": "call (E+F)",
+                "threads": threads,
+                **summarize(times[v["label"]]),
+                "pairs_at_block_end": float(pairs_within(x0, config["cutoff"])),
+            }
+        )
+    return {
+        "rows": rows,
+        "peer_constructor": peer_kwargs,
+        "peer_parameters": peer_params,
+        "gaq_parameters": gaq_params,
+        "model_config": config,
+        "atoms": len(start),
+    }
 
 
 def machine_info() -> dict:
@@ -253,8 +321,13 @@ def machine_info() -> dict:
         cpu = platform.processor() or "unknown"
     from importlib.metadata import version
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "cpu_model": cpu,
-            "torch": torch.__version__, "so3krates_torch": version("so3krates-torch"), "ase": version("ase")}
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "cpu_model": cpu,
+        "torch": torch.__version__,
+        "so3krates_torch": version("so3krates-torch"),
+        "ase": version("ase"),
+    }
 
 
 def main(argv=None) -> None:
@@ -282,33 +355,51 @@ def main(argv=None) -> None:
     try:
         import so3krates_torch  # noqa: F401
     except ImportError:
-        raise SystemExit("so3krates-torch is not installed: pip install 'gaq_calc[bench]' "
-                         "(or pip install so3krates-torch==0.2.1)") from None
+        raise SystemExit(
+            "so3krates-torch is not installed: pip install 'gaq_calc[bench]' (or pip install so3krates-torch==0.2.1)"
+        ) from None
     from gaq_calc.cli.report import peers_markdown
 
     load_start = os.getloadavg()
     results = []
     for threads in args.threads:  # one process each: no thread pool or allocator state carries over
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", str(threads)],
-                             env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *argv, "--worker", str(threads)],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     first = results[0]
     data = {
         "command": "python benchmarks/peers.py " + " ".join(shlex.quote(a) for a in argv),
         **machine_info(),
-        "load_average": {"start": [round(x, 2) for x in load_start],
-                         "end": [round(x, 2) for x in os.getloadavg()]},
-        "structure": f"{args.structure} frame {args.frame}", "atoms": first["atoms"],
-        "settings": {"integrator": "ase.md.verlet.VelocityVerlet", "timestep_fs": args.timestep,
-                     "temperature_K": args.temperature, "dtype": "float32", "steps_per_block": args.steps,
-                     "blocks": args.blocks, "warmup_steps": args.warmup, "calls": args.calls, "seed": args.seed},
-        "peer": {"package": "so3krates-torch", "calculator": "so3krates_torch.calculator.so3.TorchkratesCalculator",
-                 "calculator_kind": "its own ASE calculator (eager PyTorch, forces by autograd)",
-                 "weights": "random (torch.manual_seed(seed))", "constructor": first["peer_constructor"],
-                 "parameters": first["peer_parameters"],
-                 "mapping": mapping_lines(first["model_config"], first["peer_constructor"]),
-                 "unmatched": list(UNMATCHED)},
+        "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "structure": f"{args.structure} frame {args.frame}",
+        "atoms": first["atoms"],
+        "settings": {
+            "integrator": "ase.md.verlet.VelocityVerlet",
+            "timestep_fs": args.timestep,
+            "temperature_K": args.temperature,
+            "dtype": "float32",
+            "steps_per_block": args.steps,
+            "blocks": args.blocks,
+            "warmup_steps": args.warmup,
+            "calls": args.calls,
+            "seed": args.seed,
+        },
+        "peer": {
+            "package": "so3krates-torch",
+            "calculator": "so3krates_torch.calculator.so3.TorchkratesCalculator",
+            "calculator_kind": "its own ASE calculator (eager PyTorch, forces by autograd)",
+            "weights": "random (torch.manual_seed(seed))",
+            "constructor": first["peer_constructor"],
+            "parameters": first["peer_parameters"],
+            "mapping": mapping_lines(first["model_config"], first["peer_constructor"]),
+            "unmatched": list(UNMATCHED),
+        },
         "gaq": {"model_config": first["model_config"], "parameters": first["gaq_parameters"]},
         "rows": add_ratios([r for res in results for r in res["rows"]]),
     }

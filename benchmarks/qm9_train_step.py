@@ -8,6 +8,7 @@ trainer's optimizer step (energy forward, backward, clip, AdamW, EMA) on batches
 shuffled epoch. Reports wall and process CPU seconds per step: on a shared machine the CPU time is the
 better estimate of a dedicated core's wall time. Not a test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ def main(argv=None) -> None:
     for k in range(args.warmup + args.steps):
         batch = next(batches).to("cpu", dtype)
         w0, c0 = time.perf_counter(), time.process_time()
-        energy = model(batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts, batch.batch,
-                       batch.n_graphs)
+        energy = model(
+            batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts, batch.batch, batch.n_graphs
+        )
         loss = loss_fn(energy, None, batch, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -80,13 +82,21 @@ def main(argv=None) -> None:
     n_batches = math.ceil(len(ds) / cfg.batch_size)
     result = {
         "command": shlex.join(["benchmarks/qm9_train_step.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
-        "train_data": cfg.train_data, "n_train": len(ds), "batch_size": cfg.batch_size, "n_batches": n_batches,
-        "num_features": cfg.model.num_features, "num_layers": cfg.model.num_layers,
-        "steps_timed": args.steps, "mean_atoms_per_batch": float(np.mean(atoms)),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "train_data": cfg.train_data,
+        "n_train": len(ds),
+        "batch_size": cfg.batch_size,
+        "n_batches": n_batches,
+        "num_features": cfg.model.num_features,
+        "num_layers": cfg.model.num_layers,
+        "steps_timed": args.steps,
+        "mean_atoms_per_batch": float(np.mean(atoms)),
         "mean_edges_per_batch": float(np.mean(edges)),
-        "wall_s_per_step_mean": float(np.mean(wall)), "wall_s_per_step_median": float(np.median(wall)),
+        "wall_s_per_step_mean": float(np.mean(wall)),
+        "wall_s_per_step_median": float(np.median(wall)),
         "cpu_s_per_step_mean": float(np.mean(cpu)),
         "epoch_hours_from_wall": float(np.mean(wall)) * n_batches / 3600,
         "epoch_hours_from_cpu": float(np.mean(cpu)) * n_batches / 3600,

@@ -11,6 +11,7 @@
 Prints markdown tables and writes them as JSON with --json. Not a test: numbers depend on the machine
 and on what else runs on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def _last_step(path: Path) -> int:
     return int(float(lines[-1].split()[0])) if lines else -1
 
 
-def pimd_steps_per_second(model: str, mode: str, clients: int, batch_size: int, nbeads: int, steps: int,
-                          warmup: int, timeout: float = 600.0) -> float:
+def pimd_steps_per_second(
+    model: str, mode: str, clients: int, batch_size: int, nbeads: int, steps: int, warmup: int, timeout: float = 600.0
+) -> float:
     """Steps/s of i-PI between step `warmup` and the last step (clients loaded and connected before)."""
     ipi = shutil.which("i-pi", path=str(Path(sys.executable).parent)) or shutil.which("i-pi")
     if ipi is None:
@@ -75,25 +77,54 @@ def pimd_steps_per_second(model: str, mode: str, clients: int, batch_size: int, 
     run = Path(tempfile.mkdtemp(prefix="gaqbench"))
     sockets = tempfile.mkdtemp(prefix="gb", dir="/tmp") + "/"
     shutil.copy(REPO / "examples" / "ipi" / "azobenzene.xyz", run)
-    (run / "input.xml").write_text(PIMD_INPUT.format(sockets=sockets, steps=warmup + steps, nbeads=nbeads,
-                                                     batch_size=batch_size))
+    (run / "input.xml").write_text(
+        PIMD_INPUT.format(sockets=sockets, steps=warmup + steps, nbeads=nbeads, batch_size=batch_size)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
     try:
         for k in range(clients):
-            cmd = [sys.executable, "-m", "gaq_calc.cli.ipi", "--model", model, "--mode", mode, "--unix", "b",
-                   "--sockets-prefix", sockets, "--structure", str(run / "azobenzene.xyz"), "--threads", "1",
-                   "--wait", str(timeout)]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(run / f"client{k}.log", "w"),
-                                          stderr=subprocess.STDOUT))
+            cmd = [
+                sys.executable,
+                "-m",
+                "gaq_calc.cli.ipi",
+                "--model",
+                model,
+                "--mode",
+                mode,
+                "--unix",
+                "b",
+                "--sockets-prefix",
+                sockets,
+                "--structure",
+                str(run / "azobenzene.xyz"),
+                "--threads",
+                "1",
+                "--wait",
+                str(timeout),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env=env,
+                    stdout=open(run / f"client{k}.log", "w"),  # noqa: SIM115 (the child keeps it)
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.monotonic() + timeout
         for k in range(clients):  # models loaded: i-PI then meets every client at once
             while "waiting up to" not in (run / f"client{k}.log").read_text():
                 if procs[k].poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"client failed: {(run / f'client{k}.log').read_text()[-2000:]}")
                 time.sleep(0.05)
-        server = subprocess.Popen([ipi, "input.xml"], cwd=run, env=env, stdout=open(run / "ipi.log", "w"),
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [ipi, "input.xml"],
+            cwd=run,
+            env=env,
+            stdout=open(run / "ipi.log", "w"),  # noqa: SIM115 (the child keeps it)
+            stderr=subprocess.STDOUT,
+        )
         procs.append(server)
         out = run / "sim.out"
         t_start = None
@@ -156,8 +187,14 @@ def batched_vs_loop(model: str, mode: str, n_replicas: int, repeats: int) -> dic
                 times[name].append(time.perf_counter() - t0)
     loop_rate = n_replicas / float(np.median(times["loop"]))
     batch_rate = n_replicas / float(np.median(times["batched"]))
-    return {"replicas": n_replicas, "atoms": len(base), "loop_structures_per_s": loop_rate,
-            "batched_structures_per_s": batch_rate, "speedup": batch_rate / loop_rate, "kernel": calc.kernel}
+    return {
+        "replicas": n_replicas,
+        "atoms": len(base),
+        "loop_structures_per_s": loop_rate,
+        "batched_structures_per_s": batch_rate,
+        "speedup": batch_rate / loop_rate,
+        "kernel": calc.kernel,
+    }
 
 
 def main(argv=None) -> int:
@@ -178,34 +215,64 @@ def main(argv=None) -> int:
     command = "python benchmarks/replicas.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     pimd = []
     for clients, batch_size in [(1, 1), (2, 1), (1, 8)]:
-        rate = pimd_steps_per_second(args.model, args.mode, clients, batch_size, 8, args.pimd_steps,
-                                     args.warmup_steps)
-        pimd.append({"beads": 8, "clients": clients, "batch_size": batch_size, "steps_per_s": rate,
-                     "structures_per_s": 8 * rate})
+        rate = pimd_steps_per_second(args.model, args.mode, clients, batch_size, 8, args.pimd_steps, args.warmup_steps)
+        pimd.append(
+            {
+                "beads": 8,
+                "clients": clients,
+                "batch_size": batch_size,
+                "steps_per_s": rate,
+                "structures_per_s": 8 * rate,
+            }
+        )
         print(f"PIMD: {clients} client(s), batch {batch_size}: {rate:.1f} steps/s", file=sys.stderr)
     batched = [batched_vs_loop(args.model, args.mode, n, args.repeats) for n in args.replicas]
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = [f"`{command}` on {machine}:", "",
-             "| i-PI PIMD, 8 beads, azobenzene | clients | beads per request | steps/s | structures/s |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"`{command}` on {machine}:",
+        "",
+        "| i-PI PIMD, 8 beads, azobenzene | clients | beads per request | steps/s | structures/s |",
+        "|---|---|---|---|---|",
+    ]
     for row in pimd:
         exchange = "classic" if row["batch_size"] == 1 else "batched"
-        lines.append(f"| {exchange} exchange | {row['clients']} | {row['batch_size']} | {row['steps_per_s']:.1f} | "
-                     f"{row['structures_per_s']:.0f} |")
-    lines += ["", f"| in one process ({args.threads} thread) | replicas | loop of single calls (structures/s) | "
-                  "batched call (structures/s) | speed-up |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {exchange} exchange | {row['clients']} | {row['batch_size']} | {row['steps_per_s']:.1f} | "
+            f"{row['structures_per_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"| in one process ({args.threads} thread) | replicas | loop of single calls (structures/s) | "
+        "batched call (structures/s) | speed-up |",
+        "|---|---|---|---|---|",
+    ]
     for row in batched:
-        lines.append(f"| energies_and_forces, {row['kernel']} kernel | {row['replicas']} | "
-                     f"{row['loop_structures_per_s']:.0f} | {row['batched_structures_per_s']:.0f} | "
-                     f"{row['speedup']:.2f}x |")
+        lines.append(
+            f"| energies_and_forces, {row['kernel']} kernel | {row['replicas']} | "
+            f"{row['loop_structures_per_s']:.0f} | {row['batched_structures_per_s']:.0f} | "
+            f"{row['speedup']:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "command": command, "machine": machine, "model": args.model, "mode": args.mode,
-            "threads": args.threads, "pimd": pimd, "batched": batched, "markdown": table}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "machine": machine,
+                    "model": args.model,
+                    "mode": args.mode,
+                    "threads": args.threads,
+                    "pimd": pimd,
+                    "batched": batched,
+                    "markdown": table,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

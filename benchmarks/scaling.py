@@ -13,6 +13,7 @@ calls after one warm-up call. With --peer, so3krates-torch (random weights, hype
 benchmarks/peers.py, its own ASE calculator: eager PyTorch, autograd forces) is timed the same way on
 the same structures up to --peer-max-atoms. Prints a markdown table; not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,38 +94,66 @@ def main(argv=None) -> None:
         config = GAQCalculator("azobenzene_fp32").model.config.to_dict()
     structures = [(n, False) for n in args.molecules] + [(n, True) for n in args.periodic]
     rows = []
-    print("| structure | atoms | edges / atom | gaq_calc ms / call | gaq_calc µs / atom | so3krates-torch ms / call "
-          "| so3krates-torch µs / atom | so3krates-torch / gaq_calc |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print(
+        "| structure | atoms | edges / atom | gaq_calc ms / call | gaq_calc µs / atom | so3krates-torch ms / call "
+        "| so3krates-torch µs / atom | so3krates-torch / gaq_calc |\n|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
     for n_mol, periodic in structures:
         atoms = box_of_molecules(n_mol, args.spacing, periodic)
         n = len(atoms)
         seconds = time_calls(calc, atoms, args.repeats)
-        row = {"molecules": n_mol, "periodic": periodic, "atoms": n,
-               "edges_per_atom": edges_per_atom(atoms, calc.cutoff), "gaq_ms_per_call": 1e3 * seconds,
-               "gaq_us_per_atom": 1e6 * seconds / n, "peer_ms_per_call": None, "peer_us_per_atom": None}
+        row = {
+            "molecules": n_mol,
+            "periodic": periodic,
+            "atoms": n,
+            "edges_per_atom": edges_per_atom(atoms, calc.cutoff),
+            "gaq_ms_per_call": 1e3 * seconds,
+            "gaq_us_per_atom": 1e6 * seconds / n,
+            "peer_ms_per_call": None,
+            "peer_us_per_atom": None,
+        }
         if args.peer and n <= args.peer_max_atoms:
             atoms_peer = atoms.copy()
             peer, _, _ = _make_peer(config, atoms_peer if n <= 600 else atoms_peer[:24], 0)
-            peer.models[0].avg_num_neighbors = row["edges_per_atom"] if hasattr(peer.models[0],
-                                                                               "avg_num_neighbors") else None
+            peer.models[0].avg_num_neighbors = (
+                row["edges_per_atom"] if hasattr(peer.models[0], "avg_num_neighbors") else None
+            )
             ps = time_calls(peer, atoms_peer, max(1, min(args.repeats, 3)))
             row["peer_ms_per_call"], row["peer_us_per_atom"] = 1e3 * ps, 1e6 * ps / n
         rows.append(row)
-        peer_cols = (f"{row['peer_ms_per_call']:.1f} | {row['peer_us_per_atom']:.1f} | "
-                     f"{row['peer_ms_per_call'] / row['gaq_ms_per_call']:.2f}x"
-                     if row["peer_ms_per_call"] else "- | - | -")
-        print(f"| {'periodic box' if periodic else 'cluster'} of {n_mol} | {n} | {row['edges_per_atom']:.1f} | "
-              f"{row['gaq_ms_per_call']:.1f} | {row['gaq_us_per_atom']:.1f} | {peer_cols} |", flush=True)
+        peer_cols = (
+            f"{row['peer_ms_per_call']:.1f} | {row['peer_us_per_atom']:.1f} | "
+            f"{row['peer_ms_per_call'] / row['gaq_ms_per_call']:.2f}x"
+            if row["peer_ms_per_call"]
+            else "- | - | -"
+        )
+        print(
+            f"| {'periodic box' if periodic else 'cluster'} of {n_mol} | {n} | {row['edges_per_atom']:.1f} | "
+            f"{row['gaq_ms_per_call']:.1f} | {row['gaq_us_per_atom']:.1f} | {peer_cols} |",
+            flush=True,
+        )
     if args.json:
         from importlib.metadata import version
 
-        Path(args.json).write_text(json.dumps({
-            "command": "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": args.threads, "model": "azobenzene_w4a8.pt (conservative, fused kernel)",
-            "spacing_A": args.spacing, "repeats": args.repeats,
-            "so3krates_torch": version("so3krates-torch") if args.peer else None,
-            "load_average": {"start": load_start, "end": os.getloadavg()}, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": "python benchmarks/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                    "torch": torch.__version__,
+                    "threads": args.threads,
+                    "model": "azobenzene_w4a8.pt (conservative, fused kernel)",
+                    "spacing_A": args.spacing,
+                    "repeats": args.repeats,
+                    "so3krates_torch": version("so3krates-torch") if args.peer else None,
+                    "load_average": {"start": load_start, "end": os.getloadavg()},
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

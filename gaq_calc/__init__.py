@@ -1,4 +1,5 @@
 """gaq_calc: low-bit SO(3)-equivariant neural potential as an ASE calculator."""
+
 from gaq_calc.calculator import GAQCalculator
 from gaq_calc.loading import load_model
 from gaq_calc.model.serialization import ModelFileError

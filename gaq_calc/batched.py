@@ -6,6 +6,7 @@ calculator's own per-structure checks (elements, finite positions, overlaps, cel
 call for the whole list, and splits the result per structure. Replicas (path-integral beads, parallel
 tempering, committee or ensemble runs) then cost one call, not one per structure.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -41,8 +42,7 @@ def batch_graph(calc, structures: Sequence) -> tuple[GraphBatch | None, list[int
         receivers=torch.cat([g.receivers + o for g, o in zip(graphs, offsets)]),
         senders=torch.cat([g.senders + o for g, o in zip(graphs, offsets)]),
         shifts=torch.cat([g.shifts for g in graphs]),
-        batch=torch.repeat_interleave(torch.arange(len(graphs), device=device),
-                                      torch.tensor(n_atoms, device=device)),
+        batch=torch.repeat_interleave(torch.arange(len(graphs), device=device), torch.tensor(n_atoms, device=device)),
         n_graphs=len(graphs),
         n_atoms_per_graph=torch.tensor(n_atoms, device=device),
     ), kept
@@ -66,7 +66,7 @@ def energies_and_forces(calc, structures: Sequence) -> tuple[np.ndarray, list[np
     start = 0
     for i, k in enumerate(kept):
         n = len(structures[k])
-        energies[k], forces[k] = e[i], f[start:start + n]
+        energies[k], forces[k] = e[i], f[start : start + n]
         start += n
         if not (np.isfinite(energies[k]) and np.isfinite(forces[k]).all()):
             raise FloatingPointError(f"the model returned a non-finite energy or forces for structure {k}")

@@ -1,15 +1,21 @@
 """A thin ASE calculator: atoms -> neighbour list (matscipy) -> model -> energy (eV), forces (eV/Å)."""
+
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from gaq_calc.data.graphs import (BRUTE_FORCE_MAX_ATOMS, GraphBatch, centred, neighbour_graph, species_index,
-                                  wrap_positions)
+from gaq_calc.data.graphs import (
+    BRUTE_FORCE_MAX_ATOMS,
+    GraphBatch,
+    centred,
+    neighbour_graph,
+    species_index,
+    wrap_positions,
+)
 from gaq_calc.loading import DTYPES, KERNELS, load_energy_forces
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.quant import MODES
@@ -52,18 +58,30 @@ class GAQCalculator(Calculator):
     Other keyword arguments: ASE's label, directory and atoms; anything else is a TypeError.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces"]
+    implemented_properties = ["energy", "free_energy", "forces"]  # noqa: RUF012 (ASE's attribute)
 
-    def __init__(self, model="azobenzene_fp32", device="cpu", dtype="float32", min_distance=0.1, jit=True,
-                 mode="conservative", kernel="auto", skin=0.5, **kwargs):
+    def __init__(
+        self,
+        model="azobenzene_fp32",
+        device="cpu",
+        dtype="float32",
+        min_distance=0.1,
+        jit=True,
+        mode="conservative",
+        kernel="auto",
+        skin=0.5,
+        **kwargs,
+    ):
         unknown = [k for k in kwargs if k not in ASE_ARGUMENTS]
         if unknown:
             import difflib
 
             close = difflib.get_close_matches(unknown[0], ARGUMENTS + ASE_ARGUMENTS, n=1)
-            raise TypeError(f"GAQCalculator got an unexpected keyword argument {unknown[0]!r}"
-                            + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + f"; it takes {', '.join(ARGUMENTS)} and ASE's {', '.join(ASE_ARGUMENTS)}")
+            raise TypeError(
+                f"GAQCalculator got an unexpected keyword argument {unknown[0]!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; it takes {', '.join(ARGUMENTS)} and ASE's {', '.join(ASE_ARGUMENTS)}"
+            )
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -103,8 +121,12 @@ class GAQCalculator(Calculator):
         if fixed is None or not np.array_equal(fixed[0], numbers):  # species and batch: once per structure
             species = species_index(numbers, self.species)
             n = len(numbers)
-            fixed = self._fixed = (np.array(numbers), torch.from_numpy(species).to(dev),
-                                   torch.zeros(n, dtype=torch.long, device=dev), torch.tensor([n], device=dev))
+            fixed = self._fixed = (
+                np.array(numbers),
+                torch.from_numpy(species).to(dev),
+                torch.zeros(n, dtype=torch.long, device=dev),
+                torch.tensor([n], device=dev),
+            )
             self._list = None
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell.array, dtype=np.float64)
@@ -123,9 +145,14 @@ class GAQCalculator(Calculator):
             if not pbc.any() and len(positions) > BRUTE_FORCE_MAX_ATOMS:  # matscipy's order: sort as all-pairs
                 order = np.lexsort((senders, receivers))  # (as the skin list, so both give the same bits)
                 receivers, senders, shifts = receivers[order], senders[order], shifts[order]
-            dist = np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1) if len(receivers) else None
-            edges = (torch.from_numpy(receivers).to(dev), torch.from_numpy(senders).to(dev),
-                     torch.from_numpy(shifts).to(dev, dt))
+            dist = (
+                np.linalg.norm(positions[senders] - positions[receivers] + shifts, axis=1) if len(receivers) else None
+            )
+            edges = (
+                torch.from_numpy(receivers).to(dev),
+                torch.from_numpy(senders).to(dev),
+                torch.from_numpy(shifts).to(dev, dt),
+            )
         else:
             receivers, senders, dist, edges = self._skin_edges(positions)
         if len(receivers):
@@ -168,8 +195,11 @@ class GAQCalculator(Calculator):
             rc, sc = r[mask], s[mask]
             dev = self.device
             kept["mask"], kept["rs"] = mask, (rc, sc)
-            kept["edges"] = (torch.from_numpy(rc).to(dev), torch.from_numpy(sc).to(dev),
-                             torch.zeros((len(rc), 3), dtype=self.dtype, device=dev))
+            kept["edges"] = (
+                torch.from_numpy(rc).to(dev),
+                torch.from_numpy(sc).to(dev),
+                torch.zeros((len(rc), 3), dtype=self.dtype, device=dev),
+            )
         rc, sc = kept["rs"]
         return rc, sc, np.sqrt(d2[mask]), kept["edges"]
 
@@ -208,8 +238,9 @@ class GAQCalculator(Calculator):
             # forces need autograd even under a caller's no_grad/inference_mode; both are restored on exit
             with torch.inference_mode(False), torch.enable_grad():
                 g = self._graph(self.atoms)
-                energy, forces = self.energy_forces(g.species, g.positions, g.receivers, g.senders, g.shifts,
-                                                    g.batch, 1)
+                energy, forces = self.energy_forces(
+                    g.species, g.positions, g.receivers, g.senders, g.shifts, g.batch, 1
+                )
             energy, forces = energy.detach().cpu(), forces.detach().cpu()
         energy = float(energy[0])
         forces = forces.numpy().astype(np.float64)

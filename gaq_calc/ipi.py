@@ -24,8 +24,10 @@ any reason (`close_cleanly`: EXIT, errors, Ctrl-C, SIGTERM). A SIGKILL can still
 unread; runs whose clients may die that way should set <consolidate_messages>false</consolidate_messages>,
 whose exchange i-PI keeps running through resets (tested).
 """
+
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -55,8 +57,12 @@ class ServeStats:
     init_string: str = field(default="", repr=False)
 
 
-def socket_address(unix: str | None = None, host: str | None = None, port: int | None = None,
-                   sockets_prefix: str = DEFAULT_SOCKETS_PREFIX) -> tuple[int, object, str]:
+def socket_address(
+    unix: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    sockets_prefix: str = DEFAULT_SOCKETS_PREFIX,
+) -> tuple[int, object, str]:
     """(address family, address, description) of i-PI's socket: unix NAME -> sockets_prefix + NAME
     (i-PI's convention), otherwise TCP host:port."""
     if unix is not None:
@@ -71,8 +77,13 @@ def socket_address(unix: str | None = None, host: str | None = None, port: int |
     return socket.AF_INET, (host, port), f"{host}:{port} (TCP)"
 
 
-def connect(unix: str | None = None, host: str | None = None, port: int | None = None,
-            sockets_prefix: str = DEFAULT_SOCKETS_PREFIX, wait: float = 0.0) -> socket.socket:
+def connect(
+    unix: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    sockets_prefix: str = DEFAULT_SOCKETS_PREFIX,
+    wait: float = 0.0,
+) -> socket.socket:
     """A socket connected to i-PI, retrying for up to `wait` seconds while the server is not there yet
     (i-PI takes a moment to open its socket). ConnectionError with a one-line reason otherwise."""
     family, address, where = socket_address(unix, host, port, sockets_prefix)
@@ -88,8 +99,11 @@ def connect(unix: str | None = None, host: str | None = None, port: int | None =
         except OSError as err:
             sock.close()
             if time.monotonic() >= deadline:
-                hint = (" (is i-PI running, with this <address> and mode=\"unix\"?)" if family == socket.AF_UNIX
-                        else " (is i-PI running, with this <address> and <port> and mode=\"inet\"?)")
+                hint = (
+                    ' (is i-PI running, with this <address> and mode="unix"?)'
+                    if family == socket.AF_UNIX
+                    else ' (is i-PI running, with this <address> and <port> and mode="inet"?)'
+                )
                 raise ConnectionError(f"cannot connect to i-PI at {where}: {err.strerror or err}{hint}") from None
             time.sleep(0.25)
     if family == socket.AF_INET:
@@ -123,7 +137,8 @@ def _read_positions(protocol: IPIProtocol, batch: int, n_expected: int) -> tuple
     if n_atoms != n_expected:
         raise ProtocolError(
             f"i-PI sent {n_atoms} atoms, but the structure template has {n_expected}: --structure must hold the "
-            "same atoms, in the same order, as i-PI's input file")
+            "same atoms, in the same order, as i-PI's input file"
+        )
     if batch > 1:
         h = protocol.recv((batch, 2, 3, 3), np.float64)[:, 0]
     positions = protocol.recv((batch, n_atoms, 3), np.float64) * units.Bohr
@@ -147,7 +162,7 @@ class _Replicas:
             atoms.positions[:] = pos
             if self.periodic:
                 atoms.cell[:] = cell
-        return self.copies[:len(positions)]
+        return self.copies[: len(positions)]
 
 
 def _take_if_waiting(sock: socket.socket, message: str) -> bool:
@@ -238,10 +253,8 @@ def close_cleanly(sock: socket.socket) -> None:
     Ctrl-C, SIGTERM): stop receiving, read what is still queued, then close. A socket closed with
     unread data is reset instead, which i-PI 3.3.1's default exchange does not survive (see
     `_take_if_waiting`); i-PI re-queues the request of a client that ends cleanly."""
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass
     try:
         sock.setblocking(False)
         while sock.recv(65536):

@@ -1,4 +1,5 @@
 """Error metrics shared by the trainer, gaq-eval and the tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,15 @@ def predict(model, dataset: GraphDataset, batch_size: int = 32, with_forces: boo
         batch = batch.to(device, dtype)
         if not with_forces:
             with torch.no_grad():
-                e = model(batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts,
-                          batch.batch, batch.n_graphs)
+                e = model(
+                    batch.species,
+                    batch.positions,
+                    batch.receivers,
+                    batch.senders,
+                    batch.shifts,
+                    batch.batch,
+                    batch.n_graphs,
+                )
             energies.append(e.detach().cpu().numpy())
             continue
         e, f = energy_and_forces(model, batch)
@@ -72,8 +80,6 @@ def residual_energy_scale(frames, reference_energies, species: list[int]) -> flo
     return float(np.sqrt(np.mean(residual**2 / n_atoms)))
 
 
-
-
 def random_rotations(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     """n uniformly random proper rotations [n, 3, 3] (QR of Gaussian matrices, sign-fixed)."""
     gen = torch.Generator().manual_seed(seed)
@@ -91,8 +97,9 @@ def rotated(batch, rotation: torch.Tensor):
     return replace(batch, positions=batch.positions @ r.T, shifts=batch.shifts @ r.T)
 
 
-def local_equivariance_error(model, dataset: GraphDataset, n_rotations: int = 4, seed: int = 0,
-                             batch_size: int = 32) -> dict:
+def local_equivariance_error(
+    model, dataset: GraphDataset, n_rotations: int = 4, seed: int = 0, batch_size: int = 32
+) -> dict:
     """LEE in meV/Å: mean over frames, rotations R and atoms of |F_i(R x) - R F_i(x)|."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -105,5 +112,8 @@ def local_equivariance_error(model, dataset: GraphDataset, n_rotations: int = 4,
             _, forces_rot = energy_and_forces(model, rotated(batch, rot.to(device)))
             diff = forces_rot.detach().double() - forces.detach().double() @ rot.to(device).T
             errors.append(torch.linalg.norm(diff, dim=-1).cpu())
-    return {"lee_meV_per_A": float(torch.cat(errors).mean()) * MEV_PER_EV, "lee_rotations": n_rotations,
-            "lee_frames": len(dataset)}
+    return {
+        "lee_meV_per_A": float(torch.cat(errors).mean()) * MEV_PER_EV,
+        "lee_rotations": n_rotations,
+        "lee_frames": len(dataset),
+    }

@@ -1,4 +1,5 @@
 """Where shipped models live, and how a model name resolves to a file."""
+
 from __future__ import annotations
 
 import os

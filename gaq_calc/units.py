@@ -1,4 +1,5 @@
 """Unit conversions, in one place. Inside gaq_calc everything is in ASE units (eV, Å)."""
+
 from ase import units
 
 #: 1 kcal/mol in eV (ase.units: kcal / mol = 0.0433641...).

@@ -4,6 +4,7 @@ temperature against time, labelled with each run's status and drift. Example:
     python md_protocols/compare.py results/md/nve_azobenzene_fp32 results/md/nve_azobenzene_w4a8_conservative \\
         --out results/md/energy_comparison.png
 """
+
 import argparse
 import sys
 from pathlib import Path

@@ -2,12 +2,14 @@
 """NVT sampling fidelity: distributions of bond lengths, bond angles, the C-N=N-C dihedral and the kinetic
 temperature of several runs against a reference run, as Wasserstein-1 distances, next to the distance
 between two reference runs that differ only in their seed (the noise floor). Example:
-    python md_protocols/sampling.py results/md/nvt_azobenzene_w4a8_quantized results/md/nvt_azobenzene_w4a8_conservative \\
+    python md_protocols/sampling.py results/md/nvt_azobenzene_w4a8_quantized \\
+        results/md/nvt_azobenzene_w4a8_conservative \\
         --reference results/md/nvt_azobenzene_fp32_seed0 --noise-floor results/md/nvt_azobenzene_fp32_seed1 \\
         --skip-ps 10 --out results/md/sampling
 writes OUT.png (histograms), OUT.json and OUT.md (the table). Bonds are those of the reference run's
 first frame; --skip-ps drops the start of every run (equilibration).
 """
+
 import argparse
 import shlex
 import sys
@@ -24,13 +26,18 @@ UNITS = {"bond": "Å", "angle": "deg", "CNNC dihedral": "deg", "temperature": "K
 
 
 def load_run(run_dir: Path, skip_ps: float):
-    data, attrs = read_trajectory(phase_paths(run_dir, "trajectory")["h5"],
-                                  names=("time_ps", "positions", "temperature"))
+    data, attrs = read_trajectory(
+        phase_paths(run_dir, "trajectory")["h5"], names=("time_ps", "positions", "temperature")
+    )
     keep = data["time_ps"] >= data["time_ps"][0] + skip_ps
     if keep.sum() < 10:
         raise SystemExit(f"error: {run_dir} has fewer than 10 frames after --skip-ps {skip_ps}")
-    return data["positions"][keep], data["temperature"][keep], np.asarray(attrs["numbers"]), \
-        float(data["time_ps"][keep][-1] - data["time_ps"][keep][0])
+    return (
+        data["positions"][keep],
+        data["temperature"][keep],
+        np.asarray(attrs["numbers"]),
+        float(data["time_ps"][keep][-1] - data["time_ps"][keep][0]),
+    )
 
 
 def plot(samples: dict[str, dict], path: Path) -> None:
@@ -60,8 +67,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="NVT runs to compare with the reference")
     parser.add_argument("--reference", type=Path, required=True, help="the reference run (FP32)")
-    parser.add_argument("--noise-floor", type=Path, required=True,
-                        help="a second reference run with another seed: its distance is the noise floor")
+    parser.add_argument(
+        "--noise-floor",
+        type=Path,
+        required=True,
+        help="a second reference run with another seed: its distance is the noise floor",
+    )
     parser.add_argument("--skip-ps", type=float, default=0.0, help="drop the first ps of every run")
     parser.add_argument("--out", type=Path, required=True, help="output prefix (.png, .json, .md)")
     args = parser.parse_args(argv)
@@ -82,21 +93,41 @@ def main(argv=None) -> int:
     rows = []
     for name in [args.noise_floor.name] + [r.name for r in args.run_dirs]:
         distances = {kind: wasserstein(samples[name][kind], ref[kind]) for kind in ref}
-        rows.append({"run": name, "simulated_ps": loaded[name][3], "frames": len(loaded[name][0]),
-                     "w1": distances, "ratio_to_noise_floor": {k: distances[k] / floor[k] for k in ref}})
-    record = {"command": shlex.join(["python", "md_protocols/sampling.py", *(sys.argv[1:] if argv is None else argv)]),
-              "reference": args.reference.name, "reference_ps": loaded[args.reference.name][3],
-              "noise_floor_run": args.noise_floor.name, "skip_ps": args.skip_ps, "units": UNITS, "rows": rows}
+        rows.append(
+            {
+                "run": name,
+                "simulated_ps": loaded[name][3],
+                "frames": len(loaded[name][0]),
+                "w1": distances,
+                "ratio_to_noise_floor": {k: distances[k] / floor[k] for k in ref},
+            }
+        )
+    record = {
+        "command": shlex.join(["python", "md_protocols/sampling.py", *(sys.argv[1:] if argv is None else argv)]),
+        "reference": args.reference.name,
+        "reference_ps": loaded[args.reference.name][3],
+        "noise_floor_run": args.noise_floor.name,
+        "skip_ps": args.skip_ps,
+        "units": UNITS,
+        "rows": rows,
+    }
     kinds = list(ref)
-    lines = [f"`{record['command']}`", "",
-             f"Wasserstein-1 distance to {args.reference.name} ({record['reference_ps']:.0f} ps), mean over the "
-             "members of each kind; in brackets, the ratio to the noise floor (the first row, a second FP32 run "
-             "with another seed). Target: every ratio <= 2.", "",
-             "| run | simulated ps | " + " | ".join(f"{k} ({UNITS[k]})" for k in kinds) + " |",
-             "|---|---|" + "---|" * len(kinds)]
+    lines = [
+        f"`{record['command']}`",
+        "",
+        f"Wasserstein-1 distance to {args.reference.name} ({record['reference_ps']:.0f} ps), mean over the "
+        "members of each kind; in brackets, the ratio to the noise floor (the first row, a second FP32 run "
+        "with another seed). Target: every ratio <= 2.",
+        "",
+        "| run | simulated ps | " + " | ".join(f"{k} ({UNITS[k]})" for k in kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['simulated_ps']:.0f} | " + " | ".join(
-            f"{r['w1'][k]:.3g} ({r['ratio_to_noise_floor'][k]:.2f}x)" for k in kinds) + " |")
+        lines.append(
+            f"| {r['run']} | {r['simulated_ps']:.0f} | "
+            + " | ".join(f"{r['w1'][k]:.3g} ({r['ratio_to_noise_floor'][k]:.2f}x)" for k in kinds)
+            + " |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out.with_suffix(".json"), record)
     tmp = args.out.with_name("." + args.out.name + ".md.tmp")

@@ -4,6 +4,7 @@ momentum drift) and the energy plot of finished or stopped runs from their HDF5 
 current analysis code. Status, timing and settings in summary.json are kept. Example:
     python md_protocols/summarize.py results/md/nve_azobenzene_fp32 results/md/nve_azobenzene_w4a8_conservative
 """
+
 import argparse
 import sys
 
@@ -17,8 +18,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
         s = refresh_summary(run_dir, args.phase)
-        print(f"{run_dir}: {s.get('simulated_ps')} ps, drift {s.get('energy_drift_meV_per_atom_per_ps')} "
-              f"+- {s.get('energy_drift_stderr_meV_per_atom_per_ps')} meV/atom/ps")
+        print(
+            f"{run_dir}: {s.get('simulated_ps')} ps, drift {s.get('energy_drift_meV_per_atom_per_ps')} "
+            f"+- {s.get('energy_drift_stderr_meV_per_atom_per_ps')} meV/atom/ps"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ unconverted: `qm9_index` (gdb index, 1-based), `U0_hartree` (InternalEnergy_0K_a
 (Dipole_debye); gaq_calc.data.qm9 converts U0 to eV when it reads the file. Positions are XYZ_Ang (Å).
 About a tenth of the molecules have index % 10 == 0 and fall in the fixed test split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ def main(argv=None) -> None:
     for path in qm9pack_csv_files():
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
-                rows.append({k: row[k] for k in ("Index", "Elements", "XYZ_Ang", "InternalEnergy_0K_au",
-                                                 "Dipole_debye")})
+                rows.append(
+                    {k: row[k] for k in ("Index", "Elements", "XYZ_Ang", "InternalEnergy_0K_au", "Dipole_debye")}
+                )
     rng = np.random.default_rng(args.seed)
     chosen = set(rng.choice(len(rows), size=args.n_random, replace=False).tolist())
     fluorine = [k for k, r in enumerate(rows) if 9 in _parse_elements(r["Elements"]) and k not in chosen]

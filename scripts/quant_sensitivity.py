@@ -12,6 +12,7 @@ error first, so it shows the frame-to-frame noise that no reference energy can f
     python scripts/quant_sensitivity.py --model models/azobenzene_w4a8/model.pt --frames 200 \
         --out results/quant_sensitivity/azobenzene_w4a8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def errors(model, dataset) -> dict:
     energies, forces = predict(model, dataset, batch_size=25)
     de = (energies - dataset.frames.energies) * MEV_PER_EV
     df = np.concatenate([p - t for p, t in zip(forces, dataset.frames.forces)]) * MEV_PER_EV
-    return {"e_mae": float(np.abs(de).mean()), "e_mae_offset_removed": float(np.abs(de - de.mean()).mean()),
-            "e_mean_error": float(de.mean()), "f_mae": float(np.abs(df).mean())}
+    return {
+        "e_mae": float(np.abs(de).mean()),
+        "e_mae_offset_removed": float(np.abs(de - de.mean()).mean()),
+        "e_mean_error": float(de.mean()),
+        "f_mae": float(np.abs(df).mean()),
+    }
 
 
 def rounding(layers: dict, on: set, bits: int = 8) -> None:
@@ -85,11 +90,19 @@ def main(argv=None) -> None:
 
     def measure(kind, label, on, bits=8):
         rounding(layers, set(on), bits)
-        row = {"kind": kind, "label": label, "rounded_layers": len(on), "act_bits": bits if on else None,
-               **errors(model, dataset)}
+        row = {
+            "kind": kind,
+            "label": label,
+            "rounded_layers": len(on),
+            "act_bits": bits if on else None,
+            **errors(model, dataset),
+        }
         rows.append(row)
-        print(f"{kind:10s} {label:32s} E {row['e_mae']:7.2f} (offset-free {row['e_mae_offset_removed']:6.2f}) "
-              f"F {row['f_mae']:6.2f}", flush=True)
+        print(
+            f"{kind:10s} {label:32s} E {row['e_mae']:7.2f} (offset-free {row['e_mae_offset_removed']:6.2f}) "
+            f"F {row['f_mae']:6.2f}",
+            flush=True,
+        )
 
     measure("baseline", "conservative (none rounded)", [])
     for bits in (8, 10, 12, 16):
@@ -107,23 +120,38 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "frames": len(frames), "torch": torch.__version__,
-              "command": shlex.join(["python", "scripts/quant_sensitivity.py",
-                                    *(s for k, v in vars(args).items() for s in (f"--{k}", str(v)))]),
-              "cpu_minutes": (time.perf_counter() - start) / 60, "rows": rows}
+    record = {
+        "model": args.model,
+        "frames": len(frames),
+        "torch": torch.__version__,
+        "command": shlex.join(
+            ["python", "scripts/quant_sensitivity.py", *(s for k, v in vars(args).items() for s in (f"--{k}", str(v)))]
+        ),
+        "cpu_minutes": (time.perf_counter() - start) / 60,
+        "rows": rows,
+    }
     for suffix, text in ((".json", json.dumps(record, indent=1)), (".md", to_markdown(record))):
         write_text_atomic(out.with_suffix(suffix), text)
 
 
 def to_markdown(record: dict) -> str:
-    lines = [f"`{record['command']}` ({record['frames']} test frames, energies with the conservative-mode "
-             "reference energies):", "",
-             "| rounded activations | layers | bits | E MAE (meV) | E MAE, offset removed (meV) | mean E error (meV) "
-             "| F MAE (meV/Å) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{record['command']}` ({record['frames']} test frames, energies with the conservative-mode "
+        "reference energies):",
+        "",
+        "| rounded activations | layers | bits | E MAE (meV) | E MAE, offset removed (meV) | mean E error (meV) "
+        "| F MAE (meV/Å) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in record["rows"]:
-        label = r["label"] if r["kind"] in ("baseline", "bits", "group only", "group off") else f"{r['kind']} {r['label']}"
-        lines.append(f"| {label} | {r['rounded_layers']} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | {r['e_mae']:.2f} | "
-                     f"{r['e_mae_offset_removed']:.2f} | {r['e_mean_error']:+.2f} | {r['f_mae']:.2f} |")
+        label = (
+            r["label"] if r["kind"] in ("baseline", "bits", "group only", "group off") else f"{r['kind']} {r['label']}"
+        )
+        lines.append(
+            f"| {label} | {r['rounded_layers']} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | "
+            f"{r['e_mae']:.2f} | "
+            f"{r['e_mae_offset_removed']:.2f} | {r['e_mean_error']:+.2f} | {r['f_mae']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 """GAQCalculator.energies_and_forces: many structures in one kernel call, same numbers as one call each."""
+
 import numpy as np
 import pytest
 from ase import Atoms

@@ -1,4 +1,5 @@
 """The ASE calculator: agreement with the eager model, ASE workflows, and clear errors on bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +137,7 @@ def test_md_with_ase_integrator():
 
 
 # ---- bad input -------------------------------------------------------------------------------------
+
 
 def test_unknown_element(tiny_model_file):
     atoms = ethanol_atoms(0)

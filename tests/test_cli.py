@@ -1,4 +1,5 @@
 """gaq-eval and gaq-report end to end on a tiny model file."""
+
 import json
 
 import pytest
@@ -32,25 +33,54 @@ def test_gaq_eval_refuses_to_default_to_a_training_file(tmp_path, tiny_model_fil
 def test_gaq_report_rewrites_only_the_generated_block(tmp_path, monkeypatch):
     models = tmp_path / "models" / "m1"
     models.mkdir(parents=True)
-    (models / "card.json").write_text(json.dumps({
-        "model": "m1", "test_data": "data/rmd17/rmd17_ethanol_test_01.npz", "split": "test", "n_frames": 1000,
-        "energy_mae_meV": 1.234, "force_mae_meV_per_A": 5.678, "n_parameters": 1000,
-        "training": {"epochs": 10, "selected_epoch": 9, "train_minutes": 3.0}}))
+    (models / "card.json").write_text(
+        json.dumps(
+            {
+                "model": "m1",
+                "test_data": "data/rmd17/rmd17_ethanol_test_01.npz",
+                "split": "test",
+                "n_frames": 1000,
+                "energy_mae_meV": 1.234,
+                "force_mae_meV_per_A": 5.678,
+                "n_parameters": 1000,
+                "training": {"epochs": 10, "selected_epoch": 9, "train_minutes": 3.0},
+            }
+        )
+    )
     base = tmp_path / "results" / "quant_baselines" / "lsq_w4a8"
     base.mkdir(parents=True)
-    config = {"scalar_weight_bits": 8, "vector_weight_bits": 4, "scalar_act_bits": 8, "vector_act_bits": 8,
-              "vector_method": "cartesian"}
-    (base / "card.json").write_text(json.dumps({
-        "model": "best", "test_data": "azobenzene", "split": "test", "n_frames": 1000,
-        "energy_mae_meV": 9.87, "force_mae_meV_per_A": 6.54, "lee_meV_per_A": 3.21, "n_parameters": 1000,
-        "quantization": {"preset": "lsq_w4a8", "mode": "QAT", "config": config},
-        "size": {"packed_bytes": 2048}, "training": {"epochs": 12}}))
+    config = {
+        "scalar_weight_bits": 8,
+        "vector_weight_bits": 4,
+        "scalar_act_bits": 8,
+        "vector_act_bits": 8,
+        "vector_method": "cartesian",
+    }
+    (base / "card.json").write_text(
+        json.dumps(
+            {
+                "model": "best",
+                "test_data": "azobenzene",
+                "split": "test",
+                "n_frames": 1000,
+                "energy_mae_meV": 9.87,
+                "force_mae_meV_per_A": 6.54,
+                "lee_meV_per_A": 3.21,
+                "n_parameters": 1000,
+                "quantization": {"preset": "lsq_w4a8", "mode": "QAT", "config": config},
+                "size": {"packed_bytes": 2048},
+                "training": {"epochs": 12},
+            }
+        )
+    )
     (base / "log.csv").write_text("epoch,val_energy_mae_meV,val_force_mae_meV_per_A\n1,20,9\n2,10,7\n")
     monkeypatch.setenv("GAQ_MODELS_DIR", str(tmp_path / "models"))
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nmid\n"
-                      "<!-- quant:start -->\n<!-- quant:end -->\n<!-- md:start -->\n<!-- md:end -->\n"
-                      "<!-- speed:start -->\n<!-- speed:end -->\nend\n")
+    readme.write_text(
+        "intro\n<!-- results:start -->\nold\n<!-- results:end -->\nmid\n"
+        "<!-- quant:start -->\n<!-- quant:end -->\n<!-- md:start -->\n<!-- md:end -->\n"
+        "<!-- speed:start -->\n<!-- speed:end -->\nend\n"
+    )
     report.main(["--readme", str(readme), "--results", str(tmp_path / "results")])
     text = readme.read_text()
     assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end\n")

@@ -4,14 +4,22 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
-from gaq_calc.data import (GraphDataset, fit_reference_energies, neighbour_graph, read_frames, read_rmd17,
-                           shipped_split, species_index, train_val_split)
+from gaq_calc.data import (
+    GraphDataset,
+    fit_reference_energies,
+    neighbour_graph,
+    read_frames,
+    read_rmd17,
+    shipped_split,
+    species_index,
+    train_val_split,
+)
 from gaq_calc.units import KCAL_PER_MOL_TO_EV
 
 
 def test_kcal_conversion_matches_definition():
     # 1 kcal/mol = 4184 J / N_A = 0.0433641 eV
-    assert KCAL_PER_MOL_TO_EV == pytest.approx(4184.0 / 6.02214076e23 / 1.602176634e-19, rel=1e-6)
+    assert pytest.approx(4184.0 / 6.02214076e23 / 1.602176634e-19, rel=1e-6) == KCAL_PER_MOL_TO_EV
 
 
 def test_rmd17_read_converts_units():
@@ -66,7 +74,9 @@ def test_reference_energies_reproduce_compositions():
     true = {1: -13.6, 6: -1030.0, 8: -2040.0}
     numbers = [np.array(n) for n in ([1, 1, 8], [6, 1, 1, 1, 1], [6, 8], [1, 1], [6, 6, 1, 1])]
     energies = np.array([sum(true[z] for z in n) for n in numbers])
-    frames = Frames(numbers, [np.zeros((len(n), 3)) for n in numbers], energies, [np.zeros((len(n), 3)) for n in numbers])
+    frames = Frames(
+        numbers, [np.zeros((len(n), 3)) for n in numbers], energies, [np.zeros((len(n), 3)) for n in numbers]
+    )
     ref = fit_reference_energies(frames, [1, 6, 8])
     np.testing.assert_allclose(ref, [true[1], true[6], true[8]], rtol=1e-10)
     assert ref.dtype == np.float64
@@ -105,7 +115,7 @@ def test_batch_offsets(ethanol_frames):
 
 def test_neighbour_graph_planar_and_linear_molecules():
     planar = np.array([[0.0, 0, 0], [1.4, 0, 0], [0.7, 1.2, 0]])
-    r, s, _ = neighbour_graph(planar, 5.0)
+    r, _s, _ = neighbour_graph(planar, 5.0)
     assert len(r) == 6
     linear = np.array([[0.0, 0, 0], [1.16, 0, 0], [-1.16, 0, 0]])
     assert len(neighbour_graph(linear, 2.0)[0]) == 4

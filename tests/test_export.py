@@ -1,4 +1,5 @@
 """The deployable artifact: packed weights, TorchScript, metadata, modes; equal to the QAT model."""
+
 import json
 import subprocess
 import sys
@@ -88,8 +89,10 @@ def test_artifact_loads_in_a_fresh_process_without_gaq_calc(tmp_path, ethanol_fr
     out = tmp_path / "w4a8.pt"
     export_artifact(path, out)
     b = ethanol_batch(ethanol_frames, [1], torch.float32)
-    np.savez(tmp_path / "g.npz", **{k: getattr(b, k).numpy() for k in
-                                    ("species", "positions", "receivers", "senders", "shifts", "batch")})
+    np.savez(
+        tmp_path / "g.npz",
+        **{k: getattr(b, k).numpy() for k in ("species", "positions", "receivers", "senders", "shifts", "batch")},
+    )
     ref, _ = load_artifact(out)[0](b.species, b.positions, b.receivers, b.senders, b.shifts, b.batch, 1)
     script = (
         "import json, sys, numpy as np, torch\n"
@@ -101,8 +104,7 @@ def test_artifact_loads_in_a_fresh_process_without_gaq_calc(tmp_path, ethanol_fr
         "assert not [k for k in sys.modules if k.startswith('gaq_calc')]\n"
         "print(json.dumps({'energy': e.item(), 'cutoff': json.loads(extra['gaq_metadata.json'])['cutoff']}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out_json = json.loads(result.stdout.strip().splitlines()[-1])
     assert out_json["energy"] == ref.item() and out_json["cutoff"] == 5.0
@@ -115,6 +117,7 @@ def test_fp32_export_and_bad_files(tmp_path, tiny_model_file, ethanol_frames):
     meta = export_artifact(tiny_model_file, out)
     assert meta["quantization"] is None and meta["modes"] == ["fp32"]
     from ase import Atoms
+
     atoms = Atoms(numbers=ethanol_frames.numbers[0], positions=ethanol_frames.positions[0])
     e_art = GAQCalculator(str(out)).get_potential_energy(atoms)
     e_ckpt = GAQCalculator(str(tiny_model_file)).get_potential_energy(atoms)

@@ -1,4 +1,5 @@
 """The calculator's per-call fast path: a neighbour list with a skin gives the very bits of a fresh list."""
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -41,8 +42,10 @@ def test_skin_list_of_a_large_cluster_matches_a_fresh_list():
     skin, fresh = _pair("azobenzene_fp32")
     mol = load_structure("azobenzene", 0)
     grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3) * 9.0
-    atoms = Atoms(numbers=np.tile(mol.numbers, len(grid)),
-                  positions=np.concatenate([mol.positions - mol.positions.mean(0) + g for g in grid]))
+    atoms = Atoms(
+        numbers=np.tile(mol.numbers, len(grid)),
+        positions=np.concatenate([mol.positions - mol.positions.mean(0) + g for g in grid]),
+    )
     assert len(atoms) > 512
     rng = np.random.default_rng(1)
     base = atoms.positions.copy()

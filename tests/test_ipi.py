@@ -7,6 +7,7 @@ its unix sockets in a short temporary folder (unix socket paths are limited to ~
 tiny ethanol model of conftest.py keeps model calls negligible; what costs time is starting i-PI and
 the clients (python + torch imports), seconds each on a shared 2-core machine.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def processes():
 
     def start(cmd, cwd, log: Path) -> subprocess.Popen:
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+            proc = subprocess.Popen(
+                cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")
+            )
         proc.log = log
         started.append(proc)
         return proc
@@ -73,8 +75,17 @@ def write_xyz(path: Path, atoms: Atoms) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_input(folder: Path, sockets: str, *, steps: int, nbeads: int = 1, batch_size: int = 1,
-                checkpoint: int = 1000, detail: bool = False, consolidate: bool = True) -> Path:
+def write_input(
+    folder: Path,
+    sockets: str,
+    *,
+    steps: int,
+    nbeads: int = 1,
+    batch_size: int = 1,
+    checkpoint: int = 1000,
+    detail: bool = False,
+    consolidate: bool = True,
+) -> Path:
     """An i-PI input for the shipped ethanol: NVT (SVR for one bead, PILE-L for several) at 300 K, 0.5
     fs, printing the step and potential of every step in sim.out; with detail, also every bead's
     potential, positions and forces in sim.xf. Atomic units, every digit (i-PI's xyz trajectories keep
@@ -82,9 +93,11 @@ def write_input(folder: Path, sockets: str, *, steps: int, nbeads: int = 1, batc
     atoms = load_structure("ethanol")
     thermostat = "pile_l" if nbeads > 1 else "svr"
     detail_fields = ["step", "bead_potentials"] + [
-        f"atom_{q}(atom={i};bead={b})" for b in range(nbeads) for q in "xf" for i in range(len(atoms))]
-    detail_output = (f'<properties stride="1" flush="1" filename="xf">[ {", ".join(detail_fields)} ]</properties>'
-                     if detail else "")
+        f"atom_{q}(atom={i};bead={b})" for b in range(nbeads) for q in "xf" for i in range(len(atoms))
+    ]
+    detail_output = (
+        f'<properties stride="1" flush="1" filename="xf">[ {", ".join(detail_fields)} ]</properties>' if detail else ""
+    )
     xml = f"""<simulation verbosity="low" floatformat="%.16e" sockets_prefix="{sockets}">
   <output prefix="sim">
     <properties stride="1" flush="1" filename="out">[ step, potential ]</properties>
@@ -125,9 +138,26 @@ def start_ipi(start, folder: Path, input_file: str = "input.xml", log: str = "ip
 
 
 def start_client(start, folder: Path, sockets: str, model, log: str, *extra):
-    cmd = [sys.executable, "-m", "gaq_calc.cli.ipi", "--model", str(model), "--unix", "a", "--sockets-prefix",
-           sockets, "--structure", str(folder / "ethanol.xyz"), "--dtype", "float64", "--threads", "1",
-           "--wait", "120", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gaq_calc.cli.ipi",
+        "--model",
+        str(model),
+        "--unix",
+        "a",
+        "--sockets-prefix",
+        sockets,
+        "--structure",
+        str(folder / "ethanol.xyz"),
+        "--dtype",
+        "float64",
+        "--threads",
+        "1",
+        "--wait",
+        "120",
+        *extra,
+    ]
     return start(cmd, REPO, folder / log)  # cwd: python -m finds this checkout's gaq_calc
 
 
@@ -177,9 +207,11 @@ def wait_for_step(path: Path, step: int, proc, timeout: float = START_TIMEOUT) -
 
 # ---- i-PI and gaq-ipi --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("nbeads, batch_size", [(1, 1), (4, 4)])
-def test_ipi_gets_the_energies_and_forces_of_a_direct_call(tmp_path, sockets, processes, tiny_model_file, nbeads,
-                                                           batch_size):
+def test_ipi_gets_the_energies_and_forces_of_a_direct_call(
+    tmp_path, sockets, processes, tiny_model_file, nbeads, batch_size
+):
     """Classic protocol (one structure per request) and i-PI's batched one (4 beads in one request, one
     kernel call): what i-PI prints for every bead and step is what GAQCalculator gives for those
     positions, to float rounding (atomic units on both sides: no unit constant comes in between)."""
@@ -198,8 +230,8 @@ def test_ipi_gets_the_energies_and_forces_of_a_direct_call(tmp_path, sockets, pr
     rows = read_properties(tmp_path / "sim.xf")  # step, bead potentials, then per bead: positions, forces
     np.testing.assert_array_equal(rows[:, 0], np.arange(steps + 1))
     assert rows.shape[1] == 1 + nbeads + nbeads * 6 * n
-    potentials = rows[:, 1:1 + nbeads] * units.Ha
-    per_bead = rows[:, 1 + nbeads:].reshape(steps + 1, nbeads, 2, n, 3)
+    potentials = rows[:, 1 : 1 + nbeads] * units.Ha
+    per_bead = rows[:, 1 + nbeads :].reshape(steps + 1, nbeads, 2, n, 3)
     positions, forces = per_bead[:, :, 0] * units.Bohr, per_bead[:, :, 1] * (units.Ha / units.Bohr)
     largest_force = 0.0
     for step in range(steps + 1):
@@ -231,12 +263,16 @@ def test_pimd_with_8_beads_and_2_clients_completes(tmp_path, sockets, processes,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop, consolidate, status", [
-    (signal.SIGTERM, True, 143),  # i-PI's default exchange: the client closes its socket cleanly
-    (signal.SIGKILL, False, -signal.SIGKILL),  # no clean close: i-PI's classic exchange copes with resets
-])
-def test_a_stopped_client_is_replaced_and_the_run_finishes(tmp_path, sockets, processes, tiny_model_file, stop,
-                                                           consolidate, status):
+@pytest.mark.parametrize(
+    "stop, consolidate, status",
+    [
+        (signal.SIGTERM, True, 143),  # i-PI's default exchange: the client closes its socket cleanly
+        (signal.SIGKILL, False, -signal.SIGKILL),  # no clean close: i-PI's classic exchange copes with resets
+    ],
+)
+def test_a_stopped_client_is_replaced_and_the_run_finishes(
+    tmp_path, sockets, processes, tiny_model_file, stop, consolidate, status
+):
     """Stop the only client of an 8-bead run mid-run: i-PI waits, keeps the lost request, and a new
     client finishes the run with every step (~30 s each)."""
     steps = 400

@@ -1,6 +1,7 @@
 """gaq_calc.ipi.serve in-process, against a scripted server on a socket pair (no i-PI needed): the classic
 and the batched exchange, a wrong atom count, a server that goes away; and gaq-ipi's command-line
 errors. tests/test_ipi.py runs the real i-PI."""
+
 import socket
 import threading
 from pathlib import Path
@@ -44,7 +45,7 @@ class Client:
         def run():
             try:
                 self.result["stats"] = serve(calc, template, client_sock)
-            except Exception as err:  # noqa: BLE001 - handed to the test
+            except Exception as err:
                 self.result["error"] = err
 
         self.thread = threading.Thread(target=run, daemon=True)
@@ -141,6 +142,7 @@ def test_a_message_out_of_turn_is_a_protocol_error(calc):
 
 # ---- gaq-ipi's command line --------------------------------------------------------------------
 
+
 def test_client_reports_a_missing_server_in_one_line(tiny_model_file, capsys, sockets):
     from gaq_calc.cli.ipi import main
 
@@ -157,7 +159,12 @@ def test_client_reports_a_missing_server_in_one_line(tiny_model_file, capsys, so
 def test_client_refuses_bad_input_in_one_line(tiny_model_file, capsys, tmp_path):
     from gaq_calc.cli.ipi import main
 
-    for argv in (["--unix", "a", "--host", "h"], [], ["--unix", "a", "--wait", "nan"], ["--unix", "a", "--frame", "-1"]):
+    for argv in (
+        ["--unix", "a", "--host", "h"],
+        [],
+        ["--unix", "a", "--wait", "nan"],
+        ["--unix", "a", "--frame", "-1"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(["--model", str(tiny_model_file), *argv])
         assert exit_.value.code == 2
@@ -178,8 +185,11 @@ def test_console_scripts_are_declared():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for script, target in [("gaq-ipi", "gaq_calc.cli.ipi:main"), ("gaq-nve", "gaq_calc.cli.nve:main"),
-                           ("gaq-nvt", "gaq_calc.cli.nvt:main")]:
+    for script, target in [
+        ("gaq-ipi", "gaq_calc.cli.ipi:main"),
+        ("gaq-nve", "gaq_calc.cli.nve:main"),
+        ("gaq-nvt", "gaq_calc.cli.nvt:main"),
+    ]:
         assert project["scripts"][script] == target
     assert any(dep.startswith("ipi") for dep in project["optional-dependencies"]["ipi"])  # the [ipi] extra
 

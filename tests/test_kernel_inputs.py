@@ -4,6 +4,7 @@ The op trusts nothing it is given. Each bad input runs in a worker subprocess, s
 (SIGSEGV, SIGFPE, SIGABRT) fails one case instead of killing pytest; a crashed worker is restarted
 for the cases after the one that killed it.
 """
+
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ ROOT = HERE.parent
 def _valid_inputs(quantized: bool = False):
     """A tiny random model and a valid two-molecule batch, as the op's arguments (a dict)."""
     from helpers import randomize, tiny_config
+
     from gaq_calc.data.graphs import neighbour_graph
     from gaq_calc.kernels.fused import LAYOUT_VERSION, _cast_weights, gather_parameters
     from gaq_calc.model import GAQPotential
@@ -29,8 +31,9 @@ def _valid_inputs(quantized: bool = False):
     weights, consts = gather_parameters(model)
     if quantized:  # linear int8 rounding of every Linear's input, frame rounding of the vector mix
         weights.update(_synthetic_quantizers(weights))
-    mol = torch.tensor([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0], [0.2, -0.5, 0.9], [2.0, 1.0, -0.5]],
-                       dtype=torch.float64)
+    mol = torch.tensor(
+        [[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0], [0.2, -0.5, 0.9], [2.0, 1.0, -0.5]], dtype=torch.float64
+    )
     species = torch.tensor([1, 0, 0, 2, 0, 1, 0, 0, 2, 0])
     pos = torch.cat([mol, mol + torch.tensor([20.0, 0.0, 0.0], dtype=torch.float64)])
     rcv, snd, sh = [], [], []
@@ -40,20 +43,39 @@ def _valid_inputs(quantized: bool = False):
         snd.append(torch.from_numpy(s) + 5 * g)
         sh.append(torch.from_numpy(shift))
     return dict(
-        positions=pos.float(), species=species, receivers=torch.cat(rcv), senders=torch.cat(snd),
-        shifts=torch.cat(sh).float(), batch=torch.tensor([0] * 5 + [1] * 5), n_graphs=2,
-        layout=LAYOUT_VERSION, weights=_cast_weights(weights, torch.float32, True), consts=consts,
+        positions=pos.float(),
+        species=species,
+        receivers=torch.cat(rcv),
+        senders=torch.cat(snd),
+        shifts=torch.cat(sh).float(),
+        batch=torch.tensor([0] * 5 + [1] * 5),
+        n_graphs=2,
+        layout=LAYOUT_VERSION,
+        weights=_cast_weights(weights, torch.float32, True),
+        consts=consts,
     )
 
 
-LINEARS = ["radial.hidden", "radial.filter", "layers.0.qk", "layers.0.value", "layers.0.exchange_in",
-           "layers.0.exchange_out", "layers.0.vector_mix"]
+LINEARS = [
+    "radial.hidden",
+    "radial.filter",
+    "layers.0.qk",
+    "layers.0.value",
+    "layers.0.exchange_in",
+    "layers.0.exchange_out",
+    "layers.0.vector_mix",
+]
 
 
 def _synthetic_quantizers(weights):
     """Per Linear: {name}.act [kind, act step, qmax], int8 weight codes of the Linear's shape, per-row steps."""
-    names = sorted({k[:-len(".weight")] for k in weights if k.endswith(".weight") and k != "embedding.weight"
-                    and not k.endswith("norm.weight")})
+    names = sorted(
+        {
+            k[: -len(".weight")]
+            for k in weights
+            if k.endswith(".weight") and k != "embedding.weight" and not k.endswith("norm.weight")
+        }
+    )
     out = {}
     gen = torch.Generator().manual_seed(0)
     for name in names:
@@ -66,24 +88,37 @@ def _synthetic_quantizers(weights):
 
 
 def _call(a):
-    return torch.ops.gaq.energy_forces(a["positions"], a["species"], a["receivers"], a["senders"], a["shifts"],
-                                       a["batch"], a["n_graphs"], a["layout"], a["weights"], a["consts"])
+    return torch.ops.gaq.energy_forces(
+        a["positions"],
+        a["species"],
+        a["receivers"],
+        a["senders"],
+        a["shifts"],
+        a["batch"],
+        a["n_graphs"],
+        a["layout"],
+        a["weights"],
+        a["consts"],
+    )
 
 
 def _set(key, value):
     def f(a):
         a[key] = value(a) if callable(value) else value
+
     return f
 
 
 def _weight(name, value):
     """Replace (value: a function of the tensor) or drop (value None) one named weight."""
+
     def f(a):
         a["weights"] = dict(a["weights"])
         if value is None:
             del a["weights"][name]
         else:
             a["weights"][name] = value(a["weights"][name]) if callable(value) else value
+
     return f
 
 
@@ -92,6 +127,7 @@ def _with(key, i, v):
         t = t.clone()
         t[i] = v
         return t
+
     return _set(key, lambda a: f(a[key]))
 
 
@@ -173,10 +209,12 @@ BAD_QUANTIZED = {
     "quantizer steps short": _weight("layers.0.qk.wstep", lambda t: t[:-1]),
     "quantizer qmax above int8": _weight("layers.0.qk.act", torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64)),
     "quantizer step zero": _weight("layers.0.qk.act", torch.tensor([1.0, 0.0, 127.0], dtype=torch.float64)),
-    "frame rounding on a scalar Linear": _weight("layers.0.qk.act", torch.tensor([2.0, 0.05, 127.0],
-                                                                                 dtype=torch.float64)),
-    "frame rounding of the radial filter": _weight("radial.filter.act", torch.tensor([2.0, 0.05, 127.0],
-                                                                                     dtype=torch.float64)),
+    "frame rounding on a scalar Linear": _weight(
+        "layers.0.qk.act", torch.tensor([2.0, 0.05, 127.0], dtype=torch.float64)
+    ),
+    "frame rounding of the radial filter": _weight(
+        "radial.filter.act", torch.tensor([2.0, 0.05, 127.0], dtype=torch.float64)
+    ),
     "quantizer meta short": _weight("radial.hidden.act", lambda t: t[:2]),
 }
 
@@ -194,7 +232,7 @@ def _worker(cases):
         (BAD_QUANTIZED if quantized else BAD)[name](a)
         print(json.dumps({"start": name}), flush=True)
         try:
-            energy, forces = _call(a)
+            energy, _forces = _call(a)
             result = {"case": name, "outcome": "returned", "energy": energy.tolist()}
         except Exception as err:
             result = {"case": name, "outcome": type(err).__name__, "message": str(err).splitlines()[0]}
@@ -213,8 +251,18 @@ def _run_isolated(cases, case_seconds=60):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)]), "OMP_NUM_THREADS": "1"}
     while todo:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys, json, test_kernel_inputs as t; t._worker(json.loads(sys.argv[1]))",
-             json.dumps(todo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(HERE))
+            [
+                sys.executable,
+                "-c",
+                "import sys, json, test_kernel_inputs as t; t._worker(json.loads(sys.argv[1]))",
+                json.dumps(todo),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(HERE),
+        )
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         started, deadline, hung = None, time.monotonic() + 600, False  # the first case also waits for the build
@@ -241,8 +289,12 @@ def _run_isolated(cases, case_seconds=60):
         if started is None and (hung or proc.returncode != 0):
             raise AssertionError(f"the worker failed outside a case (rc {proc.returncode}): {stderr[-2000:]}")
         if started is not None:
-            results[started] = {"case": started, "outcome": "hung" if hung else "crashed",
-                                "returncode": proc.returncode, "stderr": stderr[-300:]}
+            results[started] = {
+                "case": started,
+                "outcome": "hung" if hung else "crashed",
+                "returncode": proc.returncode,
+                "stderr": stderr[-300:],
+            }
         todo = [c for c in todo if c not in results]
     return results
 
@@ -256,9 +308,19 @@ def test_bad_inputs_raise_clear_errors_and_never_crash():
 
 
 def test_checks_name_the_problem():
-    results = _run_isolated(["receiver >= n_atoms", "batch >= n_graphs", "n_graphs = 0", "species >= n_species",
-                             "shifts short", "value weight short", "layout version 1", "unknown weight name",
-                             "a layer's weight missing"])
+    results = _run_isolated(
+        [
+            "receiver >= n_atoms",
+            "batch >= n_graphs",
+            "n_graphs = 0",
+            "species >= n_species",
+            "shifts short",
+            "value weight short",
+            "layout version 1",
+            "unknown weight name",
+            "a layer's weight missing",
+        ]
+    )
     assert "receivers" in results["receiver >= n_atoms"]["message"]
     assert "batch" in results["batch >= n_graphs"]["message"]
     assert "n_graphs" in results["n_graphs = 0"]["message"]
@@ -279,8 +341,13 @@ def test_valid_inputs_still_run_bit_identically(ethanol_frames):
     a = _valid_inputs()
     e0, f0 = _call(a)
     assert torch.isfinite(e0).all() and f0.abs().max() > 0
-    b = dict(a, receivers=a["receivers"].int(), senders=a["senders"].int(), species=a["species"].int(),
-             batch=a["batch"].int())
+    b = dict(
+        a,
+        receivers=a["receivers"].int(),
+        senders=a["senders"].int(),
+        species=a["species"].int(),
+        batch=a["batch"].int(),
+    )
     e1, f1 = _call(b)
     assert torch.equal(e0, e1) and torch.equal(f0, f1)
     c = dict(a, positions=a["positions"].t().contiguous().t(), shifts=a["shifts"].t().contiguous().t())
@@ -339,11 +406,16 @@ def extensions_dir(tmp_path, monkeypatch):
 
 
 def _load_in_subprocess(model, kernel, wait_seconds, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "GAQ_KERNEL_BUILD_WAIT": str(wait_seconds)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GAQ_KERNEL_BUILD_WAIT": str(wait_seconds)}
     try:
-        proc = subprocess.run([sys.executable, "-c", LOAD, str(model), kernel], capture_output=True, text=True,
-                              env=env, timeout=timeout, cwd=str(ROOT))
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD, str(model), kernel],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=str(ROOT),
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"loading the kernel hung for over {timeout} s") from None
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -354,11 +426,14 @@ def _hold_build_lock(build):
     """A process that takes the build lock the way a builder does and then sleeps (the test kills it)."""
     from gaq_calc.kernels.fused import BUILD_LOCK
 
-    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); open(sys.argv[2], 'w').close(); print('held', flush=True); "
-            "time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(build / BUILD_LOCK), str(build / "lock")],
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); open(sys.argv[2], 'w').close(); print('held', flush=True); "
+        "time.sleep(600)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(build / BUILD_LOCK), str(build / "lock")], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 

@@ -1,4 +1,5 @@
 """The fused CPU kernel against the reference path (autograd through the network)."""
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +167,7 @@ def test_the_cpp_kernel_numbers_quantizer_kinds_as_quant_does():
     assert {(int(number), name) for number, name in pairs} == {(int(k), k.name.lower()) for k in FUSED_KINDS}
     assert set(FUSED_KINDS) == {ActKind.NONE, ActKind.LINEAR, ActKind.FRAME}
 
+
 @pytest.mark.parametrize("name, mode", [("fp32", None)])
 def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
     """gather_parameters finds modules by type and attribute, in the eager rebuild and in the file's
@@ -187,4 +189,4 @@ def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
     assert sorted(ws) == sorted(we) and cs == ce
     assert all(torch.equal(ws[k], we[k]) for k in ws)
     assert any(k.endswith(".act") for k in ws) == (mode == "quantized")
-    assert LAYOUT_VERSION == torch.ops.gaq.layout_version()
+    assert torch.ops.gaq.layout_version() == LAYOUT_VERSION

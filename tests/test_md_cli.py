@@ -1,5 +1,6 @@
 """gaq-nve / gaq-nvt (gaq_calc.cli.nve, nvt): the same programs as md_protocols/nve.py, nvt.py; they print
 the drift and the speed, and never write into a folder that holds files unless asked to continue it."""
+
 import json
 import runpy
 import signal
@@ -24,12 +25,27 @@ def test_md_protocols_scripts_are_the_console_scripts():
     assert runpy.run_path(str(REPO / "md_protocols" / "nvt.py"))["main"] is nvt.main
 
 
-def test_short_nve_prints_drift_and_speed_and_refuses_a_used_folder(tmp_path, tiny_model_file, capsys,
-                                                                    keep_sigterm):
+def test_short_nve_prints_drift_and_speed_and_refuses_a_used_folder(tmp_path, tiny_model_file, capsys, keep_sigterm):
     out = tmp_path / "run"
-    args = ["--model", str(tiny_model_file), "--structure", "ethanol", "--dtype", "float64", "--time-ps", "0.01",
-            "--equilibrate-ps", "0", "--log-every", "2", "--no-progress", "--out", str(out),
-            "--bond-tolerance", "3"]  # (an untrained tiny model: bonds stretch)
+    args = [
+        "--model",
+        str(tiny_model_file),
+        "--structure",
+        "ethanol",
+        "--dtype",
+        "float64",
+        "--time-ps",
+        "0.01",
+        "--equilibrate-ps",
+        "0",
+        "--log-every",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--bond-tolerance",
+        "3",
+    ]  # (an untrained tiny model: bonds stretch)
     assert nve.main(args) == 0
     stdout = capsys.readouterr().out
     line = stdout.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 """NVT sampling fidelity: structural observables (gaq_calc.md.observables) and md_protocols/sampling.py."""
+
 import json
 import runpy
 from pathlib import Path
@@ -8,8 +9,15 @@ import pytest
 
 from gaq_calc import GAQCalculator
 from gaq_calc.md import MDSettings, load_structure, run_nvt
-from gaq_calc.md.observables import (angles_of, azo_dihedral_of, bond_angles, bonds_of, dihedral, observables,
-                                     wasserstein)
+from gaq_calc.md.observables import (
+    angles_of,
+    azo_dihedral_of,
+    bond_angles,
+    bonds_of,
+    dihedral,
+    observables,
+    wasserstein,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +63,9 @@ def test_sampling_cli_on_short_runs(tmp_path):
     for seed in (0, 1, 2):
         atoms = load_structure("ethanol", 0)
         atoms.calc = calc
-        settings = MDSettings("nvt", "langevin", temperature_K=300.0, timestep_fs=0.5, n_steps=40, log_every=2,
-                              seed=seed)
+        settings = MDSettings(
+            "nvt", "langevin", temperature_K=300.0, timestep_fs=0.5, n_steps=40, log_every=2, seed=seed
+        )
         run_nvt(atoms, settings, tmp_path / f"run{seed}", progress=False)
         runs.append(tmp_path / f"run{seed}")
     main = runpy.run_path(str(REPO / "md_protocols" / "sampling.py"))["main"]

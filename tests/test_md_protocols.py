@@ -4,6 +4,7 @@ the drift estimator, blow-up detection, and the command-line programs end to end
 Runs are short (tens of steps): the tiny untrained model exercises the machinery, the shipped ethanol
 model (trained, smooth) the physics.
 """
+
 import json
 import os
 import subprocess
@@ -41,6 +42,7 @@ def ethanol_calc():
 
 # ---- drift estimator --------------------------------------------------------------------------
 
+
 def test_energy_drift_recovers_a_known_slope_under_noise():
     rng = np.random.default_rng(0)
     n_atoms, slope = 24, 0.37  # meV/atom/ps
@@ -65,7 +67,7 @@ def test_drift_standard_error_from_block_means():
     # too small error; block means see the real scatter, and the true slope lies within it
     ar = np.zeros(t.size)
     for i in range(1, t.size):
-        ar[i] = 0.998 * ar[i - 1] + rng.normal(0.0, sigma * np.sqrt(1 - 0.998 ** 2))
+        ar[i] = 0.998 * ar[i - 1] + rng.normal(0.0, sigma * np.sqrt(1 - 0.998**2))
     e = n_atoms * 1e-3 * (slope * t + ar)
     se_ar = energy_drift_stderr(t, e, n_atoms)
     assert se_ar > 5 * analytic
@@ -75,6 +77,7 @@ def test_drift_standard_error_from_block_means():
 
 
 # ---- energy conservation ----------------------------------------------------------------------
+
 
 def test_nve_conserves_energy_with_the_shipped_ethanol_model(tmp_path, ethanol_calc):
     """100 steps (50 fs) at 0.5 fs from 300 K. Measured (float64 and float32 alike): std of E_total
@@ -95,6 +98,7 @@ def test_nve_conserves_energy_with_the_shipped_ethanol_model(tmp_path, ethanol_c
 
 
 # ---- restart ----------------------------------------------------------------------------------
+
 
 def _assert_same_trajectory(a_dir, b_dir, atol=1e-10):
     a, _ = read_trajectory(Path(a_dir) / "trajectory.h5")
@@ -139,8 +143,12 @@ def test_interrupted_run_restarts_without_lost_or_duplicated_frames(tmp_path, ti
     stray frames lie beyond the checkpoint; the restart truncates them and recomputes."""
     run_nve(ethanol(tiny_calc), nve(30), tmp_path / "a", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        run_nve(ethanol(InterruptAfter(tiny_model_file, dtype="float64", n_good=18)),
-                nve(30, flush_every=100), tmp_path / "b", progress=False)
+        run_nve(
+            ethanol(InterruptAfter(tiny_model_file, dtype="float64", n_good=18)),
+            nve(30, flush_every=100),
+            tmp_path / "b",
+            progress=False,
+        )
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["status"] == "interrupted: KeyboardInterrupt" and summary["n_steps"] == 17
     assert load_checkpoint(tmp_path / "b" / "checkpoint.json")["step"] == 15
@@ -157,9 +165,19 @@ def test_interrupted_run_restarts_without_lost_or_duplicated_frames(tmp_path, ti
 @pytest.mark.parametrize("thermostat", ["langevin", "bussi", "nose-hoover"])
 def test_nvt_restart_is_exact_including_thermostat_state(tmp_path, ethanol_calc, thermostat):
     """The checkpoint carries the RNG state (Langevin, Bussi) and the chain variables (Nose-Hoover)."""
+
     def settings(n):
-        return MDSettings("nvt", thermostat, temperature_K=300.0, timestep_fs=0.5, n_steps=n, log_every=5,
-                          seed=7, taut_fs=5.0, friction_per_fs=0.05)
+        return MDSettings(
+            "nvt",
+            thermostat,
+            temperature_K=300.0,
+            timestep_fs=0.5,
+            n_steps=n,
+            log_every=5,
+            seed=7,
+            taut_fs=5.0,
+            friction_per_fs=0.05,
+        )
 
     run_nvt(ethanol(ethanol_calc), settings(20), tmp_path / "a", progress=False)
     run_nvt(ethanol(ethanol_calc), settings(10), tmp_path / "b", progress=False)
@@ -178,11 +196,17 @@ def test_restart_guards(tmp_path, tiny_calc):
     with pytest.raises(FileExistsError):
         run_nve(ethanol(tiny_calc), nve(5), tmp_path, progress=False)
     with pytest.raises(RestartError, match="timestep_fs"):
-        run_nve(ethanol(tiny_calc), MDSettings("nve", timestep_fs=0.25, n_steps=10, log_every=5, seed=3),
-                tmp_path, restart=True, progress=False)
+        run_nve(
+            ethanol(tiny_calc),
+            MDSettings("nve", timestep_fs=0.25, n_steps=10, log_every=5, seed=3),
+            tmp_path,
+            restart=True,
+            progress=False,
+        )
 
 
 # ---- blow-up detection ------------------------------------------------------------------------
+
 
 def test_stretched_bond_is_a_blow_up():
     atoms = load_structure("ethanol")
@@ -229,8 +253,9 @@ def test_nan_forces_stop_the_run_and_keep_the_frames(tmp_path, tiny_model_file):
 
 def test_hot_start_dissociates_and_is_caught_by_the_bond_check(tmp_path, tiny_calc):
     """The tiny model is nearly force-free, so at 5000 K the atoms fly apart within a few fs."""
-    settings = MDSettings("nvt", "bussi", temperature_K=5000.0, timestep_fs=0.5, n_steps=200, log_every=2,
-                          max_temperature_K=1e6)
+    settings = MDSettings(
+        "nvt", "bussi", temperature_K=5000.0, timestep_fs=0.5, n_steps=200, log_every=2, max_temperature_K=1e6
+    )
     s = run_nvt(ethanol(tiny_calc), settings, tmp_path, progress=False)
     assert s["status"].startswith("blow-up: bond") and "from its reference length" in s["status"]
     data, _ = read_trajectory(tmp_path / "trajectory.h5")
@@ -241,25 +266,49 @@ def test_hot_start_dissociates_and_is_caught_by_the_bond_check(tmp_path, tiny_ca
 
 
 def test_temperature_limit(tmp_path, tiny_calc):
-    s = run_nvt(ethanol(tiny_calc), MDSettings("nvt", "langevin", temperature_K=300.0, n_steps=20, log_every=5,
-                                               max_temperature_K=100.0), tmp_path, progress=False)
+    s = run_nvt(
+        ethanol(tiny_calc),
+        MDSettings("nvt", "langevin", temperature_K=300.0, n_steps=20, log_every=5, max_temperature_K=100.0),
+        tmp_path,
+        progress=False,
+    )
     assert s["status"] == "blow-up: temperature 300 K above 100 K at step 0"
 
 
 # ---- command-line programs --------------------------------------------------------------------
 
+
 def _cli(script, out, model, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(REPO / "md_protocols" / script), "--model", str(model), "--structure", "ethanol",
-           "--dtype", "float64", "--time-ps", "0.005", "--log-every", "2", "--out", str(out), "--threads", "1",
-           *extra]
+    cmd = [
+        sys.executable,
+        str(REPO / "md_protocols" / script),
+        "--model",
+        str(model),
+        "--structure",
+        "ethanol",
+        "--dtype",
+        "float64",
+        "--time-ps",
+        "0.005",
+        "--log-every",
+        "2",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("script, extra", [
-    ("nvt.py", ["--thermostat", "nose-hoover", "--taut", "20"]),
-    ("nve.py", ["--equilibrate-ps", "0.002"]),
-])
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("nvt.py", ["--thermostat", "nose-hoover", "--taut", "20"]),
+        ("nve.py", ["--equilibrate-ps", "0.002"]),
+    ],
+)
 def test_cli_writes_trajectory_summary_and_plot(tmp_path, tiny_model_file, script, extra):
     proc = _cli(script, tmp_path, tiny_model_file, *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -297,8 +346,21 @@ def test_cli_refuses_to_overwrite_and_extends_with_restart(tmp_path, tiny_model_
     import signal
 
     main = runpy.run_path(str(REPO / "md_protocols" / "nvt.py"))["main"]
-    args = ["--model", str(tiny_model_file), "--structure", "ethanol", "--dtype", "float64", "--log-every", "2",
-            "--out", str(tmp_path), "--no-progress", "--thermostat", "bussi"]
+    args = [
+        "--model",
+        str(tiny_model_file),
+        "--structure",
+        "ethanol",
+        "--dtype",
+        "float64",
+        "--log-every",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--thermostat",
+        "bussi",
+    ]
     handler = signal.getsignal(signal.SIGTERM)
     try:
         assert main(args + ["--time-ps", "0.004"]) == 0
@@ -322,10 +384,32 @@ def test_cli_survives_sigterm_and_sigkill(tmp_path):
 
     def launch(*extra):
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, str(REPO / "md_protocols" / "nve.py"), "--model", "ethanol_fp32", "--structure",
-               "ethanol", "--dtype", "float64", "--time-ps", "0.03", "--equilibrate-ps", "0", "--log-every", "2",
-               "--flush-every", "1", "--seed", "5", "--out", str(tmp_path / "b"), "--no-progress", "--threads", "1",
-               *extra]
+        cmd = [
+            sys.executable,
+            str(REPO / "md_protocols" / "nve.py"),
+            "--model",
+            "ethanol_fp32",
+            "--structure",
+            "ethanol",
+            "--dtype",
+            "float64",
+            "--time-ps",
+            "0.03",
+            "--equilibrate-ps",
+            "0",
+            "--log-every",
+            "2",
+            "--flush-every",
+            "1",
+            "--seed",
+            "5",
+            "--out",
+            str(tmp_path / "b"),
+            "--no-progress",
+            "--threads",
+            "1",
+            *extra,
+        ]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
     def wait_for_step(proc, step):
@@ -350,7 +434,11 @@ def test_cli_survives_sigterm_and_sigkill(tmp_path):
 
     atoms = load_structure("ethanol")
     atoms.calc = GAQCalculator("ethanol_fp32", dtype="float64")
-    run_nve(atoms, MDSettings("nve", temperature_K=300.0, timestep_fs=0.5, n_steps=60, log_every=2, seed=5),
-            tmp_path / "a", progress=False)
+    run_nve(
+        atoms,
+        MDSettings("nve", temperature_K=300.0, timestep_fs=0.5, n_steps=60, log_every=2, seed=5),
+        tmp_path / "a",
+        progress=False,
+    )
     a = _assert_same_trajectory(tmp_path / "a", tmp_path / "b")
     np.testing.assert_array_equal(a["step"], np.arange(0, 61, 2))

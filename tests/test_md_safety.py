@@ -5,6 +5,7 @@ full disk ends in a clear error with the saved frames intact.
 Runs are a few tens of steps of the tiny untrained model; the command-line programs run in-process
 (main(argv)) except where a real write failure needs a process of its own.
 """
+
 import errno
 import os
 import runpy
@@ -26,14 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def nvt(n_steps, thermostat="langevin", **kw) -> MDSettings:
-    return MDSettings("nvt", thermostat, temperature_K=300.0, timestep_fs=0.5, n_steps=n_steps, log_every=5,
-                      seed=3, taut_fs=5.0, **kw)
+    return MDSettings(
+        "nvt", thermostat, temperature_K=300.0, timestep_fs=0.5, n_steps=n_steps, log_every=5, seed=3, taut_fs=5.0, **kw
+    )
 
 
 def files_state(folder) -> dict:
     """Every file under folder: its bytes and modification time (a refused restart changes neither)."""
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(script, argv, capsys):
@@ -50,11 +55,24 @@ def cli(script, argv, capsys):
 
 
 def cli_args(model, out, *extra):
-    return ["--model", str(model), "--structure", "ethanol", "--dtype", "float64", "--log-every", "2",
-            "--out", str(out), "--no-progress", *extra]
+    return [
+        "--model",
+        str(model),
+        "--structure",
+        "ethanol",
+        "--dtype",
+        "float64",
+        "--log-every",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ---- item 2: a restart must continue the same system ------------------------------------------
+
 
 def _deuterate(atoms):
     masses = atoms.get_masses()
@@ -62,12 +80,15 @@ def _deuterate(atoms):
     atoms.set_masses(masses)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.set_atomic_numbers([6, 8, 6, 1, 1, 1, 1, 1, 1]), "atomic numbers"),
-    (_deuterate, "masses"),
-    (lambda a: a.set_cell([12.0, 12.0, 12.0]), "cell"),
-    (lambda a: (a.set_cell([12.0, 12.0, 12.0]), a.set_pbc(True)), "pbc"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.set_atomic_numbers([6, 8, 6, 1, 1, 1, 1, 1, 1]), "atomic numbers"),
+        (_deuterate, "masses"),
+        (lambda a: a.set_cell([12.0, 12.0, 12.0]), "cell"),
+        (lambda a: (a.set_cell([12.0, 12.0, 12.0]), a.set_pbc(True)), "pbc"),
+    ],
+)
 def test_restart_of_another_system_is_refused_and_changes_no_file(tmp_path, tiny_calc, change, message):
     """A completed run, extended with the same atom count but other chemistry (or masses, cell, pbc):
     refused before anything is written, so frames, checkpoint and the completed summary stay as they were."""
@@ -96,11 +117,15 @@ def test_cli_restart_with_another_structure_exits_2_and_changes_no_file(tmp_path
 
 # ---- item 3: saved frames and checkpoints are never lost ---------------------------------------
 
-@pytest.mark.parametrize("settings, warning", [
-    (nve, "not bit-exact"),
-    (nvt, "random"),
-    (lambda n: nvt(n, "nose-hoover"), "chain"),
-])
+
+@pytest.mark.parametrize(
+    "settings, warning",
+    [
+        (nve, "not bit-exact"),
+        (nvt, "random"),
+        (lambda n: nvt(n, "nose-hoover"), "chain"),
+    ],
+)
 def test_restart_without_checkpoint_continues_from_the_last_frame(tmp_path, tiny_calc, settings, warning):
     """checkpoint.json lost: the restart keeps every saved frame and continues from the last one (the
     state in the trajectory: positions, velocities, step), warning that it is not bit-exact. The restart
@@ -126,8 +151,9 @@ def test_restart_without_checkpoint_continues_from_the_last_frame(tmp_path, tiny
 def test_restart_without_checkpoint_after_a_blow_up_is_refused(tmp_path, tiny_calc):
     """The last frame of a blown-up run is the broken one (kept for diagnosis): without the checkpoint
     there is no good state to continue from, and nothing may be dropped to find one."""
-    hot = MDSettings("nvt", "bussi", temperature_K=5000.0, timestep_fs=0.5, n_steps=200, log_every=2,
-                     max_temperature_K=1e6)
+    hot = MDSettings(
+        "nvt", "bussi", temperature_K=5000.0, timestep_fs=0.5, n_steps=200, log_every=2, max_temperature_K=1e6
+    )
     assert run_nvt(ethanol(tiny_calc), hot, tmp_path, progress=False)["status"].startswith("blow-up: bond")
     (tmp_path / "checkpoint.json").unlink()
     before = files_state(tmp_path)
@@ -137,8 +163,7 @@ def test_restart_without_checkpoint_after_a_blow_up_is_refused(tmp_path, tiny_ca
 
 
 @pytest.mark.parametrize("content", ["", '{"step": 10, "positions": [[1.0, 2.'])
-def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, tiny_model_file, tiny_calc, capsys,
-                                                               content):
+def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, tiny_model_file, tiny_calc, capsys, content):
     run_nvt(ethanol(tiny_calc), nvt(10), tmp_path, progress=False)
     (tmp_path / "checkpoint.json").write_text(content)
     before = files_state(tmp_path)
@@ -174,28 +199,32 @@ def test_stale_checkpoint_never_truncates_the_trajectory(tmp_path, tiny_calc):
 
 # ---- item 9: bad input fails up front, with one line ------------------------------------------
 
-@pytest.mark.parametrize("script, extra, option", [
-    ("nvt.py", ["--timestep", "0"], "--timestep"),
-    ("nvt.py", ["--timestep", "-0.5"], "--timestep"),
-    ("nvt.py", ["--temperature", "nan"], "--temperature"),
-    ("nvt.py", ["--temperature", "-1"], "--temperature"),
-    ("nvt.py", ["--time-ps", "inf"], "--time-ps"),
-    ("nvt.py", ["--friction", "nan"], "--friction"),
-    ("nvt.py", ["--taut", "0"], "--taut"),
-    ("nvt.py", ["--tchain", "0"], "--tchain"),
-    ("nvt.py", ["--log-every", "0"], "--log-every"),
-    ("nvt.py", ["--flush-every", "0"], "--flush-every"),
-    ("nvt.py", ["--flush-seconds", "nan"], "--flush-seconds"),
-    ("nvt.py", ["--max-temperature=-inf"], "--max-temperature"),
-    ("nvt.py", ["--timestep", "abc"], "--timestep"),  # argparse's own errors are one line too
-    ("nvt.py", ["--bond-tolerance", "-0.1"], "--bond-tolerance"),
-    ("nvt.py", ["--seed", "-1"], "--seed"),
-    ("nvt.py", ["--threads", "0"], "--threads"),
-    ("nvt.py", ["--frame", "-1"], "--frame"),
-    ("nvt.py", ["--frame", "1000"], "--frame"),  # the shipped ethanol split has frames 0-999
-    ("nve.py", ["--equilibrate-ps", "nan"], "--equilibrate-ps"),
-    ("nve.py", ["--friction", "inf"], "--friction"),
-])
+
+@pytest.mark.parametrize(
+    "script, extra, option",
+    [
+        ("nvt.py", ["--timestep", "0"], "--timestep"),
+        ("nvt.py", ["--timestep", "-0.5"], "--timestep"),
+        ("nvt.py", ["--temperature", "nan"], "--temperature"),
+        ("nvt.py", ["--temperature", "-1"], "--temperature"),
+        ("nvt.py", ["--time-ps", "inf"], "--time-ps"),
+        ("nvt.py", ["--friction", "nan"], "--friction"),
+        ("nvt.py", ["--taut", "0"], "--taut"),
+        ("nvt.py", ["--tchain", "0"], "--tchain"),
+        ("nvt.py", ["--log-every", "0"], "--log-every"),
+        ("nvt.py", ["--flush-every", "0"], "--flush-every"),
+        ("nvt.py", ["--flush-seconds", "nan"], "--flush-seconds"),
+        ("nvt.py", ["--max-temperature=-inf"], "--max-temperature"),
+        ("nvt.py", ["--timestep", "abc"], "--timestep"),  # argparse's own errors are one line too
+        ("nvt.py", ["--bond-tolerance", "-0.1"], "--bond-tolerance"),
+        ("nvt.py", ["--seed", "-1"], "--seed"),
+        ("nvt.py", ["--threads", "0"], "--threads"),
+        ("nvt.py", ["--frame", "-1"], "--frame"),
+        ("nvt.py", ["--frame", "1000"], "--frame"),  # the shipped ethanol split has frames 0-999
+        ("nve.py", ["--equilibrate-ps", "nan"], "--equilibrate-ps"),
+        ("nve.py", ["--friction", "inf"], "--friction"),
+    ],
+)
 def test_cli_rejects_bad_arguments_before_writing(tmp_path, tiny_model_file, capsys, script, extra, option):
     out = tmp_path / "run"
     status, lines = cli(script, cli_args(tiny_model_file, out, "--time-ps", "0.004", *extra), capsys)
@@ -257,13 +286,37 @@ def test_full_disk_ends_in_a_clear_error_and_keeps_the_saved_frames(tmp_path, ti
     the program with a segfault), so the writer must stop before it. Frames flushed until then stay
     intact, the checkpoint points at the last of them, and --restart continues exactly."""
     out = tmp_path / "b"
-    argv = ["--model", str(tiny_model_file), "--structure", "ethanol", "--dtype", "float64", "--temperature", "1",
-            "--equilibrate-ps", "0", "--time-ps", "0.15", "--log-every", "1", "--flush-every", "10",
-            "--out", str(out), "--no-progress", "--threads", "1"]
-    proc = subprocess.run([sys.executable, "-c", DISK_FULL_CHILD, str(out), "50",
-                           str(REPO / "md_protocols" / "nve.py"), *argv],
-                          capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+    argv = [
+        "--model",
+        str(tiny_model_file),
+        "--structure",
+        "ethanol",
+        "--dtype",
+        "float64",
+        "--temperature",
+        "1",
+        "--equilibrate-ps",
+        "0",
+        "--time-ps",
+        "0.15",
+        "--log-every",
+        "1",
+        "--flush-every",
+        "10",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_CHILD, str(out), "50", str(REPO / "md_protocols" / "nve.py"), *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert len(err) == 1 and err[0].startswith("error:") and "--restart" in err[0], err

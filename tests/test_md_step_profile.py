@@ -1,4 +1,5 @@
 """benchmarks/md_step_profile.py: the parts add up to the step, and every timing wrapper is put back."""
+
 import importlib.util
 from pathlib import Path
 
@@ -18,8 +19,16 @@ profile = _load()
 
 
 def test_exclusive_parts_add_up_to_the_step():
-    t = {"op": 5.0, "kernel": 5.1, "neighbours": 0.1, "graph": 0.4, "base_calculate": 0.2, "calculate": 6.0,
-         "check_state": 0.1, "get_forces": 6.3}
+    t = {
+        "op": 5.0,
+        "kernel": 5.1,
+        "neighbours": 0.1,
+        "graph": 0.4,
+        "base_calculate": 0.2,
+        "calculate": 6.0,
+        "check_state": 0.1,
+        "get_forces": 6.3,
+    }
     parts = profile.exclusive_parts(t, total=6.5)
     assert list(parts) == [name for name, _ in profile.PARTS]
     assert parts["kernel wrapper"] == pytest.approx(0.1) and parts["tensor construction"] == pytest.approx(0.3)

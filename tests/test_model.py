@@ -1,4 +1,5 @@
 """Symmetry and conservativeness of the FP32 network, checked in float64."""
+
 import numpy as np
 import pytest
 import torch

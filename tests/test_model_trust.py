@@ -1,6 +1,7 @@
 """Model files as untrusted input (issue 18): loading runs no code from the file, every model file
 carries a SHA-256 of its weights and metadata that is checked at load, and bad input gets a one-line
 error (library: a clear exception; command lines: `prog: error: ...` and exit status 2)."""
+
 import json
 import shutil
 import warnings
@@ -24,6 +25,7 @@ from gaq_calc.models_dir import models_dir, resolve_model
 from gaq_calc.quant import set_mode
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 class WritesOnDequantize(nn.Module):
     """A submodule whose TorchScript writes a file when its `dequantized_weight()` is called (which the
@@ -128,8 +130,8 @@ def _flip_byte_in_place(path: Path, member_suffix: str) -> None:
         assert info.compress_type == zipfile.ZIP_STORED
     raw = bytearray(path.read_bytes())
     header = info.header_offset
-    name_len = int.from_bytes(raw[header + 26:header + 28], "little")
-    extra_len = int.from_bytes(raw[header + 28:header + 30], "little")
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
     offset = header + 30 + name_len + extra_len + info.file_size // 2
     raw[offset] ^= 0x01  # the lowest bit of one byte: a float changes in its mantissa
     path.write_bytes(bytes(raw))
@@ -168,6 +170,7 @@ def qat_file(tmp_path, ethanol_frames):
 
 
 # --- 1. loading an artifact runs no code from the file ---------------------------------------------
+
 
 @pytest.mark.parametrize("kind", [WritesOnDequantize, WritesOnSetstate])
 def test_calculator_runs_no_code_of_a_crafted_artifact(tmp_path, qat_file, kind):
@@ -235,6 +238,7 @@ def test_default_load_is_eager_and_reference_load_is_checked(tmp_path, qat_file,
 
 # --- 7. integrity of model files ------------------------------------------------------------------
 
+
 def test_a_flipped_byte_in_a_model_file_is_refused(tmp_path, tiny_model_file):
     bad = tmp_path / "flipped.pt"
     shutil.copy(tiny_model_file, bad)
@@ -265,7 +269,7 @@ def test_a_flipped_byte_in_an_artifact_is_refused(tmp_path, qat_file):
     rewritten = tmp_path / "rewritten.pt"  # the same edit with a valid CRC-32
     member = _largest_member(out)
     half = lambda d: len(d) // 2
-    _rewrite_member(out, rewritten, member, lambda d: d[:half(d)] + bytes([d[half(d)] ^ 1]) + d[half(d) + 1:])
+    _rewrite_member(out, rewritten, member, lambda d: d[: half(d)] + bytes([d[half(d)] ^ 1]) + d[half(d) + 1 :])
     edited = tmp_path / "edited_metadata.pt"  # a metadata edit with a valid CRC-32
     _rewrite_member(out, edited, "extra/gaq_metadata.json", lambda d: d.replace(b'"cutoff": 5.0', b'"cutoff": 4.0'))
     for bad in (in_place, rewritten, edited):
@@ -287,8 +291,12 @@ def test_files_without_a_hash_load_with_a_warning(tmp_path, tiny_model_file, qat
     art = tmp_path / "q.pt"
     export_artifact(qat_file, art)
     old_art = tmp_path / "old_artifact.pt"
-    _rewrite_member(art, old_art, "extra/gaq_metadata.json",
-                    lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
+    _rewrite_member(
+        art,
+        old_art,
+        "extra/gaq_metadata.json",
+        lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode(),
+    )
     with pytest.warns(UnverifiedModelWarning, match="old_artifact.pt.*gaq-resave"):
         _module, meta = load_artifact(old_art)
     assert "sha256" not in meta
@@ -305,8 +313,12 @@ def test_gaq_resave_adds_a_hash_and_changes_no_number(tmp_path, tiny_model_file,
     art = tmp_path / "q.pt"
     export_artifact(qat_file, art)
     old_art = tmp_path / "old_artifact.pt"
-    _rewrite_member(art, old_art, "extra/gaq_metadata.json",
-                    lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode())
+    _rewrite_member(
+        art,
+        old_art,
+        "extra/gaq_metadata.json",
+        lambda d: json.dumps({k: v for k, v in json.loads(d).items() if k != "sha256"}).encode(),
+    )
     atoms = ethanol_atoms(4)
     with pytest.warns(UnverifiedModelWarning):
         files = ((old, "float64"), (old_art, "float32"))
@@ -345,8 +357,12 @@ def test_every_shipped_model_file_carries_a_verified_hash():
 
     files = sorted(models_dir().glob("**/*.pt"))
     names = {str(p.relative_to(models_dir())) for p in files}
-    assert {"azobenzene_fp32/model.pt", "azobenzene_fp32/snapshot_40min.pt", "azobenzene_w4a8.pt",
-            "baselines/azobenzene_naive_int8.pt"} <= names
+    assert {
+        "azobenzene_fp32/model.pt",
+        "azobenzene_fp32/snapshot_40min.pt",
+        "azobenzene_w4a8.pt",
+        "baselines/azobenzene_naive_int8.pt",
+    } <= names
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an unverified file warns: none may
         for path in files:
@@ -357,6 +373,7 @@ def test_every_shipped_model_file_carries_a_verified_hash():
 
 
 # --- 9. clear errors from the calculator and the command lines ------------------------------------
+
 
 def test_unknown_keyword_is_refused(tiny_model_file):
     with pytest.raises(TypeError, match="kernal.*kernel"):

@@ -1,5 +1,6 @@
 """Numerical safety: results that do not depend on where a molecule sits, structures without edges,
 clear errors for bad training data and for neighbour lists that would not fit in memory."""
+
 import re
 
 import numpy as np
@@ -9,8 +10,8 @@ from ase import Atoms
 
 from gaq_calc import GAQCalculator
 from gaq_calc.data import GraphDataset, read_frames, shipped_split
-from gaq_calc.model import energy_and_forces
 from gaq_calc.loading import load_model
+from gaq_calc.model import energy_and_forces
 from gaq_calc.models_dir import resolve_model
 
 FAR = np.array([1e6, -1e6, 1e6])
@@ -28,6 +29,7 @@ def _energy_forces(calc, atoms):
 
 
 # ---- item 5: absolute positions far from the origin ------------------------------------------------------
+
 
 @pytest.mark.parametrize("kernel", ["fused", "reference"])
 @pytest.mark.parametrize("periodic", [False, True])
@@ -68,9 +70,13 @@ def test_training_batches_do_not_depend_on_where_the_molecule_sits():
 
 # ---- item 8: structures without edges ------------------------------------------------------------------
 
-NO_EDGE_MODELS = [("azobenzene_fp32", "conservative"), ("azobenzene_w4a8", "conservative"),
-                  ("azobenzene_w4a8", "quantized"), ("azobenzene_w4a8.pt", "conservative"),
-                  ("azobenzene_w4a8.pt", "quantized")]
+NO_EDGE_MODELS = [
+    ("azobenzene_fp32", "conservative"),
+    ("azobenzene_w4a8", "conservative"),
+    ("azobenzene_w4a8", "quantized"),
+    ("azobenzene_w4a8.pt", "conservative"),
+    ("azobenzene_w4a8.pt", "quantized"),
+]
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fused", "reference"])
@@ -109,8 +115,12 @@ def test_quantizers_take_empty_inputs():
     assert step.grad.item() == 0 and x.grad.shape == (0, 8)
     codebook = torch.from_numpy(fibonacci_sphere(16)).float()
     assert mddq(torch.zeros(0, 3), codebook, torch.tensor(0.1), 4).shape == (0, 3)
-    for branch, method, shape in [("scalar", "mddq", (0, 4)), ("vector", "mddq", (0, 3, 4)),
-                                  ("vector", "frame", (0, 3, 4)), ("vector", "cartesian", (0, 3, 4))]:
+    for branch, method, shape in [
+        ("scalar", "mddq", (0, 4)),
+        ("vector", "mddq", (0, 3, 4)),
+        ("vector", "frame", (0, 3, 4)),
+        ("vector", "cartesian", (0, 3, 4)),
+    ]:
         q = QuantLinear(nn.Linear(4, 2, bias=False), branch, 4, 8, vector_method=method)
         act = q.act_quantizer
         act.observing = True
@@ -121,6 +131,7 @@ def test_quantizers_take_empty_inputs():
 
 
 # ---- item 9: training data with NaN/inf labels; periodic cells with much vacuum -------------------------
+
 
 def _rmd17_file(path, k, key, value):
     """12 ethanol frames as an rMD17 npz, with `key`[k] (one number of frame k) set to `value`."""
@@ -153,16 +164,34 @@ def _extxyz_file(path, k, what, value):
     return path
 
 
-@pytest.mark.parametrize("key,value", [("energies", np.nan), ("forces", np.inf), ("coords", -np.inf),
-                                       ("forces", np.nan)])
+@pytest.mark.parametrize(
+    "key,value", [("energies", np.nan), ("forces", np.inf), ("coords", -np.inf), ("forces", np.nan)]
+)
 def test_gaq_train_refuses_nan_or_inf_in_an_rmd17_file(tmp_path, capsys, key, value):
     from gaq_calc.cli.train import main
 
     path = _rmd17_file(tmp_path / "bad.npz", 7, key, value)
     what = {"energies": "energy", "forces": "forces", "coords": "positions"}[key]
     with pytest.raises(SystemExit) as err:
-        main(["--train-data", str(path), "--out-dir", str(tmp_path / "out"), "--epochs", "1", "--n-val", "2",
-              "--batch-size", "4", "--model-num-features", "8", "--model-num-layers", "1", "--no-progress"])
+        main(
+            [
+                "--train-data",
+                str(path),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--epochs",
+                "1",
+                "--n-val",
+                "2",
+                "--batch-size",
+                "4",
+                "--model-num-features",
+                "8",
+                "--model-num-layers",
+                "1",
+                "--no-progress",
+            ]
+        )
     assert err.value.code == 2
     message = capsys.readouterr().err
     assert re.search(rf"bad\.npz: frame 7 has a non-finite {what} label", message)
@@ -197,8 +226,13 @@ def test_a_periodic_cell_with_much_vacuum_takes_little_memory():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", VACUUM_PROBE], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", VACUUM_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     n_edges, extra_kb = map(int, proc.stdout.split())
     assert n_edges == 72  # ethanol within 5 Å: every pair, no periodic image
@@ -210,8 +244,10 @@ def test_vacuum_cells_give_the_same_graph_and_energy():
 
     positions = read_frames("ethanol", "test").positions[4]
     # a slab: periodic images 6 Å apart along z (matscipy bins it cheaply); the all-pairs images agree
-    for cell, pbc in [(np.diag([3000.0, 3000.0, 6.0]), [True, True, True]),
-                      (np.array([[7.0, 0.0, 0.0], [2.0, 6.5, 0.0], [1.0, -1.5, 6.0]]), [True, False, True])]:
+    for cell, pbc in [
+        (np.diag([3000.0, 3000.0, 6.0]), [True, True, True]),
+        (np.array([[7.0, 0.0, 0.0], [2.0, 6.5, 0.0], [1.0, -1.5, 6.0]]), [True, False, True]),
+    ]:
         shifted = positions + np.array([30.3, -17.1, 11.9])  # outside the cell: wrapped by whole lattice vectors
         expected = neighbour_graph(shifted, 5.0, cell, np.array(pbc))
         got = _periodic_pairs(shifted, 5.0, cell, np.array(pbc))

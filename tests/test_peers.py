@@ -1,4 +1,5 @@
 """benchmarks/peers.py: its pure helpers (fast), and one short end-to-end run against so3krates-torch (slow)."""
+
 import importlib.util
 import json
 import subprocess
@@ -10,8 +11,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "peers.py"
-CONFIG = {"species": [1, 6, 7], "cutoff": 5.0, "num_features": 64, "num_layers": 6, "num_heads": 4, "num_rbf": 16,
-          "radial_hidden": 32, "tau_init": 10.0, "envelope_exponent": 6}
+CONFIG = {
+    "species": [1, 6, 7],
+    "cutoff": 5.0,
+    "num_features": 64,
+    "num_layers": 6,
+    "num_heads": 4,
+    "num_rbf": 16,
+    "radial_hidden": 32,
+    "tau_init": 10.0,
+    "envelope_exponent": 6,
+}
 
 
 def _load():
@@ -69,11 +79,13 @@ def test_pairs_within_counts_directed_pairs():
 def test_summarize_and_ratios():
     s = peers.summarize([3.0, 1.0, 2.0, 10.0, 2.5])
     assert s == {"ms": 2.5, "ms_min": 1.0, "ms_max": 10.0, "samples": 5}
-    rows = [{"calculator": "so3krates-torch", "measure": "MD step", "threads": 1, "ms": 40.0},
-            {"calculator": "gaq_calc", "measure": "MD step", "threads": 1, "ms": 5.0},
-            {"calculator": "gaq_calc", "measure": "MD step", "threads": 2, "ms": 4.0},
-            {"calculator": "so3krates-torch", "measure": "call (E+F)", "threads": 1, "ms": 30.0},
-            {"calculator": "gaq_calc", "measure": "call (E+F)", "threads": 1, "ms": 6.0}]
+    rows = [
+        {"calculator": "so3krates-torch", "measure": "MD step", "threads": 1, "ms": 40.0},
+        {"calculator": "gaq_calc", "measure": "MD step", "threads": 1, "ms": 5.0},
+        {"calculator": "gaq_calc", "measure": "MD step", "threads": 2, "ms": 4.0},
+        {"calculator": "so3krates-torch", "measure": "call (E+F)", "threads": 1, "ms": 30.0},
+        {"calculator": "gaq_calc", "measure": "call (E+F)", "threads": 1, "ms": 6.0},
+    ]
     out = peers.add_ratios(rows)
     assert out[0]["peer_over_this"] == 1.0 and out[1]["peer_over_this"] == 8.0
     assert out[2]["peer_over_this"] is None  # no so3krates-torch row at 2 threads
@@ -93,16 +105,38 @@ def test_end_to_end_short_run(tmp_path):
     if not HAVE_PEER:
         pytest.skip("so3krates-torch is not installed (pip install '.[bench]')")
     out = tmp_path / "peers.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "10", "--blocks", "1", "--threads", "1",
-                           "--warmup", "2", "--calls", "3", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--steps",
+            "10",
+            "--blocks",
+            "1",
+            "--threads",
+            "1",
+            "--warmup",
+            "2",
+            "--calls",
+            "3",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
     md = [r for r in rows if r["measure"] == "MD step"]
     assert {r["calculator"] for r in md} == {"so3krates-torch", "gaq_calc"} and len(md) == 4
     assert {(r["model"], r["mode"]) for r in md if r["calculator"] == "gaq_calc"} == {
-        ("azobenzene_w4a8.pt", "conservative"), ("azobenzene_w4a8.pt", "quantized"), ("azobenzene_fp32", "fp32")}
+        ("azobenzene_w4a8.pt", "conservative"),
+        ("azobenzene_w4a8.pt", "quantized"),
+        ("azobenzene_fp32", "fp32"),
+    }
     assert all(r["ms"] > 0 and r["peer_over_this"] > 0 for r in rows)
     assert all(r["calculations_per_step"] == 1.0 for r in md)  # one model evaluation per step for both
     assert len([r for r in rows if r["measure"] == "call (E+F)"]) == 2

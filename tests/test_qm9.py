@@ -1,5 +1,6 @@
 """QM9 (issue 16) on the shipped subset: reader and units, the fixed split, energy-only training, gaq-eval,
 and the calculator on a QM9 molecule."""
+
 import csv
 import json
 
@@ -37,15 +38,29 @@ def test_csv_reader_in_qm9pack_layout(tmp_path, subset):
     """A CSV in qm9pack's layout (its first row is methane, U0 = -40.47893 hartree) reads like the subset."""
     path = tmp_path / "qm9_part.csv"
     header = ["XYZ_file", "Index", "SMILES", "Elements", "XYZ_Ang", "Dipole_debye", "InternalEnergy_0K_au"]
-    methane = ["dsgdb9nsd_000001.xyz", "1", "C", "['C','H','H','H','H']",
-               "[[-0.0126981359,1.0858041578,0.0080009958],[0.002150416,-0.0060313176,0.0019761204],"
-               "[1.0117308433,1.4637511618,0.0002765748],[-0.540815069,1.4475266138,-0.8766437152],"
-               "[-0.5238136345,1.4379326443,0.9063972942]]", "0.", "-40.47893"]
+    methane = [
+        "dsgdb9nsd_000001.xyz",
+        "1",
+        "C",
+        "['C','H','H','H','H']",
+        "[[-0.0126981359,1.0858041578,0.0080009958],[0.002150416,-0.0060313176,0.0019761204],"
+        "[1.0117308433,1.4637511618,0.0002765748],[-0.540815069,1.4475266138,-0.8766437152],"
+        "[-0.5238136345,1.4379326443,0.9063972942]]",
+        "0.",
+        "-40.47893",
+    ]
     raw = read(SUBSET_FILE, index="3")
     symbols = "[" + ",".join(f"'{s}'" for s in raw.get_chemical_symbols()) + "]"
     xyz = "[" + ",".join("[" + ",".join(repr(float(x)) for x in p) + "]" for p in raw.positions) + "]"
-    other = [f"dsgdb9nsd_{raw.info['qm9_index']:06d}.xyz", str(raw.info["qm9_index"]), "X", symbols, xyz,
-             repr(float(raw.info["mu_debye"])), repr(float(raw.info["U0_hartree"]))]
+    other = [
+        f"dsgdb9nsd_{raw.info['qm9_index']:06d}.xyz",
+        str(raw.info["qm9_index"]),
+        "X",
+        symbols,
+        xyz,
+        repr(float(raw.info["mu_debye"])),
+        repr(float(raw.info["U0_hartree"])),
+    ]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh, quoting=csv.QUOTE_NONNUMERIC)
         writer.writerow(header)
@@ -107,9 +122,18 @@ def test_energy_only_batches_and_metrics(subset):
 
 
 def _config(tmp_path, name, **kw) -> TrainConfig:
-    cfg = TrainConfig(train_data="qm9_subset", out_dir=str(tmp_path / name), n_val=20, epochs=2, batch_size=16,
-                      lr=3e-3, warmup_epochs=1, ema_decay=0.9, snapshot_minutes=0.0,
-                      model=tiny_config(species=QM9_SPECIES, tau_init=2.0))
+    cfg = TrainConfig(
+        train_data="qm9_subset",
+        out_dir=str(tmp_path / name),
+        n_val=20,
+        epochs=2,
+        batch_size=16,
+        lr=3e-3,
+        warmup_epochs=1,
+        ema_decay=0.9,
+        snapshot_minutes=0.0,
+        model=tiny_config(species=QM9_SPECIES, tau_init=2.0),
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -152,12 +176,12 @@ def test_gaq_eval_on_the_held_out_molecules(trained, tmp_path, capsys):
 
 def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(tmp_path):
     straight = train(_config(tmp_path, "straight"), progress=False, log=lambda s: None)
-    train(_config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=5,
-          log=lambda s: None)
+    train(_config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=5, log=lambda s: None)
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step"], len(state["epoch_losses"])) == (0, 5, 5)
-    train(_config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=19,
-          log=lambda s: None)  # across the epoch boundary (16 steps per epoch), stopped again inside epoch 2
+    train(
+        _config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=19, log=lambda s: None
+    )  # across the epoch boundary (16 steps per epoch), stopped again inside epoch 2
     state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
     assert (state["epoch"], state["step"]) == (1, 8)
     resumed = train(_config(tmp_path, "stopped"), progress=False, log=lambda s: None)
@@ -229,16 +253,30 @@ def test_gaq_report_qm9_table(tmp_path, monkeypatch):
 
     folder = tmp_path / "models" / "qm9_u0_fp32"
     folder.mkdir()
-    (folder / "card.json").write_text(json.dumps({
-        "model": "qm9_u0_fp32", "model_file": str(folder / "model.pt"), "test_data": "qm9", "split": "test",
-        "n_frames": 13087, "energy_mae_meV": 12.345, "lee_meV_per_A": 0.0012, "lee_float64_meV_per_A": 2e-11,
-        "quantization": None, "mode": None, "size": {"packed_bytes": 1024 * 1200},
-        "training": {"epochs": 120, "cpu_hours": 36.04}}))
+    (folder / "card.json").write_text(
+        json.dumps(
+            {
+                "model": "qm9_u0_fp32",
+                "model_file": str(folder / "model.pt"),
+                "test_data": "qm9",
+                "split": "test",
+                "n_frames": 13087,
+                "energy_mae_meV": 12.345,
+                "lee_meV_per_A": 0.0012,
+                "lee_float64_meV_per_A": 2e-11,
+                "quantization": None,
+                "mode": None,
+                "size": {"packed_bytes": 1024 * 1200},
+                "training": {"epochs": 120, "cpu_hours": 36.04},
+            }
+        )
+    )
     (folder / "log.csv").write_text("epoch,val_energy_mae_meV\n1,90\n2,30\n3,20\n4,15\n5,14\n")
     report.main(["--readme", str(readme), "--results", str(tmp_path / "results")])
     text = readme.read_text()
-    assert ("| qm9_u0_fp32 | fp32 | – | FP32 | 13087 | 12.35 | 0.0012 | 2.0e-11 | yes | 120 | 1200 | 1.00x | 36.0 |"
-            in text)
+    assert (
+        "| qm9_u0_fp32 | fp32 | – | FP32 | 13087 | 12.35 | 0.0012 | 2.0e-11 | yes | 120 | 1200 | 1.00x | 36.0 |" in text
+    )
     assert "| qm9_u0_w4a8 | – | – | – | – | not trained yet |" in text
     results_block = text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     assert "qm9_u0_fp32" not in results_block  # energy-only cards stay out of the rMD17 table
@@ -283,8 +321,9 @@ def test_dipole_training_smoke(tmp_path):
 
     frames = read_frames("qm9_subset", "train")
     assert np.isfinite(frames.properties["mu_debye"]).all()
-    _model, history = train_dipole(frames, tiny_config(tau_init=2.0), out=tmp_path, n_val=20, epochs=3,
-                                  batch_size=16, lr=3e-3, log=lambda s: None)
+    _model, history = train_dipole(
+        frames, tiny_config(tau_init=2.0), out=tmp_path, n_val=20, epochs=3, batch_size=16, lr=3e-3, log=lambda s: None
+    )
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     loaded, meta = load_dipole_model(tmp_path / "best.pt")
     test = GraphDataset(read_frames("qm9_subset", "test"), loaded.config.species, 5.0)
@@ -298,16 +337,29 @@ def test_qat_export_and_eval_on_energy_only_data(trained, tmp_path):
     from gaq_calc.loading import load_model
     from gaq_calc.quant import QuantLinear
 
-    out = train(_config(tmp_path, "qat", epochs=2, init_from=str(trained / "best.pt"), quant="w4a8_frame",
-                        quant_warmup_epochs=1, lr=1e-4), progress=False, log=lambda s: None)
+    out = train(
+        _config(
+            tmp_path,
+            "qat",
+            epochs=2,
+            init_from=str(trained / "best.pt"),
+            quant="w4a8_frame",
+            quant_warmup_epochs=1,
+            lr=1e-4,
+        ),
+        progress=False,
+        log=lambda s: None,
+    )
     model, meta = load_model(out / "best.pt")
     assert any(isinstance(m, QuantLinear) for m in model.modules()) and meta["train_data"] == "qm9_subset"
-    quantize.main([str(out / "best.pt"), "--conservative-reference", "--calib-frames", "32", "-o",
-                   str(tmp_path / "q.pt")])
+    quantize.main(
+        [str(out / "best.pt"), "--conservative-reference", "--calib-frames", "32", "-o", str(tmp_path / "q.pt")]
+    )
     export.main([str(tmp_path / "q.pt"), "-o", str(tmp_path / "q_artifact.pt")])
-    for args, name in (([str(tmp_path / "q.pt")], "card.json"),
-                       ([str(tmp_path / "q_artifact.pt"), "--data", "qm9_subset", "--mode", "conservative"],
-                        "card_conservative.json")):
+    for args, name in (
+        ([str(tmp_path / "q.pt")], "card.json"),
+        ([str(tmp_path / "q_artifact.pt"), "--data", "qm9_subset", "--mode", "conservative"], "card_conservative.json"),
+    ):
         evaluate.main(args + ["--lee-frames", "2", "--lee-rotations", "1", "--card", str(tmp_path / name)])
         card = json.loads((tmp_path / name).read_text())
         assert card["split"] == "test" and np.isfinite(card["energy_mae_meV"]) and "force_mae_meV_per_A" not in card

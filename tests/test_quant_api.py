@@ -1,4 +1,5 @@
 """prepare/convert on a tiny model: QAT and packed integer models agree; weight-only quantization is equivariant."""
+
 import numpy as np
 import pytest
 import torch
@@ -55,15 +56,20 @@ def test_mixed_precision_keeps_named_layers_unrounded(fp_model, tmp_path):
             m.act_quantizer.calibrated.fill_(True)
     save_model(path, q.eval(), {})
     loaded, _ = load_model(path, torch.float64)
-    assert sorted(n for n, m in loaded.named_modules()
-                  if isinstance(m, QuantLinear) and m.act_quantizer.kind == ActKind.NONE) == unrounded
+    assert (
+        sorted(
+            n for n, m in loaded.named_modules() if isinstance(m, QuantLinear) and m.act_quantizer.kind == ActKind.NONE
+        )
+        == unrounded
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_convert_gives_identical_outputs(fp_model, ethanol_frames, name):
     # (four frames: enough l=1 vectors for a 256-centroid k-means codebook)
-    q = calibrate(prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in (0, 3, 4, 5)],
-                  energy_and_forces)
+    q = calibrate(
+        prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in (0, 3, 4, 5)], energy_and_forces
+    )
     if name == "svq_kmeans_w4a8":  # a baseline without gradients: QAT only
         with pytest.raises(ValueError, match="SVQ-KMeans"):
             convert(q)
@@ -195,17 +201,22 @@ def test_qdrop_and_degree_quant_mask_only_in_training(fp_model, ethanol_frames):
 def test_percentile_range_is_tighter_than_min_max(fp_model, ethanol_frames):
     steps = {}
     for name in ("lsq_w4a8", "degree_quant_w4a8"):
-        q = calibrate(prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in range(4)],
-                      energy_and_forces)
-        steps[name] = torch.tensor([m.act_quantizer.step_size().item() for m in q.modules()
-                                    if isinstance(m, QuantLinear)])
+        q = calibrate(
+            prepare(fp_model, preset(name)), [ethanol_batch(ethanol_frames, [k]) for k in range(4)], energy_and_forces
+        )
+        steps[name] = torch.tensor(
+            [m.act_quantizer.step_size().item() for m in q.modules() if isinstance(m, QuantLinear)]
+        )
     tighter, minmax = steps["degree_quant_w4a8"], steps["lsq_w4a8"]
     assert (tighter <= minmax).all() and (tighter < 0.9 * minmax).any()
 
 
 def test_svq_kmeans_codebook_from_calibration_and_no_gradient(fp_model, ethanol_frames):
-    q = calibrate(prepare(fp_model, preset("svq_kmeans_w4a8")), [ethanol_batch(ethanol_frames, [k]) for k in range(4)],
-                  energy_and_forces)
+    q = calibrate(
+        prepare(fp_model, preset("svq_kmeans_w4a8")),
+        [ethanol_batch(ethanol_frames, [k]) for k in range(4)],
+        energy_and_forces,
+    )
     vm = q.layers[1].vector_mix
     codebook = vm.act_quantizer.codebook
     assert codebook.abs().sum() > 0 and codebook.shape == (256, 3)
@@ -217,8 +228,7 @@ def test_svq_kmeans_codebook_from_calibration_and_no_gradient(fp_model, ethanol_
     assert gap.max() == 0  # outputs are codewords
 
 
-def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mode(fp_model, ethanol_frames,
-                                                                                 tmp_path):
+def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mode(fp_model, ethanol_frames, tmp_path):
     from gaq_calc.loading import load_model
     from gaq_calc.model.serialization import save_model
     from gaq_calc.quant import fit_conservative_reference
@@ -268,8 +278,9 @@ def test_model_files_of_the_previous_layout_load_unchanged(fp_model, ethanol_fra
     data = read_model_file(path)
     old = {}
     for key, value in data["state_dict"].items():  # the previous layout of the same tensors
-        key = key.replace("weight_quantizer.log_step", "weight_log_step").replace("act_quantizer.log_step",
-                                                                                  "act_log_step")
+        key = key.replace("weight_quantizer.log_step", "weight_log_step").replace(
+            "act_quantizer.log_step", "act_log_step"
+        )
         old[key.replace("act_quantizer.", "")] = value
     for name, m in q.named_modules():
         if isinstance(m, QuantLinear) and m.act_quantizer.kind == ActKind.NONE:  # dead tensors of unrounded layers

@@ -1,4 +1,5 @@
 """Quantization primitives: ranges, round trips, STE gradients, codebooks and MDDQ bounds."""
+
 import math
 
 import numpy as np
@@ -117,6 +118,7 @@ def test_mddq_magnitude_and_direction_errors_and_zero_vector():
 
 def test_local_frame_is_orthonormal_right_handed_and_rotates_with_the_vectors():
     from gaq_calc.quant.primitives import local_frame
+
     torch.manual_seed(0)
     v = torch.randn(20, 3, 16, dtype=torch.float64)
     frame = local_frame(v)  # [20, 3, 3] rows e1, e2, e3
@@ -128,6 +130,7 @@ def test_local_frame_is_orthonormal_right_handed_and_rotates_with_the_vectors():
 
 def test_frame_quantize_commutes_with_rotations_and_stays_within_half_a_step():
     from gaq_calc.quant.primitives import frame_quantize
+
     torch.manual_seed(1)
     v = torch.randn(30, 3, 8, dtype=torch.float64)
     step = torch.tensor(0.05, dtype=torch.float64)
@@ -145,6 +148,7 @@ def test_frame_quantize_commutes_with_rotations_and_stays_within_half_a_step():
 
 def test_frame_quantize_degenerate_inputs():
     from gaq_calc.quant.primitives import frame_quantize
+
     step = torch.tensor(0.1, dtype=torch.float64)
     zero = torch.zeros(2, 3, 4, dtype=torch.float64)
     assert torch.equal(frame_quantize(zero, step, 8), zero)
@@ -158,6 +162,7 @@ def test_frame_quantize_degenerate_inputs():
 
 def test_kmeans_centroids_find_separated_clusters():
     from gaq_calc.quant.primitives import kmeans_centroids, nearest_centroid
+
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, 0, 0]], dtype=torch.float64)
     data = (centres[:, None, :] + 0.01 * torch.randn(4, 50, 3, generator=gen, dtype=torch.float64)).reshape(-1, 3)
@@ -207,7 +212,11 @@ def test_quantizer_kind_is_numbered_once():
 
     assert ActKind.of("scalar", "frame", 8) == ActKind.LINEAR
     assert [ActKind.of("vector", m, 8) for m in ("mddq", "frame", "cartesian", "kmeans")] == [
-        ActKind.MDDQ, ActKind.FRAME, ActKind.LINEAR, ActKind.KMEANS]
+        ActKind.MDDQ,
+        ActKind.FRAME,
+        ActKind.LINEAR,
+        ActKind.KMEANS,
+    ]
     assert ActKind.of("vector", "frame", None) == ActKind.NONE
     with pytest.raises(ValueError, match="vector_method"):
         ActKind.of("vector", "octahedral", 8)

@@ -1,4 +1,5 @@
 """gaq-report's peers block, rendered from a synthetic benchmarks/peers.py JSON."""
+
 import json
 
 from gaq_calc.cli import report
@@ -6,25 +7,62 @@ from gaq_calc.cli import report
 
 def _data():
     row = lambda calc, model, mode, kernel, measure, threads, ms, ratio, share: {
-        "calculator": calc, "model": model, "mode": mode, "kernel": kernel, "measure": measure, "threads": threads,
-        "ms": ms, "ms_min": ms * 0.9, "ms_max": ms * 1.2, "samples": 5, "peer_over_this": ratio,
-        "calculate_share": share, "pairs_at_block_end": 330.0}
+        "calculator": calc,
+        "model": model,
+        "mode": mode,
+        "kernel": kernel,
+        "measure": measure,
+        "threads": threads,
+        "ms": ms,
+        "ms_min": ms * 0.9,
+        "ms_max": ms * 1.2,
+        "samples": 5,
+        "peer_over_this": ratio,
+        "calculate_share": share,
+        "pairs_at_block_end": 330.0,
+    }
     return {
         "command": "python benchmarks/peers.py --threads 1 --json benchmarks/results/peers.json",
-        "machine": "x86_64, 2 cores", "cpu_model": "Test CPU 9000", "torch": "2.13.0+cpu", "so3krates_torch": "0.2.1",
-        "ase": "3.29.0", "load_average": {"start": [3.5, 3.0, 2.5], "end": [3.75, 3.1, 2.6]},
-        "structure": "azobenzene frame 0", "atoms": 24,
-        "settings": {"timestep_fs": 0.5, "temperature_K": 300.0, "steps_per_block": 100, "blocks": 5,
-                     "warmup_steps": 20, "calls": 50},
-        "peer": {"calculator": "so3krates_torch.calculator.so3.TorchkratesCalculator",
-                 "calculator_kind": "its own ASE calculator (eager PyTorch, forces by autograd)",
-                 "constructor": {"r_max": 5.0, "degrees": [1], "num_features": 64}, "parameters": 183289,
-                 "mapping": ["num_features=64 -> num_features=64"], "unmatched": ["radial MLP width"]},
+        "machine": "x86_64, 2 cores",
+        "cpu_model": "Test CPU 9000",
+        "torch": "2.13.0+cpu",
+        "so3krates_torch": "0.2.1",
+        "ase": "3.29.0",
+        "load_average": {"start": [3.5, 3.0, 2.5], "end": [3.75, 3.1, 2.6]},
+        "structure": "azobenzene frame 0",
+        "atoms": 24,
+        "settings": {
+            "timestep_fs": 0.5,
+            "temperature_K": 300.0,
+            "steps_per_block": 100,
+            "blocks": 5,
+            "warmup_steps": 20,
+            "calls": 50,
+        },
+        "peer": {
+            "calculator": "so3krates_torch.calculator.so3.TorchkratesCalculator",
+            "calculator_kind": "its own ASE calculator (eager PyTorch, forces by autograd)",
+            "constructor": {"r_max": 5.0, "degrees": [1], "num_features": 64},
+            "parameters": 183289,
+            "mapping": ["num_features=64 -> num_features=64"],
+            "unmatched": ["radial MLP width"],
+        },
         "gaq": {"parameters": 316153},
-        "rows": [row("so3krates-torch", "So3krates (random weights)", "fp32", "TorchkratesCalculator", "MD step", 1,
-                     40.0, 1.0, 0.95),
-                 row("gaq_calc", "azobenzene_w4a8.pt", "conservative", "fused", "MD step", 1, 5.0, 8.0, 0.9),
-                 row("gaq_calc", "azobenzene_w4a8.pt", "conservative", "fused", "call (E+F)", 1, 4.0, None, None)],
+        "rows": [
+            row(
+                "so3krates-torch",
+                "So3krates (random weights)",
+                "fp32",
+                "TorchkratesCalculator",
+                "MD step",
+                1,
+                40.0,
+                1.0,
+                0.95,
+            ),
+            row("gaq_calc", "azobenzene_w4a8.pt", "conservative", "fused", "MD step", 1, 5.0, 8.0, 0.9),
+            row("gaq_calc", "azobenzene_w4a8.pt", "conservative", "fused", "call (E+F)", 1, 4.0, None, None),
+        ],
     }
 
 
@@ -35,10 +73,17 @@ def test_peers_table_renders_rows_and_caption(tmp_path):
     assert "`python benchmarks/peers.py --threads 1 --json benchmarks/results/peers.json`" in text
     assert "Test CPU 9000" in text and "3.50 / 3.00 / 2.50 at the start" in text and "3.75 / 3.10 / 2.60" in text
     assert "TorchkratesCalculator" in text and "183,289 parameters" in text and "316,153 parameters" in text
-    assert "| MD step | 1 | so3krates-torch | So3krates (random weights) | fp32 | TorchkratesCalculator | 40.00 | " \
-           "36.00–48.00 | 1.00x | 95% | 330 |" in text
-    assert "| MD step | 1 | gaq_calc | azobenzene_w4a8.pt | conservative | fused | 5.00 | 4.50–6.00 | 8.00x | 90% |" in text
-    assert "| call (E+F) | 1 | gaq_calc | azobenzene_w4a8.pt | conservative | fused | 4.00 | 3.60–4.80 | – | – |" in text
+    assert (
+        "| MD step | 1 | so3krates-torch | So3krates (random weights) | fp32 | TorchkratesCalculator | 40.00 | "
+        "36.00–48.00 | 1.00x | 95% | 330 |" in text
+    )
+    assert (
+        "| MD step | 1 | gaq_calc | azobenzene_w4a8.pt | conservative | fused | 5.00 | 4.50–6.00 | 8.00x | 90% |"
+        in text
+    )
+    assert (
+        "| call (E+F) | 1 | gaq_calc | azobenzene_w4a8.pt | conservative | fused | 4.00 | 3.60–4.80 | – | – |" in text
+    )
     assert "`So3krates(r_max=5.0, degrees=[1], num_features=64)`" in text
     assert "- radial MLP width" in text
 

@@ -1,4 +1,5 @@
 """Shipped models: each card was written by gaq-eval for exactly this model file, and its numbers hold."""
+
 import hashlib
 import json
 

@@ -1,4 +1,5 @@
 """Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
+
 import itertools
 import json
 
@@ -13,8 +14,17 @@ from gaq_calc.train.schedule import cosine_lr
 
 
 def _config(tmp_path, name, data_file, **kw) -> TrainConfig:
-    cfg = TrainConfig(train_data=str(data_file), out_dir=str(tmp_path / name), n_val=4, epochs=3, batch_size=4,
-                      lr=3e-3, warmup_epochs=1, model=tiny_config(), snapshot_minutes=0.0)
+    cfg = TrainConfig(
+        train_data=str(data_file),
+        out_dir=str(tmp_path / name),
+        n_val=4,
+        epochs=3,
+        batch_size=4,
+        lr=3e-3,
+        warmup_epochs=1,
+        model=tiny_config(),
+        snapshot_minutes=0.0,
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -98,10 +108,22 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     from gaq_calc.loading import load_model
     from gaq_calc.quant import QuantLinear
 
-    fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
-                 progress=False, log=lambda s: None)
-    cfg = _config(tmp_path, "qat", small_data, epochs=2, init_from=str(fp32 / "final.pt"), quant="w4a8",
-                  quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
+    fp32 = train(
+        _config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
+        progress=False,
+        log=lambda s: None,
+    )
+    cfg = _config(
+        tmp_path,
+        "qat",
+        small_data,
+        epochs=2,
+        init_from=str(fp32 / "final.pt"),
+        quant="w4a8",
+        quant_warmup_epochs=1,
+        lee_weight=0.1,
+        model=tiny_config(tau_init=2.0),
+    )
     out = train(cfg, progress=False, log=lambda s: None)
     model, _meta = load_model(out / "final.pt")
     vector = [m for n, m in model.named_modules() if n.endswith("vector_mix")]
@@ -111,12 +133,33 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     assert all(np.isfinite(r["train_loss"]) for r in history)
 
     # a QAT run stopped at the warm-up boundary and resumed equals the uninterrupted run
-    stopped = _config(tmp_path, "qat_stopped", small_data, epochs=2, init_from=str(fp32 / "final.pt"),
-                      quant="w4a8", quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0))
+    stopped = _config(
+        tmp_path,
+        "qat_stopped",
+        small_data,
+        epochs=2,
+        init_from=str(fp32 / "final.pt"),
+        quant="w4a8",
+        quant_warmup_epochs=1,
+        lee_weight=0.1,
+        model=tiny_config(tau_init=2.0),
+    )
     train(stopped, progress=False, stop_after_epochs=1, log=lambda s: None)
-    resumed = train(_config(tmp_path, "qat_stopped", small_data, epochs=2, init_from=str(fp32 / "final.pt"),
-                            quant="w4a8", quant_warmup_epochs=1, lee_weight=0.1, model=tiny_config(tau_init=2.0)),
-                    progress=False, log=lambda s: None)
+    resumed = train(
+        _config(
+            tmp_path,
+            "qat_stopped",
+            small_data,
+            epochs=2,
+            init_from=str(fp32 / "final.pt"),
+            quant="w4a8",
+            quant_warmup_epochs=1,
+            lee_weight=0.1,
+            model=tiny_config(tau_init=2.0),
+        ),
+        progress=False,
+        log=lambda s: None,
+    )
     a = torch.load(out / "final.pt", weights_only=True)["state_dict"]
     b = torch.load(resumed / "final.pt", weights_only=True)["state_dict"]
     for key in a:
@@ -128,8 +171,11 @@ def test_per_tensor_steps_stay_per_tensor_under_qat(tmp_path, small_data):
     from gaq_calc.quant import QuantLinear
 
     fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1), progress=False, log=lambda s: None)
-    out = train(_config(tmp_path, "naive", small_data, epochs=1, init_from=str(fp32 / "final.pt"),
-                        quant="naive_int8"), progress=False, log=lambda s: None)
+    out = train(
+        _config(tmp_path, "naive", small_data, epochs=1, init_from=str(fp32 / "final.pt"), quant="naive_int8"),
+        progress=False,
+        log=lambda s: None,
+    )
     model, _ = load_model(out / "final.pt")
     assert all(m.weight_quantizer.log_step.numel() == 1 for m in model.modules() if isinstance(m, QuantLinear))
 
@@ -191,12 +237,22 @@ def test_a_qat_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path, small
     """A QAT run checkpointed before issue 14 (quantizer tensors on QuantLinear, a dead activation step in
     each unrounded layer and its optimizer slot) resumes into the current layout and ends where the
     uninterrupted run ends."""
-    fp32 = train(_config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
-                 progress=False, log=lambda s: None)
+    fp32 = train(
+        _config(tmp_path, "fp32", small_data, epochs=1, model=tiny_config(tau_init=2.0)),
+        progress=False,
+        log=lambda s: None,
+    )
 
     def cfg(name):
-        return _config(tmp_path, name, small_data, epochs=2, init_from=str(fp32 / "final.pt"),
-                       quant="w4a8_frame_mp", model=tiny_config(tau_init=2.0))
+        return _config(
+            tmp_path,
+            name,
+            small_data,
+            epochs=2,
+            init_from=str(fp32 / "final.pt"),
+            quant="w4a8_frame_mp",
+            model=tiny_config(tau_init=2.0),
+        )
 
     straight = train(cfg("straight"), progress=False, log=lambda s: None)
     train(cfg("stopped"), progress=False, stop_after_epochs=1, log=lambda s: None)
@@ -228,8 +284,10 @@ def test_a_qat_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path, small
             order.append(name.rsplit(".", 2)[0] + ".act_log_step")
     alive = [i for i, k in enumerate(order) if not k.endswith("act_log_step") or k.rsplit(".", 1)[0] not in unrounded]
     group = ckpt["optimizer"]["param_groups"][0]
-    ckpt["optimizer"] = {"state": {alive[j]: s for j, s in ckpt["optimizer"]["state"].items()},
-                         "param_groups": [{**group, "params": list(range(len(order)))}]}
+    ckpt["optimizer"] = {
+        "state": {alive[j]: s for j, s in ckpt["optimizer"]["state"].items()},
+        "param_groups": [{**group, "params": list(range(len(order)))}],
+    }
     # the saved state dict lists parameters in parameter order (dead steps included)
     ckpt["model"], ckpt["ema"] = legacy(ckpt["model"]), legacy(ckpt["ema"])
     ckpt["model"] = {**{k: ckpt["model"][k] for k in order}, **ckpt["model"]}

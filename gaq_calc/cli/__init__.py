@@ -1,4 +1,5 @@
 """Console entry points: parse flags, call the library."""
+
 from __future__ import annotations
 
 import functools

@@ -1,9 +1,10 @@
 """gaq-eval: test-set metrics of a model, written as its model card (JSON).
 
-    gaq-eval azobenzene_fp32                      # shipped model on its molecule's split-01 test set
-    gaq-eval runs/x/best.pt --data ethanol        # any model file, any dataset
-    gaq-eval models/NAME --snapshot models/NAME/snapshot_40min.pt --write-card   # writes models/NAME/card.json
+gaq-eval azobenzene_fp32                      # shipped model on its molecule's split-01 test set
+gaq-eval runs/x/best.pt --data ethanol        # any model file, any dataset
+gaq-eval models/NAME --snapshot models/NAME/snapshot_40min.pt --write-card   # writes models/NAME/card.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,11 @@ def _quantization(config: dict | None, metadata: dict) -> dict | None:
     if not config:
         return None
     train_config = metadata.get("train_config") or {}
-    preset = (metadata.get("quant_preset") or metadata.get("ptq_preset")
-              or (train_config.get("quant") if isinstance(train_config, dict) else None))
+    preset = (
+        metadata.get("quant_preset")
+        or metadata.get("ptq_preset")
+        or (train_config.get("quant") if isinstance(train_config, dict) else None)
+    )
     return {"preset": preset, "mode": "PTQ" if metadata.get("ptq") else "QAT", "config": config}
 
 
@@ -44,8 +48,15 @@ def _load(path: Path, dtype: torch.dtype, mode: str | None):
     return loaded.potential, loaded.metadata, loaded.quant_config
 
 
-def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_frames: int = 0,
-                  lee_rotations: int = 4, mode: str | None = None) -> tuple[dict, dict, object, dict | None]:
+def evaluate_file(
+    path: Path,
+    data: str,
+    split: str,
+    dtype: torch.dtype,
+    lee_frames: int = 0,
+    lee_rotations: int = 4,
+    mode: str | None = None,
+) -> tuple[dict, dict, object, dict | None]:
     """(metrics, metadata, model, quant config or None)."""
     model, metadata, config = _load(path, dtype, mode)
     frames = read_frames(data, split)
@@ -66,8 +77,9 @@ def evaluate_file(path: Path, data: str, split: str, dtype: torch.dtype, lee_fra
 
 @one_line_errors("gaq-eval")
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="gaq-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gaq-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="shipped model name, model folder, gaq-train run folder (best.pt) or model file")
     parser.add_argument("--data", help="molecule name or data file (default: the model's training molecule)")
     parser.add_argument("--split", default="test", help="split of a shipped molecule (default test)")
@@ -78,9 +90,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lee-frames", type=int, default=100, help="first N frames for LEE (0: skip LEE)")
     parser.add_argument("--lee-rotations", type=int, default=4, help="random rotations per frame for LEE")
-    parser.add_argument("--mode", choices=MODES, default=None,
-                        help="quantized models: round activations (quantized, the default here) or not "
-                             "(conservative: exact forces)")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="quantized models: round activations (quantized, the default here) or not (conservative: exact forces)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,8 +111,9 @@ def main(argv=None) -> None:
             # a training *file* has no separate test split: never evaluate on training frames by default
             parser.error("pass --data: the model was not trained on a shipped molecule with a test split")
         data = trained_on
-    metrics, metadata, model, config = evaluate_file(path, data, args.split, dtype, args.lee_frames, args.lee_rotations,
-                                             args.mode)
+    metrics, metadata, model, config = evaluate_file(
+        path, data, args.split, dtype, args.lee_frames, args.lee_rotations, args.mode
+    )
     artifact = is_artifact(path)
     card = {
         "model": path.parent.name if path.name == "model.pt" else path.stem,
@@ -107,8 +123,11 @@ def main(argv=None) -> None:
         "split": args.split,
         "precision": "fp32" if dtype == torch.float32 else "fp64",
         **metrics,
-        "n_parameters": (GAQPotential(ModelConfig.from_dict(metadata["model_config"])).num_parameters()
-                         if artifact else model.num_parameters()),
+        "n_parameters": (
+            GAQPotential(ModelConfig.from_dict(metadata["model_config"])).num_parameters()
+            if artifact
+            else model.num_parameters()
+        ),
         "quantization": _quantization(config, metadata),
         "mode": (args.mode or "quantized") if config else None,
         "artifact": artifact,
@@ -120,10 +139,14 @@ def main(argv=None) -> None:
             "epochs": metadata.get("epochs_total", metadata.get("epochs")),
             "selected_epoch": metadata.get("selected_epoch"),
             "train_minutes": round(
-                metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2),
+                metadata.get("train_seconds_total", metadata.get("train_seconds", float("nan"))) / 60, 2
+            ),
             # process CPU time of the training epochs (all threads); absent from models trained before it was kept
-            "cpu_hours": (round(metadata.get("train_cpu_seconds_total", metadata["train_cpu_seconds"]) / 3600, 6)
-                          if "train_cpu_seconds" in metadata else None),
+            "cpu_hours": (
+                round(metadata.get("train_cpu_seconds_total", metadata["train_cpu_seconds"]) / 3600, 6)
+                if "train_cpu_seconds" in metadata
+                else None
+            ),
             "n_train": metadata.get("n_train"),
             "n_val": metadata.get("n_val"),
             "config": metadata.get("train_config"),
@@ -140,14 +163,21 @@ def main(argv=None) -> None:
         }
     card["eval_command"] = command_line("gaq-eval", argv)
     card["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    card["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    card["environment"] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
 
     # energy-only test data (QM9) have no force metrics
     f_txt = lambda m: f", F MAE {m['force_mae_meV_per_A']:.2f} meV/Å" if "force_mae_meV_per_A" in m else ""
-    print(f"{card['model']} on {data} ({args.split}, {metrics['n_frames']} frames): "
-          f"E MAE {metrics['energy_mae_meV']:.2f} meV" + f_txt(metrics)
-          + (f", LEE {metrics['lee_meV_per_A']:.2e} meV/Å" if "lee_meV_per_A" in metrics else ""))
+    print(
+        f"{card['model']} on {data} ({args.split}, {metrics['n_frames']} frames): "
+        f"E MAE {metrics['energy_mae_meV']:.2f} meV"
+        + f_txt(metrics)
+        + (f", LEE {metrics['lee_meV_per_A']:.2e} meV/Å" if "lee_meV_per_A" in metrics else "")
+    )
     if "snapshot" in card:
         s = card["snapshot"]
         print(f"  after {s['train_minutes']} min of training: E MAE {s['energy_mae_meV']:.2f} meV" + f_txt(s))

@@ -8,19 +8,21 @@ Start as many clients as you like, anywhere the socket reaches: i-PI hands each 
 replica) at a time, or a batch of them with <batch_size> in its <ffsocket>, which a client evaluates in
 one kernel call. A client runs until i-PI says EXIT or goes away, and may be stopped (Ctrl-C, SIGTERM) and
 replaced at any time: i-PI sends the lost request to another client. (Clients that may be SIGKILLed:
-give i-PI's <ffsocket> <consolidate_messages>false</consolidate_messages>; see examples/ipi/README.md.) --structure must hold the same atoms, in the same
+give i-PI's <ffsocket> <consolidate_messages>false</consolidate_messages>; see examples/ipi/README.md.)
+--structure must hold the same atoms, in the same
 order, as i-PI's input file (the file itself will do); its positions are not used.
 Exit status: 0 when i-PI ends the run or goes away, 1 when the connection fails or a structure cannot
 be served, 2 for bad input (model, structure, options).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
 from gaq_calc.calculator import KERNELS
-from gaq_calc.quant import MODES
 from gaq_calc.ipi import DEFAULT_PORT, DEFAULT_SOCKETS_PREFIX
+from gaq_calc.quant import MODES
 
 EXIT_CONNECTION = 1
 EXIT_BAD_INPUT = 2
@@ -36,29 +38,51 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gaq-ipi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="azobenzene_fp32",
-                   help="shipped model name, model folder, model file or artifact (e.g. azobenzene_w4a8.pt)")
-    g.add_argument("--mode", default="conservative", choices=MODES,
-                   help="quantized models: conservative (default; exact forces) or quantized (8-bit activations)")
+    g.add_argument(
+        "--model",
+        default="azobenzene_fp32",
+        help="shipped model name, model folder, model file or artifact (e.g. azobenzene_w4a8.pt)",
+    )
+    g.add_argument(
+        "--mode",
+        default="conservative",
+        choices=MODES,
+        help="quantized models: conservative (default; exact forces) or quantized (8-bit activations)",
+    )
     g.add_argument("--kernel", default="auto", choices=KERNELS, help="calculator kernel (default auto)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: torch's choice; give 1 when several clients share a machine)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's choice; give 1 when several clients share a machine)",
+    )
     g = parser.add_argument_group("structure template")
-    g.add_argument("--structure", default=None,
-                   help="ASE-readable file with the atoms in i-PI's order (i-PI's own xyz input will do), or a "
-                        "shipped rMD17 molecule name; default: the shipped azobenzene, as in the MD protocols")
+    g.add_argument(
+        "--structure",
+        default=None,
+        help="ASE-readable file with the atoms in i-PI's order (i-PI's own xyz input will do), or a "
+        "shipped rMD17 molecule name; default: the shipped azobenzene, as in the MD protocols",
+    )
     g.add_argument("--frame", type=int, default=0, help="frame of --structure (default 0)")
     g = parser.add_argument_group("connection (one of --unix or --host/--port)")
-    g.add_argument("--unix", metavar="NAME", default=None,
-                   help="unix socket NAME: i-PI's <address> with mode=\"unix\" (path: --sockets-prefix + NAME)")
-    g.add_argument("--sockets-prefix", default=DEFAULT_SOCKETS_PREFIX,
-                   help=f"prefix of unix socket paths, as i-PI's sockets_prefix / -S (default {DEFAULT_SOCKETS_PREFIX})")
-    g.add_argument("--host", default=None, help="TCP: the machine running i-PI (mode=\"inet\")")
+    g.add_argument(
+        "--unix",
+        metavar="NAME",
+        default=None,
+        help='unix socket NAME: i-PI\'s <address> with mode="unix" (path: --sockets-prefix + NAME)',
+    )
+    g.add_argument(
+        "--sockets-prefix",
+        default=DEFAULT_SOCKETS_PREFIX,
+        help=f"prefix of unix socket paths, as i-PI's sockets_prefix / -S (default {DEFAULT_SOCKETS_PREFIX})",
+    )
+    g.add_argument("--host", default=None, help='TCP: the machine running i-PI (mode="inet")')
     g.add_argument("--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT})")
-    g.add_argument("--wait", type=float, default=0.0,
-                   help="keep trying to connect for this many seconds (default 0: one try)")
+    g.add_argument(
+        "--wait", type=float, default=0.0, help="keep trying to connect for this many seconds (default 0: one try)"
+    )
     g.add_argument("--verbose", action="store_true", help="trace the protocol's messages on stderr")
     return parser
 
@@ -132,8 +156,10 @@ def _main(argv) -> int:
     except ConnectionError as err:
         print(f"gaq-ipi: error: {err}", file=sys.stderr)
         return EXIT_CONNECTION
-    _say(f"serving {calc.model_path.name} ({calc.kernel} kernel{mode}, {args.dtype}, "
-         f"{torch.get_num_threads()} threads) for {len(template)} atoms to i-PI at {where}")
+    _say(
+        f"serving {calc.model_path.name} ({calc.kernel} kernel{mode}, {args.dtype}, "
+        f"{torch.get_num_threads()} threads) for {len(template)} atoms to i-PI at {where}"
+    )
     try:
         stats = serve(calc, template, sock, log=sys.stderr if args.verbose else None)
     except ProtocolError as err:
@@ -144,8 +170,7 @@ def _main(argv) -> int:
         return EXIT_CONNECTION
     why = "i-PI ended the run (EXIT)" if stats.reason == "exit" else "i-PI closed the connection"
     batch = f" in batches of {stats.batch_size}" if stats.batch_size > 1 else ""
-    _say(f"{why} after {stats.structures} structures{batch} "
-         f"({stats.seconds_computing:.1f} s in the model); stopping")
+    _say(f"{why} after {stats.structures} structures{batch} ({stats.seconds_computing:.1f} s in the model); stopping")
     return 0
 
 

@@ -1,5 +1,6 @@
 """What gaq-nve and gaq-nvt (and md_protocols/nve.py, nvt.py, the same programs) share beyond
 gaq_calc.md.cli: the refusal to write into a folder that holds data, and the one-line result."""
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,7 @@ def refuse_existing_output(out: Path, restart: bool) -> bool:
     if out.is_dir() and not any(out.iterdir()):
         return False
     what = "is a file" if not out.is_dir() else "already holds files (an earlier run?)"
-    print(f"error: output folder {out} {what}; continue that run with --restart, or give a new --out",
-          file=sys.stderr)
+    print(f"error: output folder {out} {what}; continue that run with --restart, or give a new --out", file=sys.stderr)
     return True
 
 
@@ -28,6 +28,8 @@ def headline(summary: dict, ensemble: str) -> str:
     label = "energy drift" if ensemble == "nve" else "energy drift (thermostatted, not a conservation test)"
     speed = summary.get("ns_per_day")
     speed_text = "n/a" if speed is None else f"{speed:.3g}"
-    return (f"{ensemble.upper()} {summary.get('simulated_ps')} ps: {label} {drift_text} meV/atom/ps, "
-            f"{speed_text} ns/day, mean T {summary.get('mean_temperature_K', float('nan')):.0f} K "
-            f"({summary.get('status')})")
+    return (
+        f"{ensemble.upper()} {summary.get('simulated_ps')} ps: {label} {drift_text} meV/atom/ps, "
+        f"{speed_text} ns/day, mean T {summary.get('mean_temperature_K', float('nan')):.0f} K "
+        f"({summary.get('status')})"
+    )

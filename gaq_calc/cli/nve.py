@@ -8,6 +8,7 @@ Writes OUT/trajectory.h5, OUT/summary.json, OUT/energies.png; see md_protocols/R
 energy drift (meV/atom/ps) and the speed (ns/day). Never writes into a folder holding files, except to
 continue its run with --restart.
 """
+
 import argparse
 import dataclasses
 import sys
@@ -15,8 +16,16 @@ from pathlib import Path
 
 from gaq_calc.cli.md_common import headline, refuse_existing_output
 from gaq_calc.md.cli import (
-    EXIT_USAGE, ArgumentParser, add_common_arguments, add_thermostat_arguments, check_arguments, n_steps, report,
-    run_main, settings_from_args, setup,
+    EXIT_USAGE,
+    ArgumentParser,
+    add_common_arguments,
+    add_thermostat_arguments,
+    check_arguments,
+    n_steps,
+    report,
+    run_main,
+    settings_from_args,
+    setup,
 )
 from gaq_calc.md.protocols import run_nve
 
@@ -24,9 +33,12 @@ from gaq_calc.md.protocols import run_nve
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="gaq-nve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
-    parser.add_argument("--equilibrate-ps", type=float, default=1.0,
-                        help="NVT equilibration before NVE, in ps (default 1; 0: start NVE from "
-                             "Maxwell-Boltzmann velocities)")
+    parser.add_argument(
+        "--equilibrate-ps",
+        type=float,
+        default=1.0,
+        help="NVT equilibration before NVE, in ps (default 1; 0: start NVE from Maxwell-Boltzmann velocities)",
+    )
     add_thermostat_arguments(parser, prefix="equilibrate-")
     args = parser.parse_args(argv)
 
@@ -35,14 +47,22 @@ def main(argv=None) -> int:
         settings = settings_from_args(args, "nve", None, args.time_ps)
         equilibration = dataclasses.replace(
             settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
-            n_steps=n_steps(args.equilibrate_ps, args.timestep))
+            n_steps=n_steps(args.equilibrate_ps, args.timestep),
+        )
         if args.out and refuse_existing_output(Path(args.out), args.restart):
             return EXIT_USAGE
         atoms, out, metadata = setup(args, "nve")
         if refuse_existing_output(out, args.restart):
             return EXIT_USAGE
-        summary = run_nve(atoms, settings, out, equilibration=equilibration, restart=args.restart,
-                          progress=not args.no_progress, metadata=metadata)
+        summary = run_nve(
+            atoms,
+            settings,
+            out,
+            equilibration=equilibration,
+            restart=args.restart,
+            progress=not args.no_progress,
+            metadata=metadata,
+        )
         status = report(summary, out)
         print(headline(summary, "nve"))
         return status

@@ -5,14 +5,22 @@ Example: gaq-nvt --model azobenzene_fp32 --thermostat bussi --time-ps 1000 --out
 Writes OUT/trajectory.h5, OUT/summary.json, OUT/energies.png; see md_protocols/README.md. Never writes
 into a folder holding files, except to continue its run with --restart.
 """
+
 import argparse
 import sys
 from pathlib import Path
 
 from gaq_calc.cli.md_common import headline, refuse_existing_output
 from gaq_calc.md.cli import (
-    EXIT_USAGE, ArgumentParser, add_common_arguments, add_thermostat_arguments, check_arguments, report, run_main,
-    settings_from_args, setup,
+    EXIT_USAGE,
+    ArgumentParser,
+    add_common_arguments,
+    add_thermostat_arguments,
+    check_arguments,
+    report,
+    run_main,
+    settings_from_args,
+    setup,
 )
 from gaq_calc.md.protocols import run_nvt
 
@@ -31,8 +39,7 @@ def main(argv=None) -> int:
         atoms, out, metadata = setup(args, "nvt")
         if refuse_existing_output(out, args.restart):
             return EXIT_USAGE
-        summary = run_nvt(atoms, settings, out, restart=args.restart, progress=not args.no_progress,
-                          metadata=metadata)
+        summary = run_nvt(atoms, settings, out, restart=args.restart, progress=not args.no_progress, metadata=metadata)
         status = report(summary, out)
         print(headline(summary, "nvt"))
         return status

@@ -2,6 +2,7 @@
 
 A planned model without a card gets a "not trained yet" row: no number is ever made up.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,19 @@ def qm9_table(models: Path) -> str:
         q = card.get("quantization") or {}
         conservative = card.get("mode") == "conservative"
         size = (card.get("size") or {}).get("packed_bytes") or (
-            (card.get("size") or {}).get("file_bytes") if card.get("artifact") else None)
+            (card.get("size") or {}).get("file_bytes") if card.get("artifact") else None
+        )
         training = card.get("training") or {}
         converged = _converged(folder / "log.csv", column="val_energy_mae_meV")
         rows.append(
             f"| {Path(card['model_file']).name if card.get('artifact') else name} | {q.get('preset') or 'fp32'} | "
             f"{card.get('mode') or ('quantized' if q else '–')} | "
-            f"{_bits(card).split(' A')[0] + ' A unrounded' if conservative else _bits(card)} | {card.get('n_frames')} | "
+            f"{_bits(card).split(' A')[0] + ' A unrounded' if conservative else _bits(card)} | "
+            f"{card.get('n_frames')} | "
             f"{card['energy_mae_meV']:.2f} | {fmt(card.get('lee_meV_per_A'), '.3g')} | "
             f"{fmt(card.get('lee_float64_meV_per_A'), '.1e')} | {converged} | {training.get('epochs') or '–'} | "
             f"{fmt(size and size / 1024, '.0f')} | "
             f"{fmt(fp_bytes / size if fp_bytes and size else None, '.2f')}{'x' if fp_bytes and size else ''} | "
-            f"{fmt(training.get('cpu_hours'), '.1f')} |")
+            f"{fmt(training.get('cpu_hours'), '.1f')} |"
+        )
     return "\n".join(rows)

@@ -11,6 +11,7 @@ Every quantized output also gets its conservative-mode reference energies, fitte
 fits only the conservative mode's per-element reference energies of an already quantized (QAT) model
 on training frames (quant.fit_conservative_reference), leaving everything else as it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,16 @@ from gaq_calc.quant import PRESETS, calibrate, fit_conservative_reference, prepa
 
 @one_line_errors("gaq-quantize")
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="gaq-quantize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gaq-quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="FP32 model: shipped name, folder or file")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="PTQ preset (an FP32 input needs one)")
-    parser.add_argument("--conservative-reference", action="store_true",
-                        help="quantized input: only fit the conservative mode's reference energies")
+    parser.add_argument(
+        "--conservative-reference",
+        action="store_true",
+        help="quantized input: only fit the conservative mode's reference energies",
+    )
     parser.add_argument("-o", "--out", required=True, help="output model file")
     parser.add_argument("--calib-frames", type=int, default=100, help="training frames for calibration")
     parser.add_argument("--data", help="calibration data (default: the model's training molecule, train split)")
@@ -59,14 +64,22 @@ def main(argv=None) -> None:
         quantized = calibrate(prepare(model, preset(args.preset)), batches, energy_and_forces)
         extra = {"ptq": True, "ptq_preset": args.preset, "ptq_source": str(path), "calib_frames": len(dataset)}
     correction = fit_conservative_reference(quantized, batches, lambda m, b: energy_and_forces(m, b)[0])
-    save_model(args.out, quantized.eval(), {
-        **meta, "commands": list(meta.get("commands", [])) + [command], **extra,
-        "conservative_reference_shift_eV": [float(c) for c in correction],
-        "conservative_reference_frames": len(dataset),
-    })
+    save_model(
+        args.out,
+        quantized.eval(),
+        {
+            **meta,
+            "commands": list(meta.get("commands", [])) + [command],
+            **extra,
+            "conservative_reference_shift_eV": [float(c) for c in correction],
+            "conservative_reference_frames": len(dataset),
+        },
+    )
     shift = ", ".join(f"Z={z}: {1000 * float(c):+.1f}" for z, c in zip(model.atomic_numbers.tolist(), correction))
-    print(f"{args.preset or 'QAT model'}: {path} -> {args.out}; conservative-mode reference energy "
-          f"corrections (meV, fitted on {len(dataset)} training frames): {shift}")
+    print(
+        f"{args.preset or 'QAT model'}: {path} -> {args.out}; conservative-mode reference energy "
+        f"corrections (meV, fitted on {len(dataset)} training frames): {shift}"
+    )
 
 
 if __name__ == "__main__":

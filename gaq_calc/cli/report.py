@@ -1,6 +1,8 @@
 """gaq-report: regenerate README's tables from the model cards (models/*/card.json; QM9: models/qm9_*), the quantization
 baselines' cards (results/quant_baselines/*/card.json, written by scripts/baseline.sh) and the benchmark
-results (benchmarks/results/{md_step,deploy,kernel_agreement,peers}.json). Also writes results/quant_table.md and .json."""
+results (benchmarks/results/{md_step,deploy,kernel_agreement,peers}.json). Also writes results/quant_table.md
+and .json."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +67,7 @@ def _converged(log_csv: Path, column: str = "val_force_mae_meV_per_A") -> str:
     e = [float(r["val_energy_mae_meV"]) for r in rows if r.get("val_energy_mae_meV")]
     if not f or not all(math.isfinite(x) for x in f + e):
         return "no (diverged)"
-    late = f[max(1, -(-len(f) // 5)):] or f  # after the first fifth: staged warm-up epochs come first
+    late = f[max(1, -(-len(f) // 5)) :] or f  # after the first fifth: staged warm-up epochs come first
     return "yes" if f[-1] <= 1.25 * min(late) else f"no (last {f[-1]:.1f} vs best {min(late):.1f})"
 
 
@@ -75,9 +77,11 @@ def _bits(card: dict) -> str:
         return "FP32"
     acts = lambda b: "FP" if b is None else str(b)
     floats = q.get("float_act_layers") or []
-    return (f"W{q['vector_weight_bits']}/{q['scalar_weight_bits']} "
-            f"A{acts(q['scalar_act_bits'])}/{acts(q['vector_act_bits'])}"
-            + (f" (A FP: {', '.join(p.rstrip('.') for p in floats)})" if floats else ""))
+    return (
+        f"W{q['vector_weight_bits']}/{q['scalar_weight_bits']} "
+        f"A{acts(q['scalar_act_bits'])}/{acts(q['vector_act_bits'])}"
+        + (f" (A FP: {', '.join(p.rstrip('.') for p in floats)})" if floats else "")
+    )
 
 
 def quant_cards(models: Path, baselines: Path, molecule: str = "azobenzene") -> list[tuple[dict, Path]]:
@@ -94,26 +98,40 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
     """Markdown and JSON rows of the quantization results table."""
     fp32 = next((c for c, _ in cards if not c.get("quantization")), None)
     fp_bytes = fp32["size"]["packed_bytes"] if fp32 and "size" in fp32 else None
-    rows, records = [
-        "| model | method | training | inference | bits W(vec/scal) A(scal/vec) | l=1 activations | E MAE (meV) | "
-        "F MAE (meV/Å) | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | vs FP32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ], []
+    rows, records = (
+        [
+            "| model | method | training | inference | bits W(vec/scal) A(scal/vec) | l=1 activations | E MAE (meV) | "
+            "F MAE (meV/Å) | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | vs FP32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ],
+        [],
+    )
     for card, folder in cards:
         card_file = card.pop("_card_file", str(folder / "card.json"))
         q = card.get("quantization") or {}
         config = q.get("config") or {}
-        size = card.get("size", {}).get("packed_bytes") or (card.get("size", {}).get("file_bytes")
-                                                             if card.get("artifact") else None)
+        size = card.get("size", {}).get("packed_bytes") or (
+            card.get("size", {}).get("file_bytes") if card.get("artifact") else None
+        )
         record = {
-            "model": (Path(card["model_file"]).name if card.get("artifact")
-                      else card["model"] if folder.parent.name != "quant_baselines" else folder.name),
+            "model": (
+                Path(card["model_file"]).name
+                if card.get("artifact")
+                else card["model"]
+                if folder.parent.name != "quant_baselines"
+                else folder.name
+            ),
             "inference": card.get("mode") or ("–" if not q else "quantized"),
             "method": q.get("preset") or "fp32",
             "mode": q.get("mode", "FP32 training"),
             "bits": _bits(card) if card.get("mode") != "conservative" else _bits(card).split(" A")[0] + " A unrounded",
-            "vector_activations": ("unrounded" if card.get("mode") == "conservative" else
-                                   (config.get("vector_method") if config.get("vector_act_bits") else "FP")) if q else "FP",
+            "vector_activations": (
+                "unrounded"
+                if card.get("mode") == "conservative"
+                else (config.get("vector_method") if config.get("vector_act_bits") else "FP")
+            )
+            if q
+            else "FP",
             "energy_mae_meV": card["energy_mae_meV"],
             "force_mae_meV_per_A": card["force_mae_meV_per_A"],
             "lee_meV_per_A": card.get("lee_meV_per_A"),
@@ -131,7 +149,8 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
             f"{record['vector_activations']} | {record['energy_mae_meV']:.2f} | {record['force_mae_meV_per_A']:.2f} | "
             f"{fmt(record['lee_meV_per_A'], '.3g')} | {fmt(record['lee_float64_meV_per_A'], '.1e')} | "
             f"{record['converged']} | {record['epochs']} | {fmt(size and size / 1024, '.0f')} | "
-            f"{fmt(record['size_ratio_vs_fp32'], '.2f')}{'x' if record['size_ratio_vs_fp32'] else ''} |")
+            f"{fmt(record['size_ratio_vs_fp32'], '.2f')}{'x' if record['size_ratio_vs_fp32'] else ''} |"
+        )
     return "\n".join(rows), records
 
 
@@ -147,16 +166,19 @@ def _levers(card: dict) -> str:
     return ", ".join(levers) or ("shipped recipe" if q else "–")
 
 
-def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
-                   baseline: str = "azobenzene_w4a8") -> tuple[str, list[dict]]:
+def ablation_table(
+    models: Path, ablation: Path, fp32: str = "azobenzene_fp32", baseline: str = "azobenzene_w4a8"
+) -> tuple[str, list[dict]]:
     """Issue 12's QAT ablation: the FP32 model, the shipped W4A8 and each run in results/qat_ablation/NAME/
     (card.json: quantized mode; card_conservative.json: conservative mode), with the targets' ratios."""
     entries = [(fp32, models / fp32), (baseline, models / baseline)]
     entries += [(p.name, p) for p in sorted(ablation.glob("*")) if (p / "card.json").exists()]
     ref = json.loads((models / fp32 / "card.json").read_text()) if (models / fp32 / "card.json").exists() else None
-    rows = ["| run | levers | bits W(vec/scal) A(scal/vec) | E MAE (meV) | F MAE (meV/Å) | vs FP32 (E, F) | "
-            "conservative E / F | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | train min |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | levers | bits W(vec/scal) A(scal/vec) | E MAE (meV) | F MAE (meV/Å) | vs FP32 (E, F) | "
+        "conservative E / F | LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     records = []
     fmt = lambda x, f: "–" if x is None else format(x, f)
     for name, folder in entries:
@@ -167,14 +189,19 @@ def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
         cons = json.loads(cons_path.read_text()) if cons_path.exists() else None
         training = card.get("training") or {}
         record = {
-            "run": name, "levers": _levers(card), "bits": _bits(card),
-            "energy_mae_meV": card["energy_mae_meV"], "force_mae_meV_per_A": card["force_mae_meV_per_A"],
+            "run": name,
+            "levers": _levers(card),
+            "bits": _bits(card),
+            "energy_mae_meV": card["energy_mae_meV"],
+            "force_mae_meV_per_A": card["force_mae_meV_per_A"],
             "energy_ratio_vs_fp32": ref and card["energy_mae_meV"] / ref["energy_mae_meV"],
             "force_ratio_vs_fp32": ref and card["force_mae_meV_per_A"] / ref["force_mae_meV_per_A"],
             "conservative": cons and [cons["energy_mae_meV"], cons["force_mae_meV_per_A"]],
-            "lee_meV_per_A": card.get("lee_meV_per_A"), "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
+            "lee_meV_per_A": card.get("lee_meV_per_A"),
+            "lee_float64_meV_per_A": card.get("lee_float64_meV_per_A"),
             "converged": _converged(folder / "log.csv") if card.get("quantization") else "–",
-            "epochs": training.get("epochs"), "cpu_minutes": training.get("train_minutes"),
+            "epochs": training.get("epochs"),
+            "cpu_minutes": training.get("train_minutes"),
             "card": _relative(folder / "card.json"),
         }
         records.append(record)
@@ -184,7 +211,8 @@ def ablation_table(models: Path, ablation: Path, fp32: str = "azobenzene_fp32",
             f"{fmt(record['force_ratio_vs_fp32'], '.2f')}x | "
             + (f"{cons['energy_mae_meV']:.2f} / {cons['force_mae_meV_per_A']:.2f}" if cons else "–")
             + f" | {fmt(record['lee_meV_per_A'], '.3g')} | {fmt(record['lee_float64_meV_per_A'], '.1e')} | "
-            f"{record['converged']} | {fmt(record['epochs'], '')} | {fmt(record['cpu_minutes'], '.0f')} |")
+            f"{record['converged']} | {fmt(record['epochs'], '')} | {fmt(record['cpu_minutes'], '.0f')} |"
+        )
     return "\n".join(rows), records
 
 
@@ -193,15 +221,21 @@ def sensitivity_table(path: Path) -> str:
     if not path.exists():
         return "(not run yet)"
     data = json.loads(path.read_text())
-    rows = [f"`{data['command']}`, {data['frames']} test frames; every layer's row is in "
-            f"`{path.with_suffix('.md').relative_to(REPO) if path.is_relative_to(REPO) else path.with_suffix('.md')}`:",
-            "", "| rounded activations | bits | E MAE (meV) | E MAE, offset removed (meV) | F MAE (meV/Å) |",
-            "|---|---|---|---|---|"]
+    rows = [
+        f"`{data['command']}`, {data['frames']} test frames; every layer's row is in "
+        f"`{path.with_suffix('.md').relative_to(REPO) if path.is_relative_to(REPO) else path.with_suffix('.md')}`:",
+        "",
+        "| rounded activations | bits | E MAE (meV) | E MAE, offset removed (meV) | F MAE (meV/Å) |",
+        "|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
         if r["kind"] in ("baseline", "bits", "group only", "group off"):
             label = r["label"] if r["kind"] != "group only" else f"only {r['label']}"
-            rows.append(f"| {label} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | {r['e_mae']:.2f} | {r['e_mae_offset_removed']:.2f} | "
-                        f"{r['f_mae']:.2f} |")
+            rows.append(
+                f"| {label} | {'A' + str(r['act_bits']) if r['act_bits'] else '–'} | {r['e_mae']:.2f} | "
+                f"{r['e_mae_offset_removed']:.2f} | "
+                f"{r['f_mae']:.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -219,9 +253,11 @@ def md_table(root: Path) -> str:
     summaries = sorted(root.glob("*/summary.json"))
     if not summaries:
         return "(no MD results yet)"
-    rows = ["| run | model | mode | status | simulated ps | drift (meV/atom/ps) | ± std. error | E_tot std (meV/atom) | "
-            "mean T (K) | steps/s | ns/day | protocol overhead |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | model | mode | status | simulated ps | drift (meV/atom/ps) | ± std. error | E_tot std (meV/atom) | "
+        "mean T (K) | steps/s | ns/day | protocol overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x, f: "–" if x is None else format(x, f)
     for path in summaries:
         s = json.loads(path.read_text())
@@ -231,7 +267,8 @@ def md_table(root: Path) -> str:
             f"{fmt(s.get('energy_drift_stderr_meV_per_atom_per_ps'), '.1g')} | "
             f"{fmt(s.get('total_energy_std_meV_per_atom'), '.3f')} | {fmt(s.get('mean_temperature_K'), '.0f')} | "
             f"{fmt(s.get('steps_per_second'), '.1f')} | {fmt(s.get('ns_per_day'), '.3f')} | "
-            f"{fmt(s.get('overhead_fraction') and 100 * s['overhead_fraction'], '.1f')}% |")
+            f"{fmt(s.get('overhead_fraction') and 100 * s['overhead_fraction'], '.1f')}% |"
+        )
     return "\n".join(rows)
 
 
@@ -240,11 +277,17 @@ def speed_table(path: Path) -> str:
     if not path.exists():
         return "(no benchmark results yet)"
     data = json.loads(path.read_text())
-    rows = [f"`{data['command']}` on {data['machine']}, torch {data['torch']}, {data['atoms']} atoms:", "",
-            "| variant | threads | ms / call (E+F) | speed-up vs eager | ASE MD steps/s |", "|---|---|---|---|---|"]
+    rows = [
+        f"`{data['command']}` on {data['machine']}, torch {data['torch']}, {data['atoms']} atoms:",
+        "",
+        "| variant | threads | ms / call (E+F) | speed-up vs eager | ASE MD steps/s |",
+        "|---|---|---|---|---|",
+    ]
     for r in data["rows"]:
-        rows.append(f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
-                    f"{r['md_steps_per_s']:.0f} |")
+        rows.append(
+            f"| {r['variant']} | {r['threads']} | {r['ms_per_call']:.2f} | {r['speedup_vs_eager']:.2f}x | "
+            f"{r['md_steps_per_s']:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -255,7 +298,8 @@ def peers_markdown(data: dict) -> str:
     load_txt = lambda xs: " / ".join(f"{x:.2f}" for x in xs) if xs else "?"
     lines = [
         f"`{data['command']}` on {data['machine']} ({data.get('cpu_model', 'unknown CPU')}), torch {data['torch']}, "
-        f"so3krates-torch {data.get('so3krates_torch', '?')}, ASE {data.get('ase', '?')}; load average (1 / 5 / 15 min) "
+        f"so3krates-torch {data.get('so3krates_torch', '?')}, ASE {data.get('ase', '?')}; "
+        "load average (1 / 5 / 15 min) "
         f"{load_txt(load.get('start'))} at the start, {load_txt(load.get('end'))} at the end.",
         "",
         f"{data.get('atoms', '?')}-atom {data.get('structure', 'azobenzene')}, ASE VelocityVerlet at "
@@ -279,7 +323,8 @@ def peers_markdown(data: dict) -> str:
             f"| {r['measure']} | {r['threads']} | {r['calculator']} | {r['model']} | {r['mode']} | {r['kernel']} | "
             f"{r['ms']:.2f} | {r['ms_min']:.2f}–{r['ms_max']:.2f} | {fmt(r.get('peer_over_this'), '.2f')}"
             f"{'x' if r.get('peer_over_this') else ''} | {fmt(share and 100 * share, '.0f')}{'%' if share else ''} | "
-            f"{fmt(r.get('pairs_at_block_end'), '.0f')} |")
+            f"{fmt(r.get('pairs_at_block_end'), '.0f')} |"
+        )
     if peer.get("constructor"):
         args = ", ".join(f"{k}={v!r}" for k, v in peer["constructor"].items())
         lines += ["", f"so3krates-torch model: `So3krates({args})`."]
@@ -306,8 +351,9 @@ def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -
     return f"{head}{start}\n<!-- generated by gaq-report from {source}; do not edit -->\n{body}\n{end}{tail}"
 
 
-def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, ablation: str = "",
-                  qm9: str | None = None) -> None:
+def update_readme(
+    readme: Path, table: str, speed: str, quant: str, md: str, ablation: str = "", qm9: str | None = None
+) -> None:
     from gaq_calc.cli.qm9_table import MARKERS as QM9
 
     text = replace_block(readme.read_text(), RESULTS, table, "models/*/card.json")
@@ -325,8 +371,9 @@ def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, abl
             body = json.loads(path.read_text())["markdown"] if path.exists() else "(not run yet)"
             text = replace_block(text, markers, body, f"benchmarks/results/{name}.json")
     if PEERS[0] in text:
-        text = replace_block(text, PEERS, peers_table(REPO / "benchmarks" / "results" / "peers.json"),
-                             "benchmarks/results/peers.json")
+        text = replace_block(
+            text, PEERS, peers_table(REPO / "benchmarks" / "results" / "peers.json"), "benchmarks/results/peers.json"
+        )
     text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
     write_text_atomic(readme, text)
@@ -336,8 +383,11 @@ def update_readme(readme: Path, table: str, speed: str, quant: str, md: str, abl
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="gaq-report", description=__doc__)
     parser.add_argument("--readme", default=str(REPO / "README.md"))
-    parser.add_argument("--results", default=str(REPO / "results"),
-                        help="folder of quant_baselines/*/card.json; quant_table.md/.json are written here")
+    parser.add_argument(
+        "--results",
+        default=str(REPO / "results"),
+        help="folder of quant_baselines/*/card.json; quant_table.md/.json are written here",
+    )
     parser.add_argument("--molecule", default="azobenzene", help="test set of the quantization table")
     parser.add_argument("--print", action="store_true", help="print the tables instead of writing files")
     args = parser.parse_args(argv)

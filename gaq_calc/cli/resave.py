@@ -9,6 +9,7 @@ its code, and written again with its hash; its metadata records the rewrite unde
 gaq-export from the checkpoint where you have it). A file whose stored hash does not match is refused,
 never re-stamped. Re-save only files you trust: the new hash vouches for their contents as they are.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ def main(argv=None) -> None:
         write_model_file,
     )
 
-    parser = argparse.ArgumentParser(prog="gaq-resave", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gaq-resave", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("files", nargs="+", help="model files and artifacts, re-saved in place")
     parser.add_argument("-o", "--out", help="write here instead (one input file only)")
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
 """gaq-train: train a model from a YAML file and/or flags; rerun the same command to resume."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,13 @@ def _add_dataclass_flags(parser, cls, prefix: str = "") -> None:
             continue
         kind = hints[f.name]
         base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-        parser.add_argument("--" + f"{prefix}{f.name}".replace("_", "-"), dest=f"{prefix}{f.name}", type=base,
-                            default=None, help=f"(default {f.default!r})")
+        parser.add_argument(
+            "--" + f"{prefix}{f.name}".replace("_", "-"),
+            dest=f"{prefix}{f.name}",
+            type=base,
+            default=None,
+            help=f"(default {f.default!r})",
+        )
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, argparse.Namespace]:

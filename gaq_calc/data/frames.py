@@ -1,4 +1,5 @@
 """Labelled frames in ASE units, read from rMD17 npz files or any ASE-readable file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class Frames:
     def has_forces(self) -> bool:
         return self.forces is not None
 
-    def subset(self, index) -> "Frames":
+    def subset(self, index) -> Frames:
         index = np.asarray(index, dtype=np.int64)
         return Frames(
             numbers=[self.numbers[i] for i in index],
@@ -61,12 +62,16 @@ def check_finite(path, positions, energies, forces) -> None:
     """One-line ValueError naming the file and the first frame with a NaN or infinite label or position:
     a single one makes the training loss NaN, which otherwise surfaces epochs later as a message about
     the learning rate."""
-    for what, values in (("energy", energies), ("forces", forces if forces is not None else []),
-                         ("positions", positions)):
+    for what, values in (
+        ("energy", energies),
+        ("forces", forces if forces is not None else []),
+        ("positions", positions),
+    ):
         for k, frame in enumerate(values):
             if not np.isfinite(frame).all():
-                raise ValueError(f"{path}: frame {k} has a non-finite {what} label (NaN or inf); "
-                                 "fix or drop that frame")
+                raise ValueError(
+                    f"{path}: frame {k} has a non-finite {what} label (NaN or inf); fix or drop that frame"
+                )
 
 
 def read_rmd17(path: str | Path) -> Frames:

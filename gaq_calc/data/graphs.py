@@ -1,4 +1,5 @@
 """Neighbour graphs (matscipy) and batching of many structures into one disjoint graph."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,6 @@ import torch
 from matscipy.neighbours import neighbour_list
 
 from gaq_calc.data.frames import Frames
-
 
 #: below this many atoms (and without a cell) all pairs are checked directly
 BRUTE_FORCE_MAX_ATOMS = 512
@@ -114,8 +114,10 @@ def _periodic_pairs(positions: np.ndarray, cutoff: float, cell: np.ndarray, pbc:
     ranges = [np.arange(-r, r + 1) for r in reach]
     images = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)  # [M, 3]
     if len(images) * n * n > 200_000_000:
-        raise ValueError(f"a periodic cell with heights {_cell_heights(cell).round(2).tolist()} Å is too thin for "
-                         f"a {cutoff} Å cutoff with {n} atoms ({len(images)} periodic images)")
+        raise ValueError(
+            f"a periodic cell with heights {_cell_heights(cell).round(2).tolist()} Å is too thin for "
+            f"a {cutoff} Å cutoff with {n} atoms ({len(images)} periodic images)"
+        )
     delta = wrapped[None, :, :] - wrapped[:, None, :]  # [i, j] r_j - r_i
     found = []
     for image in images:
@@ -148,7 +150,7 @@ class GraphBatch:
     energy: Optional[torch.Tensor] = None  # [n_graphs] float64
     forces: Optional[torch.Tensor] = None  # [n_atoms, 3]
 
-    def to(self, device, dtype) -> "GraphBatch":
+    def to(self, device, dtype) -> GraphBatch:
         def cast(x, float_dtype):
             return None if x is None else x.to(device=device, dtype=float_dtype)
 
@@ -229,8 +231,11 @@ class GraphDataset:
 def _compact(receivers, senders, shifts):
     small = len(receivers) == 0 or max(receivers.max(), senders.max()) < 2**31
     index_dtype = np.int32 if small else np.int64
-    return (receivers.astype(index_dtype), senders.astype(index_dtype),
-            shifts if np.any(shifts) else len(receivers))  # an int: that many zero shifts
+    return (
+        receivers.astype(index_dtype),
+        senders.astype(index_dtype),
+        shifts if np.any(shifts) else len(receivers),
+    )  # an int: that many zero shifts
 
 
 def _shifts(edges) -> np.ndarray:

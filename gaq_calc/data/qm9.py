@@ -21,6 +21,7 @@ The split is fixed by the QM9 index (the gdb index, 1-based as in QM9):
   train = every other molecule; the trainer carves its validation set out of these (seeded,
           `train_val_split`), exactly as `qm9_split` below does.
 """
+
 from __future__ import annotations
 
 import csv
@@ -69,8 +70,9 @@ def qm9pack_csv_files() -> list[Path]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the full QM9 data set needs the qm9pack package: pip install 'gaq_calc[qm9]' "
-            "(or pip install qm9pack); the shipped subset is 'qm9_subset'")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+            "(or pip install qm9pack); the shipped subset is 'qm9_subset'"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     files = [folder / name for name in _CSV_NAMES]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -110,8 +112,14 @@ def read_qm9_csv(paths) -> Frames:
                 positions.append(xyz)
                 u0.append(float(row["InternalEnergy_0K_au"]))
                 mu.append(float(row.get("Dipole_debye") or "nan"))
-    return Frames(numbers, positions, hartree_to_ev(np.asarray(u0, dtype=np.float64)), None,
-                  ids=np.asarray(ids, dtype=np.int64), properties={"mu_debye": np.asarray(mu, dtype=np.float64)})
+    return Frames(
+        numbers,
+        positions,
+        hartree_to_ev(np.asarray(u0, dtype=np.float64)),
+        None,
+        ids=np.asarray(ids, dtype=np.int64),
+        properties={"mu_debye": np.asarray(mu, dtype=np.float64)},
+    )
 
 
 def read_qm9_ase(path: str | Path) -> Frames:
@@ -135,8 +143,14 @@ def read_qm9_ase(path: str | Path) -> Frames:
         positions.append(atoms.positions.astype(np.float64))
         energies.append(float(energy))
         mu.append(float(atoms.info.get("mu_debye", np.nan)))
-    return Frames(numbers, positions, np.asarray(energies, dtype=np.float64), None,
-                  ids=np.asarray(ids, dtype=np.int64), properties={"mu_debye": np.asarray(mu, dtype=np.float64)})
+    return Frames(
+        numbers,
+        positions,
+        np.asarray(energies, dtype=np.float64),
+        None,
+        ids=np.asarray(ids, dtype=np.int64),
+        properties={"mu_debye": np.asarray(mu, dtype=np.float64)},
+    )
 
 
 def read_qm9(source="qm9", split: str = "all") -> Frames:

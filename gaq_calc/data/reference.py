@@ -1,4 +1,5 @@
 """Per-element reference energies, fitted by least squares in float64."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ class and calls no code of the file, and the network is rebuilt in eager PyTorch
 model and quantization configs and those tensors (load_artifact's default). Only
 load_artifact(..., scripted=True), the calculator's kernel="reference", runs the file's TorchScript;
 its tensors are then checked against the verified ones."""
+
 from __future__ import annotations
 
 import collections
@@ -57,8 +58,9 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
 
     model_path = Path(model_path)
     if is_artifact(model_path):
-        raise ModelFileError(f"{model_path} is an artifact already (gaq-export takes a model file; gaq-resave "
-                             "rewrites an artifact)")
+        raise ModelFileError(
+            f"{model_path} is an artifact already (gaq-export takes a model file; gaq-resave rewrites an artifact)"
+        )
     raw = read_model_file(model_path)
     model, meta = load_model(model_path, dtype=torch.float32)
     if raw.get("quant_config"):
@@ -71,8 +73,11 @@ def export_artifact(model_path: str | Path, out: str | Path, extra: dict | None 
         "species": [int(z) for z in model.atomic_numbers.tolist()],
         "dtype": "float32",
         "reference_energies_eV": [float(e) for e in model.reference_energies.tolist()],
-        "conservative_reference_energies_eV": ([float(e) for e in model.conservative_reference_energies.tolist()]
-                                               if hasattr(model, "conservative_reference_energies") else None),
+        "conservative_reference_energies_eV": (
+            [float(e) for e in model.conservative_reference_energies.tolist()]
+            if hasattr(model, "conservative_reference_energies")
+            else None
+        ),
         "ptq": bool(meta.get("ptq")),
         "model_config": raw["model_config"],
         "quantization": raw.get("quant_config"),
@@ -116,8 +121,10 @@ def rewrite_artifact(path: str | Path, out: str | Path, record: dict | None = No
     potential = _rebuild(path, metadata, tensors, attrs)  # dequantized caches stay empty: codes only
     metadata = dict(metadata)
     metadata["format_version"] = ARTIFACT_VERSION  # written with the current layout
-    metadata["rewritten"] = [*(metadata.get("rewritten") or []),
-                             {**(record or {}), "previous_file_sha256": file_sha256, "torch": torch.__version__}]
+    metadata["rewritten"] = [
+        *(metadata.get("rewritten") or []),
+        {**(record or {}), "previous_file_sha256": file_sha256, "torch": torch.__version__},
+    ]
     return save_artifact(_script(potential), metadata, out)
 
 
@@ -131,6 +138,7 @@ def is_artifact(path: str | Path) -> bool:
 
 
 # --- reading an artifact as data ------------------------------------------------------------------
+
 
 def _read_members(path: str | Path) -> dict:
     """{name inside the archive's root folder: bytes} of every member; the zip CRC-32s are checked."""
@@ -153,8 +161,9 @@ def _read_members(path: str | Path) -> dict:
     except zipfile.BadZipFile as err:  # includes a member whose CRC-32 does not match its bytes
         raise ModelFileError(f"{path}: integrity check failed: corrupt archive ({_one_line(err)})") from err
     except Exception as err:  # unreadable file, truncated or malformed archive
-        raise ModelFileError(f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: "
-                             f"{_one_line(err)})") from err
+        raise ModelFileError(
+            f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: {_one_line(err)})"
+        ) from err
 
 
 def _artifact_digest(members: dict, metadata: dict) -> str:
@@ -173,9 +182,16 @@ def _artifact_digest(members: dict, metadata: dict) -> str:
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -224,9 +240,17 @@ class _DataOnlyUnpickler(pickle._Unpickler):
     ALLOWED: ClassVar[dict] = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("collections", "OrderedDict"): collections.OrderedDict,
-        **{("torch.jit._pickle", name): _identity for name in (
-            "build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_stringlist",
-            "restore_type_tag")},
+        **{
+            ("torch.jit._pickle", name): _identity
+            for name in (
+                "build_intlist",
+                "build_doublelist",
+                "build_boollist",
+                "build_tensorlist",
+                "build_stringlist",
+                "restore_type_tag",
+            )
+        },
     }
     CALLABLE = (_rebuild_tensor, collections.OrderedDict, _identity)
 
@@ -247,8 +271,14 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
             raise pickle.UnpicklingError("malformed storage record")
         _, kind, key, _location, numel = pid
         if key not in self.storages:
@@ -256,8 +286,9 @@ class _DataOnlyUnpickler(pickle._Unpickler):
             itemsize = torch.empty((), dtype=kind.dtype).element_size()
             if raw is None or len(raw) != numel * itemsize:
                 raise pickle.UnpicklingError(f"storage {key} is missing or has the wrong size")
-            self.storages[key] = (torch.frombuffer(bytearray(raw), dtype=kind.dtype) if numel
-                                  else torch.empty(0, dtype=kind.dtype))
+            self.storages[key] = (
+                torch.frombuffer(bytearray(raw), dtype=kind.dtype) if numel else torch.empty(0, dtype=kind.dtype)
+            )
         storage = self.storages[key]
         if storage.dtype != kind.dtype:
             raise pickle.UnpicklingError(f"storage {key} is read with two dtypes")
@@ -313,14 +344,51 @@ class _DataOnlyUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("refused append")
         self.stack[-1].extend(items)
 
-    dispatch: ClassVar[dict] = {op[0]: pickle._Unpickler.dispatch[op[0]] for op in (
-        pickle.PROTO, pickle.FRAME, pickle.STOP, pickle.MARK, pickle.POP, pickle.POP_MARK, pickle.DUP,
-        pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.INT, pickle.BININT, pickle.BININT1, pickle.BININT2,
-        pickle.LONG, pickle.LONG1, pickle.LONG4, pickle.FLOAT, pickle.BINFLOAT, pickle.BINUNICODE,
-        pickle.SHORT_BINUNICODE, pickle.BINUNICODE8, pickle.EMPTY_TUPLE, pickle.TUPLE, pickle.TUPLE1,
-        pickle.TUPLE2, pickle.TUPLE3, pickle.EMPTY_LIST, pickle.LIST, pickle.EMPTY_DICT, pickle.DICT,
-        pickle.BINPUT, pickle.LONG_BINPUT, pickle.MEMOIZE, pickle.BINGET, pickle.LONG_BINGET, pickle.GET,
-        pickle.PUT, pickle.GLOBAL, pickle.BINPERSID)}
+    dispatch: ClassVar[dict] = {
+        op[0]: pickle._Unpickler.dispatch[op[0]]
+        for op in (
+            pickle.PROTO,
+            pickle.FRAME,
+            pickle.STOP,
+            pickle.MARK,
+            pickle.POP,
+            pickle.POP_MARK,
+            pickle.DUP,
+            pickle.NONE,
+            pickle.NEWTRUE,
+            pickle.NEWFALSE,
+            pickle.INT,
+            pickle.BININT,
+            pickle.BININT1,
+            pickle.BININT2,
+            pickle.LONG,
+            pickle.LONG1,
+            pickle.LONG4,
+            pickle.FLOAT,
+            pickle.BINFLOAT,
+            pickle.BINUNICODE,
+            pickle.SHORT_BINUNICODE,
+            pickle.BINUNICODE8,
+            pickle.EMPTY_TUPLE,
+            pickle.TUPLE,
+            pickle.TUPLE1,
+            pickle.TUPLE2,
+            pickle.TUPLE3,
+            pickle.EMPTY_LIST,
+            pickle.LIST,
+            pickle.EMPTY_DICT,
+            pickle.DICT,
+            pickle.BINPUT,
+            pickle.LONG_BINPUT,
+            pickle.MEMOIZE,
+            pickle.BINGET,
+            pickle.LONG_BINGET,
+            pickle.GET,
+            pickle.PUT,
+            pickle.GLOBAL,
+            pickle.BINPERSID,
+        )
+    }
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
@@ -340,14 +408,17 @@ def _payload(path, members: dict) -> tuple[dict, dict]:
     try:
         root = _DataOnlyUnpickler(members["data.pkl"], members).load()
     except Exception as err:
-        raise ModelFileError(f"{path}: the module's data is not a gaq_calc network "
-                             f"({type(err).__name__}: {_one_line(err)})") from err
+        raise ModelFileError(
+            f"{path}: the module's data is not a gaq_calc network ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     tensors, attrs, seen = {}, {}, set()
 
     def walk(obj, prefix: str) -> None:
         if not isinstance(obj.state, dict):  # a class with its own __getstate__/__setstate__
-            raise ModelFileError(f"{path}: {obj.name} ({prefix.rstrip('.') or 'root'}) has its own state protocol; "
-                                 "not a gaq_calc network")
+            raise ModelFileError(
+                f"{path}: {obj.name} ({prefix.rstrip('.') or 'root'}) has its own state protocol; "
+                "not a gaq_calc network"
+            )
         if id(obj) in seen or prefix.count(".") > 32 or not all(isinstance(k, str) for k in obj.state):
             raise ModelFileError(f"{path}: malformed module structure at {prefix.rstrip('.') or 'root'}")
         seen.add(id(obj))
@@ -371,8 +442,11 @@ def _read_artifact(path, payload: bool = True) -> tuple[dict, dict, dict]:
     members = _read_members(path)
     record = members.get(f"extra/{METADATA_FILE}")
     if record is None or not any(name.startswith("code/") for name in members):
-        raise ModelFileError(f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)"
-                             if record is None else f"{path} is not a TorchScript archive (no code)")
+        raise ModelFileError(
+            f"{path} is a TorchScript file but not a gaq_calc artifact (no metadata record)"
+            if record is None
+            else f"{path} is not a TorchScript archive (no code)"
+        )
     try:
         metadata = json.loads(record)
     except ValueError as err:
@@ -385,8 +459,10 @@ def _read_artifact(path, payload: bool = True) -> tuple[dict, dict, dict]:
     if stored is None:
         unverified_warning(path, "artifact")
     elif stored != _artifact_digest(members, metadata):
-        raise ModelFileError(f"{path}: integrity check failed: the archive's code, tensors or metadata do not "
-                             "match the SHA-256 stored in it (corrupted or edited after export)")
+        raise ModelFileError(
+            f"{path}: integrity check failed: the archive's code, tensors or metadata do not "
+            "match the SHA-256 stored in it (corrupted or edited after export)"
+        )
     if not payload:
         return metadata, {}, {}
     tensors, attrs = _payload(path, members)
@@ -420,24 +496,28 @@ def _rebuild(path, metadata: dict, tensors: dict, attrs: dict) -> nn.Module:
                         setattr(module, name, PackedLinear.from_quant(child, check=False))
             model._forward_pre_hooks.clear()  # training-only hooks (Degree-Quant's degree recorder)
     except Exception as err:
-        raise ModelFileError(f"{path}: the metadata does not describe a gaq_calc network "
-                             f"({type(err).__name__}: {_one_line(err)})") from err
+        raise ModelFileError(
+            f"{path}: the metadata does not describe a gaq_calc network ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     module = EnergyForces(model).eval()
     tensors = upgrade_state_dict(module, tensors)  # format 1: the names of before issue 14
     expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if set(expected) != set(tensors):
         extra, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-        raise ModelFileError(f"{path}: the module's tensors do not match its metadata's network "
-                             f"(unexpected: {extra[:3]}, missing: {missing[:3]})")
+        raise ModelFileError(
+            f"{path}: the module's tensors do not match its metadata's network "
+            f"(unexpected: {extra[:3]}, missing: {missing[:3]})"
+        )
     for name, target in expected.items():
         source = tensors[name]
         # artifacts exported before the per-mode reference energies were kept in float64 hold them in
         # float32; widening them is exact, and the network uses them as float64 either way
-        widened = name.endswith("reference_energies") and (source.dtype, target.dtype) == (torch.float32,
-                                                                                            torch.float64)
+        widened = name.endswith("reference_energies") and (source.dtype, target.dtype) == (torch.float32, torch.float64)
         if (source.dtype != target.dtype and not widened) or source.shape != target.shape:
-            raise ModelFileError(f"{path}: tensor {name} is {source.dtype} {list(source.shape)}, the network "
-                                 f"needs {target.dtype} {list(target.shape)}")
+            raise ModelFileError(
+                f"{path}: tensor {name} is {source.dtype} {list(source.shape)}, the network "
+                f"needs {target.dtype} {list(target.shape)}"
+            )
     renamed = {f"{layer}.{old}": f"{layer}.{new}" for layer, sub in module.named_modules()
                if isinstance(sub, PackedLinear) for old, new in PACKED_ATTRIBUTES_V1.items()}  # fmt: skip
     stored = {renamed.get(key, key): value for key, value in attrs.items()}
@@ -484,11 +564,13 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", scripted
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=device)
     except Exception as err:
-        raise ModelFileError(f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: "
-                             f"{_one_line(err)})") from err
+        raise ModelFileError(
+            f"{path} is not a readable gaq_calc artifact ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     loaded = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if set(loaded) != set(tensors) or any(
-            loaded[k].dtype != tensors[k].dtype or not torch.equal(loaded[k].cpu(), tensors[k]) for k in tensors):
+        loaded[k].dtype != tensors[k].dtype or not torch.equal(loaded[k].cpu(), tensors[k]) for k in tensors
+    ):
         raise ModelFileError(f"{path}: the TorchScript module's tensors differ from the artifact's verified data")
     packed = {f"potential.{name}": sub for name, sub in potential.named_modules() if isinstance(sub, PackedLinear)}
     for name, sub in module.named_modules():

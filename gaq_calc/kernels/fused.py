@@ -10,6 +10,7 @@ every Linear are rounded to int8 codes (linear, or in the equivariant local fram
 multiplied with the int4/int8 weight codes in integer arithmetic (exact integer products and sums, one
 rescale per output) and the forces are QAT's straight-through gradient, as in the reference path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,9 @@ def load_extension(verbose: bool = False, wait_seconds: Optional[float] = None) 
             _ninja_on_path()
             build_dir = Path(cpp_extension._get_build_directory(name, verbose))
             with _build_lock(build_dir, wait_seconds):
-                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
-                                   is_python_module=False, verbose=verbose)
+                cpp_extension.load(
+                    name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=verbose
+                )
         except KernelUnavailable:
             _gave_up = True
             raise
@@ -115,7 +117,8 @@ def _build_lock(build_dir: Path, wait_seconds: float) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise KernelUnavailable(
                         f"waited {wait_seconds:g} s for another process building the fused kernel "
-                        f"(lock {build_dir / BUILD_LOCK}; GAQ_KERNEL_BUILD_WAIT sets the wait)") from None
+                        f"(lock {build_dir / BUILD_LOCK}; GAQ_KERNEL_BUILD_WAIT sets the wait)"
+                    ) from None
                 time.sleep(0.1)
                 continue
             except OSError:  # a file system without locks: torch's lock alone, as before
@@ -192,8 +195,10 @@ def _linear_weights(module) -> Tuple[torch.Tensor, torch.Tensor]:
     bias = module.bias if module.bias is not None else torch.zeros(0)
     if hasattr(module, "weight_quantizer"):  # QuantLinear (eager QAT model)
         if _rounds(module):
-            raise KernelUnavailable("activations are rounded (quantized mode) in an eager QAT model: "
-                                    "use its exported artifact or the reference kernel")
+            raise KernelUnavailable(
+                "activations are rounded (quantized mode) in an eager QAT model: "
+                "use its exported artifact or the reference kernel"
+            )
         return module.weight_quantizer(module.weight), bias
     return module.weight, bias
 
@@ -231,16 +236,19 @@ def _type_name(module) -> str:
 
 def _is_linear(module) -> bool:
     """nn.Linear, QuantLinear or an artifact's PackedLinear, eager or scripted."""
-    return (hasattr(module, "packed") or hasattr(module, "weight_quantizer")
-            or isinstance(module, torch.nn.Linear) or _type_name(module) == "Linear")
+    return (
+        hasattr(module, "packed")
+        or hasattr(module, "weight_quantizer")
+        or isinstance(module, torch.nn.Linear)
+        or _type_name(module) == "Linear"
+    )
 
 
 def _children(sequential, kind) -> list:
     """The children of a Sequential that are Linear layers (kind="linear") or LayerNorms (kind="norm"),
     in order, found by type rather than by position (eager or scripted)."""
     if kind == "norm":
-        return [m for m in sequential.children()
-                if isinstance(m, torch.nn.LayerNorm) or _type_name(m) == "LayerNorm"]
+        return [m for m in sequential.children() if isinstance(m, torch.nn.LayerNorm) or _type_name(m) == "LayerNorm"]
     return [m for m in sequential.children() if _is_linear(m)]
 
 
@@ -269,10 +277,10 @@ def gather_parameters(potential) -> Tuple[Dict[str, torch.Tensor], List[float]]:
             raise KernelUnavailable(f"unexpected radial network with {len(radial)} Linear layers")
         linear("radial.filter", radial[-1], bias=False)
         eps = heads = None
-        for l, (_, layer) in enumerate(potential.layers.named_children()):  # (a scripted ModuleList has no iter)
+        for index, (_, layer) in enumerate(potential.layers.named_children()):  # (a scripted ModuleList has no iter)
             eps = float(layer.norm.eps) if eps is None else eps
             heads = int(layer.num_heads)
-            p = f"layers.{l}."
+            p = f"layers.{index}."
             weights[p + "norm.weight"], weights[p + "norm.bias"] = layer.norm.weight, layer.norm.bias
             linear(p + "qk", layer.qk_proj, bias=False)
             linear(p + "value", layer.value_proj)
@@ -293,8 +301,13 @@ def gather_parameters(potential) -> Tuple[Dict[str, torch.Tensor], List[float]]:
             for name, (meta, codes, steps) in quant.items():
                 if float(meta[0]) != 0:
                     weights[f"{name}.act"], weights[f"{name}.codes"], weights[f"{name}.wstep"] = meta, codes, steps
-    consts = [float(potential.cutoff), float(potential.envelope.p), float(potential.rbf.prefactor),
-              1e-5 if eps is None else eps, float(heads if heads is not None else 1)]
+    consts = [
+        float(potential.cutoff),
+        float(potential.envelope.p),
+        float(potential.rbf.prefactor),
+        1e-5 if eps is None else eps,
+        float(heads if heads is not None else 1),
+    ]
     return weights, consts
 
 
@@ -310,7 +323,7 @@ def _cast_weights(weights: Dict[str, torch.Tensor], dtype: torch.dtype, float_co
             out[name] = t.to(torch.float64).contiguous()
         elif name.endswith(".codes"):
             codes = t.to(torch.int8).contiguous()
-            qmax = float(weights[name[:-len(".codes")] + ".act"][2])
+            qmax = float(weights[name[: -len(".codes")] + ".act"][2])
             if float_codes and codes.numel() and codes.shape[1] * qmax * float(codes.abs().max()) < exact_below:
                 codes = codes.to(dtype)
             out[name] = codes

@@ -2,6 +2,7 @@
 
 All functions read the arrays as stored in the HDF5 trajectory (see trajectory.py for units).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,9 @@ def energy_drift_stderr(times_ps, total_energy_eV, n_atoms: int, blocks: int = 2
     tc = tb - tb.mean()
     if not np.any(tc):
         return math.nan
-    slope = (tc * (eb - eb.mean())).sum() / (tc ** 2).sum()
+    slope = (tc * (eb - eb.mean())).sum() / (tc**2).sum()
     resid = eb - eb.mean() - slope * tc
-    return float(np.sqrt((resid ** 2).sum() / (blocks - 2) / (tc ** 2).sum()) * MEV_PER_EV)
+    return float(np.sqrt((resid**2).sum() / (blocks - 2) / (tc**2).sum()) * MEV_PER_EV)
 
 
 def momenta_and_angular_momenta(positions, velocities, masses) -> tuple[np.ndarray, np.ndarray]:
@@ -75,21 +76,23 @@ def summarize_trajectory(data: dict[str, np.ndarray], masses) -> dict:
         return out
     t, etot = data["time_ps"], data["total_energy"]
     p, ang = momenta_and_angular_momenta(data["positions"], data["velocities"], masses)
-    out.update({
-        "first_step": int(data["step"][0]),
-        "last_step": int(data["step"][-1]),
-        "simulated_ps": _finite(t[-1] - t[0]),
-        "energy_drift_meV_per_atom_per_ps": _finite(energy_drift(t, etot, n_atoms)),
-        "energy_drift_stderr_meV_per_atom_per_ps": _finite(energy_drift_stderr(t, etot, n_atoms)),
-        "total_energy_std_meV_per_atom": _finite(np.std(etot / n_atoms) * MEV_PER_EV),
-        "total_energy_max_deviation_meV_per_atom": _finite(np.max(np.abs(etot - etot[0])) / n_atoms * MEV_PER_EV),
-        "mean_temperature_K": _finite(np.mean(data["temperature"])),
-        "std_temperature_K": _finite(np.std(data["temperature"])),
-        "linear_momentum_initial_amu_A_per_fs": _finite(np.linalg.norm(p[0])),
-        "linear_momentum_drift_amu_A_per_fs": _finite(np.max(np.linalg.norm(p - p[0], axis=1))),
-        "angular_momentum_initial_amu_A2_per_fs": _finite(np.linalg.norm(ang[0])),
-        "angular_momentum_drift_amu_A2_per_fs": _finite(np.max(np.linalg.norm(ang - ang[0], axis=1))),
-    })
+    out.update(
+        {
+            "first_step": int(data["step"][0]),
+            "last_step": int(data["step"][-1]),
+            "simulated_ps": _finite(t[-1] - t[0]),
+            "energy_drift_meV_per_atom_per_ps": _finite(energy_drift(t, etot, n_atoms)),
+            "energy_drift_stderr_meV_per_atom_per_ps": _finite(energy_drift_stderr(t, etot, n_atoms)),
+            "total_energy_std_meV_per_atom": _finite(np.std(etot / n_atoms) * MEV_PER_EV),
+            "total_energy_max_deviation_meV_per_atom": _finite(np.max(np.abs(etot - etot[0])) / n_atoms * MEV_PER_EV),
+            "mean_temperature_K": _finite(np.mean(data["temperature"])),
+            "std_temperature_K": _finite(np.std(data["temperature"])),
+            "linear_momentum_initial_amu_A_per_fs": _finite(np.linalg.norm(p[0])),
+            "linear_momentum_drift_amu_A_per_fs": _finite(np.max(np.linalg.norm(p - p[0], axis=1))),
+            "angular_momentum_initial_amu_A2_per_fs": _finite(np.linalg.norm(ang[0])),
+            "angular_momentum_drift_amu_A2_per_fs": _finite(np.max(np.linalg.norm(ang - ang[0], axis=1))),
+        }
+    )
     return out
 
 
@@ -99,8 +102,11 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
     ax = fig.add_subplot()
     t = data["time_ps"]
     if len(t):
-        for name, label in (("potential_energy", "potential"), ("kinetic_energy", "kinetic"),
-                            ("total_energy", "total")):
+        for name, label in (
+            ("potential_energy", "potential"),
+            ("kinetic_energy", "kinetic"),
+            ("total_energy", "total"),
+        ):
             e = (data[name] - data[name][0]) / n_atoms * MEV_PER_EV
             ax.plot(t, e, label=label, lw=1.0 if name != "total_energy" else 1.5)
     ax.set_xlabel("time (ps)")
@@ -111,8 +117,9 @@ def plot_energies(data: dict[str, np.ndarray], n_atoms: int, path: str | os.Path
     _save_png(fig, path)
 
 
-def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_points: int = 4000,
-                           temperature_window_ps: float = 1.0) -> None:
+def plot_energy_comparison(
+    runs, path: str | os.PathLike, title: str = "", max_points: int = 4000, temperature_window_ps: float = 1.0
+) -> None:
     """Several runs on one figure: total energy per atom relative to each run's first frame
     (meV/atom), and temperature averaged over windows of `temperature_window_ps`, against time.
     Long runs are thinned to about `max_points` frames (the last frame is always kept).
@@ -133,8 +140,12 @@ def plot_energy_comparison(runs, path: str | os.PathLike, title: str = "", max_p
         per_window = max(1, round(temperature_window_ps / frame_ps)) if frame_ps > 0 else 1
         per_window = min(per_window, len(t))
         n = len(t) // per_window * per_window  # whole windows only: a short last one would be noise
-        ax_t.plot(t[:n].reshape(-1, per_window).mean(1), data["temperature"][:n].reshape(-1, per_window).mean(1),
-                  lw=1.0, color=line.get_color())
+        ax_t.plot(
+            t[:n].reshape(-1, per_window).mean(1),
+            data["temperature"][:n].reshape(-1, per_window).mean(1),
+            lw=1.0,
+            color=line.get_color(),
+        )
     ax_e.set_ylabel("E_total - E_total(0) (meV/atom)")
     ax_e.set_title(_wrap(title), fontsize=9)
     ax_e.legend(fontsize=8, loc="upper left")

@@ -4,6 +4,7 @@ Everything here uses ASE's classes unchanged; this module only chooses them, con
 (fs, 1/fs) into ASE's time unit, and reads/writes the few pieces of thermostat state that are not in
 the atoms (Nose-Hoover chain variables; Bussi's bookkeeping of transferred energy).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,9 +19,18 @@ from ase.md.verlet import VelocityVerlet
 THERMOSTATS = ("langevin", "bussi", "nose-hoover")
 
 
-def make_dynamics(atoms: Atoms, ensemble: str, timestep_fs: float, *, temperature_K: float = 300.0,
-                  thermostat: str | None = None, friction_per_fs: float = 0.01, taut_fs: float = 100.0,
-                  tchain: int = 3, rng: np.random.Generator | None = None) -> MolecularDynamics:
+def make_dynamics(
+    atoms: Atoms,
+    ensemble: str,
+    timestep_fs: float,
+    *,
+    temperature_K: float = 300.0,
+    thermostat: str | None = None,
+    friction_per_fs: float = 0.01,
+    taut_fs: float = 100.0,
+    tchain: int = 3,
+    rng: np.random.Generator | None = None,
+) -> MolecularDynamics:
     """An ASE integrator. NVE: velocity Verlet. NVT: Langevin (friction in 1/fs), Bussi stochastic
     velocity rescaling (time constant taut in fs) or a Nose-Hoover chain (damping time taut in fs,
     tchain thermostats). rng drives the stochastic thermostats; its state is checkpointed."""
@@ -32,13 +42,13 @@ def make_dynamics(atoms: Atoms, ensemble: str, timestep_fs: float, *, temperatur
     if thermostat == "langevin":
         # fixcm=False: ASE deprecates fixcm=True (it does not sample NVT exactly); the molecule's centre
         # of mass then diffuses, which is harmless in vacuum, and all 3N degrees of freedom are thermalised.
-        return Langevin(atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs,
-                        fixcm=False, rng=rng)
+        return Langevin(
+            atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, fixcm=False, rng=rng
+        )
     if thermostat == "bussi":
         return Bussi(atoms, dt, temperature_K=temperature_K, taut=taut_fs * units.fs, rng=rng)
     if thermostat == "nose-hoover":
-        return NoseHooverChainNVT(atoms, dt, temperature_K=temperature_K, tdamp=taut_fs * units.fs,
-                                  tchain=tchain)
+        return NoseHooverChainNVT(atoms, dt, temperature_K=temperature_K, tdamp=taut_fs * units.fs, tchain=tchain)
     raise ValueError(f"thermostat must be one of {THERMOSTATS}, not {thermostat!r}")
 
 

@@ -6,6 +6,7 @@ Wasserstein-1 (earth mover's) distances of the pooled samples of an observable k
 (Å, degrees, K): for a kind with several members (all bonds, all angles) the distance is the mean over
 members of each member's distance.
 """
+
 from __future__ import annotations
 
 import numpy as np

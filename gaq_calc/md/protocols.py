@@ -5,6 +5,7 @@ Output folder layout (see md_protocols/README.md):
   equilibration.h5, equilibration_checkpoint.json,
   equilibration_summary.json, equilibration_energies.png            NVE only, with --equilibrate-ps > 0
 """
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,13 @@ def load_structure(source: str | os.PathLike | None = None, index: int = 0) -> A
     from gaq_calc.data import read_frames
 
     index = int(index)
-    if source is None or (not Path(source).exists() and Path(source).suffix == ""
-                          and "/" not in str(source)):
+    if source is None or (not Path(source).exists() and Path(source).suffix == "" and "/" not in str(source)):
         name = str(source or DEFAULT_MOLECULE)
         frames = read_frames(name, "train")
         if not 0 <= index < len(frames.numbers):
-            raise IndexError(f"no frame {index}: the shipped {name} training split has {len(frames.numbers)} "
-                             "frames, numbered from 0")
+            raise IndexError(
+                f"no frame {index}: the shipped {name} training split has {len(frames.numbers)} frames, numbered from 0"
+            )
         return Atoms(numbers=frames.numbers[index], positions=frames.positions[index])  # vacuum, no pbc
     from ase.io import read
 
@@ -48,8 +49,15 @@ def load_structure(source: str | os.PathLike | None = None, index: int = 0) -> A
     return atoms
 
 
-def run_nvt(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, restart: bool = False,
-            progress: bool = True, metadata: dict | None = None) -> dict:
+def run_nvt(
+    atoms: Atoms,
+    settings: MDSettings,
+    out_dir: str | os.PathLike,
+    *,
+    restart: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> dict:
     """NVT from Maxwell-Boltzmann velocities at the target temperature (zero P and L, seeded by
     settings.seed). Writes trajectory.h5, checkpoint.json, summary.json, energies.png in out_dir."""
     if settings.ensemble != "nvt":
@@ -58,14 +66,30 @@ def run_nvt(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, r
     files = phase_paths(out, "trajectory")
     # on a restart the checkpoint overwrites these velocities; drawing them anyway keeps one code path
     maxwell_boltzmann(atoms, settings.temperature_K, np.random.default_rng(settings.seed))
-    return run_phase(atoms, settings, out, name="trajectory", restart=restart, progress=progress,
-                     metadata=metadata, summary_path=files["summary"], plot_path=files["plot"],
-                     summary_extra={"start": "maxwell-boltzmann"})
+    return run_phase(
+        atoms,
+        settings,
+        out,
+        name="trajectory",
+        restart=restart,
+        progress=progress,
+        metadata=metadata,
+        summary_path=files["summary"],
+        plot_path=files["plot"],
+        summary_extra={"start": "maxwell-boltzmann"},
+    )
 
 
-def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
-            equilibration: MDSettings | None = None, restart: bool = False, progress: bool = True,
-            metadata: dict | None = None) -> dict:
+def run_nve(
+    atoms: Atoms,
+    settings: MDSettings,
+    out_dir: str | os.PathLike,
+    *,
+    equilibration: MDSettings | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> dict:
     """NVE (velocity Verlet) from Maxwell-Boltzmann velocities at settings.temperature_K, after an
     optional NVT equilibration (`equilibration`, an NVT MDSettings; None or n_steps = 0 skips it).
 
@@ -95,17 +119,43 @@ def run_nve(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         if equilibrate:
             if equilibration.ensemble != "nvt":
                 raise ValueError("the equilibration must be an NVT phase")
-            eq_summary = run_phase(atoms, equilibration, out, name="equilibration", restart=restart,
-                                   progress=progress, metadata=metadata, summary_path=eq_summary_path,
-                                   plot_path=eq_files["plot"], reference=reference)
+            eq_summary = run_phase(
+                atoms,
+                equilibration,
+                out,
+                name="equilibration",
+                restart=restart,
+                progress=progress,
+                metadata=metadata,
+                summary_path=eq_summary_path,
+                plot_path=eq_files["plot"],
+                reference=reference,
+            )
             if eq_summary["status"] != "completed":
-                summary = {"status": f"{eq_summary['status']} (during equilibration)", **metadata,
-                           "n_steps": 0, "equilibration": eq_summary}
+                summary = {
+                    "status": f"{eq_summary['status']} (during equilibration)",
+                    **metadata,
+                    "n_steps": 0,
+                    "equilibration": eq_summary,
+                }
                 write_json_atomic(files["summary"], summary)
                 return summary
             zero_momenta(atoms)
-    start = (f"NVT {equilibration.thermostat} equilibration, {equilibration.n_steps} steps, then zero P and L"
-             if equilibrate else "maxwell-boltzmann")
-    return run_phase(atoms, settings, out, name="trajectory", restart=restart, progress=progress,
-                     metadata=metadata, summary_path=files["summary"], plot_path=files["plot"],
-                     reference=reference, summary_extra={"start": start, "equilibration": eq_summary})
+    start = (
+        f"NVT {equilibration.thermostat} equilibration, {equilibration.n_steps} steps, then zero P and L"
+        if equilibrate
+        else "maxwell-boltzmann"
+    )
+    return run_phase(
+        atoms,
+        settings,
+        out,
+        name="trajectory",
+        restart=restart,
+        progress=progress,
+        metadata=metadata,
+        summary_path=files["summary"],
+        plot_path=files["plot"],
+        reference=reference,
+        summary_extra={"start": start, "equilibration": eq_summary},
+    )

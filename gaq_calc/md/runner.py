@@ -4,6 +4,7 @@ One call of `run_phase` runs one integrator (one ensemble) from step 0 or from i
 `settings.n_steps`. The loop drives `dyn.step()` itself (not `dyn.run`) so that logging, checks and
 flushes happen only at logged steps and their cost can be measured separately from the calculator's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,14 +25,30 @@ from gaq_calc.md.analysis import plot_energies, summarize_trajectory
 from gaq_calc.md.dynamics import make_dynamics, set_thermostat_state, thermostat_state
 from gaq_calc.md.stability import BlowUp, StabilityMonitor
 from gaq_calc.md.trajectory import (
-    RestartError, TrajectoryWriter, load_checkpoint, read_frame, read_json, read_trajectory, save_checkpoint,
-    saved_frames, write_json_atomic,
+    RestartError,
+    TrajectoryWriter,
+    load_checkpoint,
+    read_frame,
+    read_json,
+    read_trajectory,
+    save_checkpoint,
+    saved_frames,
+    write_json_atomic,
 )
 
 #: Settings that must not change between a run and its restart (n_steps may grow: extend a run).
 RESTART_SAME_MODEL = ("model_path", "mode", "dtype")  # metadata that a restart must not change
-RESTART_INVARIANT = ("ensemble", "thermostat", "temperature_K", "timestep_fs", "log_every", "seed",
-                     "friction_per_fs", "taut_fs", "tchain")
+RESTART_INVARIANT = (
+    "ensemble",
+    "thermostat",
+    "temperature_K",
+    "timestep_fs",
+    "log_every",
+    "seed",
+    "friction_per_fs",
+    "taut_fs",
+    "tchain",
+)
 #: The system a restart must continue (trajectory attributes): same atom count with other elements,
 #: masses, cell or pbc would run on silently, since positions and momenta come from the saved state.
 RESTART_SAME_SYSTEM = {"numbers": "atomic numbers", "masses": "masses", "cell": "cell", "pbc": "pbc"}
@@ -67,13 +84,22 @@ class MDSettings:
         if self.ensemble == "nve":
             self.thermostat = None
         # finite numbers (NaN fails every comparison), > 0 or >= 0
-        positive = {"timestep_fs": self.timestep_fs, "taut_fs": self.taut_fs,
-                    "bond_tolerance_A": self.bond_tolerance_A, "max_temperature_K": self.max_temperature_K}
-        non_negative = {"temperature_K": self.temperature_K, "friction_per_fs": self.friction_per_fs,
-                        "flush_seconds": self.flush_seconds, "n_steps": self.n_steps, "seed": self.seed}
-        bad = ([f"{k} = {v} (need finite > 0)" for k, v in positive.items()
-                if v is not None and not 0 < v < math.inf]
-               + [f"{k} = {v} (need finite >= 0)" for k, v in non_negative.items() if not 0 <= v < math.inf])
+        positive = {
+            "timestep_fs": self.timestep_fs,
+            "taut_fs": self.taut_fs,
+            "bond_tolerance_A": self.bond_tolerance_A,
+            "max_temperature_K": self.max_temperature_K,
+        }
+        non_negative = {
+            "temperature_K": self.temperature_K,
+            "friction_per_fs": self.friction_per_fs,
+            "flush_seconds": self.flush_seconds,
+            "n_steps": self.n_steps,
+            "seed": self.seed,
+        }
+        bad = [
+            f"{k} = {v} (need finite > 0)" for k, v in positive.items() if v is not None and not 0 < v < math.inf
+        ] + [f"{k} = {v} (need finite >= 0)" for k, v in non_negative.items() if not 0 <= v < math.inf]
         if bad:
             raise ValueError("MDSettings: " + ", ".join(bad))
         if self.log_every < 1 or self.flush_every < 1 or self.tchain < 1:
@@ -135,8 +161,16 @@ def _timed_calculator(calc):
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
-                mininterval=1.0, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        disable=not enabled,
+        mininterval=1.0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
@@ -145,8 +179,12 @@ def phase_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     equilibration_energies.png."""
     out = Path(out_dir)
     prefix = "" if name == "trajectory" else f"{name}_"
-    return {"h5": out / f"{name}.h5", "checkpoint": out / f"{prefix}checkpoint.json",
-            "summary": out / f"{prefix}summary.json", "plot": out / f"{prefix}energies.png"}
+    return {
+        "h5": out / f"{name}.h5",
+        "checkpoint": out / f"{prefix}checkpoint.json",
+        "summary": out / f"{prefix}summary.json",
+        "plot": out / f"{prefix}energies.png",
+    }
 
 
 def check_fresh_start(out_dir: str | os.PathLike, name: str = "trajectory") -> None:
@@ -154,8 +192,10 @@ def check_fresh_start(out_dir: str | os.PathLike, name: str = "trajectory") -> N
     paths = phase_paths(out_dir, name)
     existing = [p.name for p in (paths["h5"], paths["checkpoint"]) if p.exists()]
     if existing:
-        raise FileExistsError(f"{out_dir} already holds {' and '.join(existing)}; pass restart=True "
-                              "(--restart) to continue that run, or choose another output folder")
+        raise FileExistsError(
+            f"{out_dir} already holds {' and '.join(existing)}; pass restart=True "
+            "(--restart) to continue that run, or choose another output folder"
+        )
 
 
 def has_saved_state(out_dir: str | os.PathLike, name: str = "trajectory") -> bool:
@@ -187,10 +227,20 @@ def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> di
     return summary
 
 
-def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *, name: str = "trajectory",
-              restart: bool = False, progress: bool = True, metadata: dict | None = None,
-              summary_path: str | os.PathLike | None = None, plot_path: str | os.PathLike | None = None,
-              summary_extra: dict | None = None, reference: Atoms | None = None) -> dict:
+def run_phase(
+    atoms: Atoms,
+    settings: MDSettings,
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "trajectory",
+    restart: bool = False,
+    progress: bool = True,
+    metadata: dict | None = None,
+    summary_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+    summary_extra: dict | None = None,
+    reference: Atoms | None = None,
+) -> dict:
     """Run (or resume) one MD phase on `atoms` (calculator attached, momenta set) and return its summary.
 
     atoms: modified in place; on return it holds the last state reached (the last good one on a blow-up).
@@ -240,9 +290,17 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         start = 0
         reference = (reference if reference is not None else atoms).copy()
 
-    dyn = make_dynamics(atoms, settings.ensemble, settings.timestep_fs, temperature_K=settings.temperature_K,
-                        thermostat=settings.thermostat, friction_per_fs=settings.friction_per_fs,
-                        taut_fs=settings.taut_fs, tchain=settings.tchain, rng=rng)
+    dyn = make_dynamics(
+        atoms,
+        settings.ensemble,
+        settings.timestep_fs,
+        temperature_K=settings.temperature_K,
+        thermostat=settings.thermostat,
+        friction_per_fs=settings.friction_per_fs,
+        taut_fs=settings.taut_fs,
+        tchain=settings.tchain,
+        rng=rng,
+    )
     if resume is not None:
         set_thermostat_state(dyn, resume["thermostat"])
     dyn.nsteps = start
@@ -250,11 +308,15 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
     dt_fs = settings.timestep_fs
 
     attrs = {
-        "numbers": atoms.numbers, "masses": masses, "timestep_fs": dt_fs, "seed": settings.seed,
-        "settings": json.dumps(settings.to_dict()), "reference_positions": reference.positions,
-        "cell": np.asarray(atoms.cell.array), "pbc": np.asarray(atoms.pbc),
-        **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in metadata.items()
-           if v is not None},
+        "numbers": atoms.numbers,
+        "masses": masses,
+        "timestep_fs": dt_fs,
+        "seed": settings.seed,
+        "settings": json.dumps(settings.to_dict()),
+        "reference_positions": reference.positions,
+        "cell": np.asarray(atoms.cell.array),
+        "pbc": np.asarray(atoms.pbc),
+        **{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in metadata.items() if v is not None},
     }
     writer = TrajectoryWriter(paths["h5"], n_atoms, attrs, resume_step=start if resume is not None else None)
 
@@ -266,13 +328,26 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
         ekin = float(atoms.get_kinetic_energy())
         temperature = float(atoms.get_temperature())
         velocities = momenta / masses[:, None] * units.fs  # Å/fs
-        writer.append(step=step, time_ps=step * dt_fs / 1000.0, positions=positions, velocities=velocities,
-                      potential_energy=epot, kinetic_energy=ekin, total_energy=epot + ekin,
-                      temperature=temperature)
+        writer.append(
+            step=step,
+            time_ps=step * dt_fs / 1000.0,
+            positions=positions,
+            velocities=velocities,
+            potential_energy=epot,
+            kinetic_energy=ekin,
+            total_energy=epot + ekin,
+            temperature=temperature,
+        )
         monitor.check(step, positions, velocities, (epot, ekin), temperature)
-        return {"step": step, "temperature": temperature, "positions": positions, "momenta": momenta,
-                "rng": rng.bit_generator.state, "thermostat": thermostat_state(dyn),
-                "settings": settings.to_dict()}
+        return {
+            "step": step,
+            "temperature": temperature,
+            "positions": positions,
+            "momenta": momenta,
+            "rng": rng.bit_generator.state,
+            "thermostat": thermostat_state(dyn),
+            "settings": settings.to_dict(),
+        }
 
     status = "completed"
     completed = start  # last step integrated without error
@@ -328,8 +403,13 @@ def run_phase(atoms: Atoms, settings: MDSettings, out_dir: str | os.PathLike, *,
             writer.close()
             if good is not None:
                 save_checkpoint(paths["checkpoint"], good)
-            timing = {"wall_s": wall, "calculator_s": timer.seconds, "calculator_calls": timer.calls,
-                      "integrator_s": t_step - timer.seconds, "protocol_s": t_protocol}
+            timing = {
+                "wall_s": wall,
+                "calculator_s": timer.seconds,
+                "calculator_calls": timer.calls,
+                "integrator_s": t_step - timer.seconds,
+                "protocol_s": t_protocol,
+            }
             data, _ = read_trajectory(paths["h5"])  # once, for both the summary and the plot
             summary = _summary(data, masses, settings, status, metadata, timing, completed, start, summary_extra)
             if summary_path is not None:
@@ -345,8 +425,10 @@ def _ensemble_label(settings: MDSettings) -> str:
 
 def _plot_title(summary: dict) -> str:
     s = summary["settings"]
-    return (f"{summary.get('model', '')} {summary['protocol']} {s['temperature_K']:g} K, "
-            f"dt {s['timestep_fs']:g} fs; {summary['status']}")
+    return (
+        f"{summary.get('model', '')} {summary['protocol']} {s['temperature_K']:g} K, "
+        f"dt {s['timestep_fs']:g} fs; {summary['status']}"
+    )
 
 
 def _saved_state(paths: dict[str, Path], atoms: Atoms, settings: MDSettings, metadata: dict) -> dict | None:
@@ -371,13 +453,17 @@ def _saved_state(paths: dict[str, Path], atoms: Atoms, settings: MDSettings, met
         try:
             ckpt = load_checkpoint(ckpt_path)
         except (OSError, ValueError) as err:
-            raise RestartError(f"{err}; move it away and restart again to continue from the last frame "
-                               f"of {h5.name} (not bit-exact)") from err
+            raise RestartError(
+                f"{err}; move it away and restart again to continue from the last frame of {h5.name} (not bit-exact)"
+            ) from err
     elif len(steps) == 0:
         return None  # killed before its first frame was flushed: nothing to continue, nothing to lose
     _check_restart_settings(ckpt["settings"] if ckpt else json.loads(attrs["settings"]), settings)
-    changed = [f"{k}: {attrs.get(k)!r} -> {metadata.get(k)!r}" for k in RESTART_SAME_MODEL
-               if k in attrs and k in metadata and str(attrs.get(k)) != str(metadata.get(k))]
+    changed = [
+        f"{k}: {attrs.get(k)!r} -> {metadata.get(k)!r}"
+        for k in RESTART_SAME_MODEL
+        if k in attrs and k in metadata and str(attrs.get(k)) != str(metadata.get(k))
+    ]
     if changed:
         raise RestartError("cannot restart with a different model setup (" + "; ".join(changed) + ")")
     _check_same_system(attrs, atoms, h5)
@@ -386,18 +472,21 @@ def _saved_state(paths: dict[str, Path], atoms: Atoms, settings: MDSettings, met
     if ckpt is not None:
         _check_checkpoint_fits(ckpt, steps, h5, ckpt_path, settings)
         return {**ckpt, "thermostat": ckpt.get("thermostat", {}), "reference": reference}
-    return {**_state_from_frame(h5, len(steps) - 1, atoms, settings, reference, ckpt_path.name),
-            "reference": reference}
+    return {**_state_from_frame(h5, len(steps) - 1, atoms, settings, reference, ckpt_path.name), "reference": reference}
 
 
 def _check_same_system(saved: dict, atoms: Atoms, h5: Path) -> None:
     if len(saved["numbers"]) != len(atoms):
-        raise RestartError(f"cannot restart with a different system: {h5} holds {len(saved['numbers'])} atoms, "
-                           f"the structure given has {len(atoms)}")
+        raise RestartError(
+            f"cannot restart with a different system: {h5} holds {len(saved['numbers'])} atoms, "
+            f"the structure given has {len(atoms)}"
+        )
     given = {"numbers": atoms.numbers, "masses": atoms.get_masses(), "cell": atoms.cell.array, "pbc": atoms.pbc}
-    changed = [f"{label} (stored {np.asarray(saved[key]).tolist()}, given {given[key].tolist()})"
-               for key, label in RESTART_SAME_SYSTEM.items()
-               if key in saved and not np.array_equal(np.asarray(saved[key]), given[key])]
+    changed = [
+        f"{label} (stored {np.asarray(saved[key]).tolist()}, given {given[key].tolist()})"
+        for key, label in RESTART_SAME_SYSTEM.items()
+        if key in saved and not np.array_equal(np.asarray(saved[key]), given[key])
+    ]
     if changed:
         raise RestartError(f"cannot restart with a different system: {h5} holds other " + "; ".join(changed))
 
@@ -410,41 +499,58 @@ def _check_checkpoint_fits(ckpt: dict, steps: np.ndarray, h5: Path, ckpt_path: P
     k = int(np.searchsorted(steps, step))
     if k == len(steps) or steps[k] != step:
         last = f"its last complete frame is at step {steps[-1]}" if len(steps) else "it has no complete frame"
-        raise RestartError(f"{h5} has no frame at the checkpoint's step {step} ({last}); cannot restart "
-                           "consistently")
+        raise RestartError(f"{h5} has no frame at the checkpoint's step {step} ({last}); cannot restart consistently")
     if not np.array_equal(read_frame(h5, k)["positions"], ckpt["positions"]):
-        raise RestartError(f"{ckpt_path} does not match the frame at its step {step} in {h5}: it belongs to "
-                           "another run")
+        raise RestartError(
+            f"{ckpt_path} does not match the frame at its step {step} in {h5}: it belongs to another run"
+        )
     after = len(steps) - 1 - k
     limit = max(int(ckpt["settings"].get("flush_every", 1)), settings.flush_every)
     if after > limit:
-        raise RestartError(f"{h5} has {after} frames after the checkpoint's step {step}, more than a kill "
-                           f"leaves ({limit}): {ckpt_path.name} is older than the trajectory; move it away "
-                           "to continue from the last frame (not bit-exact)")
+        raise RestartError(
+            f"{h5} has {after} frames after the checkpoint's step {step}, more than a kill "
+            f"leaves ({limit}): {ckpt_path.name} is older than the trajectory; move it away "
+            "to continue from the last frame (not bit-exact)"
+        )
 
 
-def _state_from_frame(h5: Path, index: int, atoms: Atoms, settings: MDSettings, reference: Atoms,
-                      missing: str) -> dict:
+def _state_from_frame(h5: Path, index: int, atoms: Atoms, settings: MDSettings, reference: Atoms, missing: str) -> dict:
     """A restart state rebuilt from a saved frame, when the checkpoint is lost."""
     frame = read_frame(h5, index)
     step = int(frame["step"])
     monitor = StabilityMonitor(reference, settings.temperature_limit_K, settings.bond_tolerance_A)
     try:
-        monitor.check(step, frame["positions"], frame["velocities"],
-                      (frame["potential_energy"], frame["kinetic_energy"]), frame["temperature"])
+        monitor.check(
+            step,
+            frame["positions"],
+            frame["velocities"],
+            (frame["potential_energy"], frame["kinetic_energy"]),
+            frame["temperature"],
+        )
     except BlowUp as err:  # the blown-up frame kept for diagnosis; an earlier one would mean dropping it
-        raise RestartError(f"{missing} is missing and the last frame of {h5} is no state to continue from "
-                           f"({err}); start a new run in another folder") from err
-    lost = {"langevin": " and the thermostat's random-number state cannot be recovered",
-            "bussi": " and the thermostat's random-number state cannot be recovered",
-            "nose-hoover": " and the Nose-Hoover chain variables cannot be recovered (the chain restarts at rest)",
-            }.get(settings.thermostat, "")
-    warnings.warn(f"{missing} is missing: continuing from the last frame of {h5.name} (step {step}); the "
-                  f"momenta are rebuilt from the stored velocities (rounded in the last bit){lost}, so the "
-                  "continuation is not bit-exact", RuntimeWarning, stacklevel=4)
-    return {"step": step, "positions": frame["positions"],
-            "momenta": frame["velocities"] * atoms.get_masses()[:, None] / units.fs,  # Å/fs -> ASE units
-            "rng": None, "thermostat": {}}
+        raise RestartError(
+            f"{missing} is missing and the last frame of {h5} is no state to continue from "
+            f"({err}); start a new run in another folder"
+        ) from err
+    lost = {
+        "langevin": " and the thermostat's random-number state cannot be recovered",
+        "bussi": " and the thermostat's random-number state cannot be recovered",
+        "nose-hoover": " and the Nose-Hoover chain variables cannot be recovered (the chain restarts at rest)",
+    }.get(settings.thermostat, "")
+    warnings.warn(
+        f"{missing} is missing: continuing from the last frame of {h5.name} (step {step}); the "
+        f"momenta are rebuilt from the stored velocities (rounded in the last bit){lost}, so the "
+        "continuation is not bit-exact",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return {
+        "step": step,
+        "positions": frame["positions"],
+        "momenta": frame["velocities"] * atoms.get_masses()[:, None] / units.fs,  # Å/fs -> ASE units
+        "rng": None,
+        "thermostat": {},
+    }
 
 
 def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
@@ -454,8 +560,17 @@ def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
         raise RestartError("cannot restart with different settings (" + "; ".join(changed) + ")")
 
 
-def _summary(data: dict[str, np.ndarray], masses, settings: MDSettings, status: str, metadata: dict, timing: dict,
-             completed: int, start: int, extra: dict | None) -> dict:
+def _summary(
+    data: dict[str, np.ndarray],
+    masses,
+    settings: MDSettings,
+    status: str,
+    metadata: dict,
+    timing: dict,
+    completed: int,
+    start: int,
+    extra: dict | None,
+) -> dict:
     physics = summarize_trajectory(data, masses)
     calc_s = timing["calculator_s"]
     wall = timing["wall_s"]
@@ -477,9 +592,14 @@ def _summary(data: dict[str, np.ndarray], masses, settings: MDSettings, status: 
         "integrator_overhead_fraction": timing["integrator_s"] / calc_s if calc_s > 0 else None,
         "timing": timing,
         "settings": settings.to_dict(),
-        "units": {"energy": "eV (summary: meV/atom)", "time": "ps", "temperature": "K",
-                  "linear_momentum": "amu·Å/fs", "angular_momentum": "amu·Å²/fs (about the centre of mass)",
-                  "drift": "meV/atom/ps, least-squares slope of total energy per atom vs time"},
+        "units": {
+            "energy": "eV (summary: meV/atom)",
+            "time": "ps",
+            "temperature": "K",
+            "linear_momentum": "amu·Å/fs",
+            "angular_momentum": "amu·Å²/fs (about the centre of mass)",
+            "drift": "meV/atom/ps, least-squares slope of total energy per atom vs time",
+        },
     }
     if extra:
         out.update(extra)

@@ -7,6 +7,7 @@ more than 0.5 Å. Bonds are the pairs of the starting structure closer than 1.2 
 covalent radii (ASE's natural_cutoffs with mult=1.2: thermal structures such as rMD17 frames stretch
 C-H and C-C bonds beyond the bare sum), and the reference lengths are those of the starting structure.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,7 @@ class StabilityMonitor:
     bond_mult: bonds are pairs closer than bond_mult x the sum of covalent radii in `reference`.
     """
 
-    def __init__(self, reference: Atoms, max_temperature_K: float, bond_tolerance: float = 0.5,
-                 bond_mult: float = 1.2):
+    def __init__(self, reference: Atoms, max_temperature_K: float, bond_tolerance: float = 0.5, bond_mult: float = 1.2):
         self.max_temperature_K = float(max_temperature_K)
         self.bond_tolerance = float(bond_tolerance)
         i, j, shift = neighbor_list("ijS", reference, natural_cutoffs(reference, mult=bond_mult))

@@ -14,6 +14,7 @@ ignored errors while h5py releases the dataset, and the next flush crashes the p
 segfault. So the writer stops with `DiskFullError` while there is still room, before HDF5 sees a
 failure; the file then stays as after its last flush.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,8 +41,14 @@ FRAME_FIELDS = {
 }
 
 UNITS = {
-    "step": "MD steps", "time_ps": "ps", "positions": "Å", "velocities": "Å/fs",
-    "potential_energy": "eV", "kinetic_energy": "eV", "total_energy": "eV", "temperature": "K",
+    "step": "MD steps",
+    "time_ps": "ps",
+    "positions": "Å",
+    "velocities": "Å/fs",
+    "potential_energy": "eV",
+    "kinetic_energy": "eV",
+    "total_energy": "eV",
+    "temperature": "K",
 }
 
 
@@ -90,8 +97,9 @@ class TrajectoryWriter:
     (every K frames or every few seconds) and writes its checkpoint after `flush` returns.
     """
 
-    def __init__(self, path: str | os.PathLike, n_atoms: int, attrs: dict | None = None, *,
-                 resume_step: int | None = None):
+    def __init__(
+        self, path: str | os.PathLike, n_atoms: int, attrs: dict | None = None, *, resume_step: int | None = None
+    ):
         """Create `path` (resume_step None; refuses to overwrite) or reopen it for a restart, keeping
         only frames with step <= resume_step (a kill can leave a few frames after the last checkpoint;
         the caller checks that these are all it drops)."""
@@ -100,20 +108,25 @@ class TrajectoryWriter:
         self._frames: list[dict] = []  # one append per frame: a signal cannot leave half a frame
         self.last_step = None if resume_step is None else int(resume_step)  # of the frames in the file
         chunk_frames = max(1, min(256, 2**20 // max(1, 24 * self.n_atoms)))  # ~1 MiB chunks
-        self._chunks = {name: (chunk_frames if shape(self.n_atoms) else 4096, *shape(self.n_atoms))
-                        for name, (shape, _) in FRAME_FIELDS.items()}
-        self._frame_bytes = sum(int(np.prod(shape(self.n_atoms))) * np.dtype(dtype).itemsize
-                                for shape, dtype in FRAME_FIELDS.values())
-        self._chunk_bytes = sum(int(np.prod(self._chunks[name])) * np.dtype(dtype).itemsize
-                                for name, (_, dtype) in FRAME_FIELDS.items())
+        self._chunks = {
+            name: (chunk_frames if shape(self.n_atoms) else 4096, *shape(self.n_atoms))
+            for name, (shape, _) in FRAME_FIELDS.items()
+        }
+        self._frame_bytes = sum(
+            int(np.prod(shape(self.n_atoms))) * np.dtype(dtype).itemsize for shape, dtype in FRAME_FIELDS.values()
+        )
+        self._chunk_bytes = sum(
+            int(np.prod(self._chunks[name])) * np.dtype(dtype).itemsize for name, (_, dtype) in FRAME_FIELDS.items()
+        )
         if resume_step is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._check_room(0)
             self.file = h5py.File(self.path, "w-")
             for name, (shape, dtype) in FRAME_FIELDS.items():
                 s = shape(self.n_atoms)
-                self.file.create_dataset(name, shape=(0, *s), maxshape=(None, *s), dtype=dtype,
-                                         chunks=self._chunks[name])
+                self.file.create_dataset(
+                    name, shape=(0, *s), maxshape=(None, *s), dtype=dtype, chunks=self._chunks[name]
+                )
                 self.file[name].attrs["units"] = UNITS[name]
             for key, value in (attrs or {}).items():
                 self.file.attrs[key] = value
@@ -122,8 +135,10 @@ class TrajectoryWriter:
             steps, _ = saved_frames(self.path)  # checked read-only: a refused restart writes nothing
             keep = int(np.searchsorted(steps, resume_step, side="right"))
             if keep == 0 or steps[keep - 1] != resume_step:
-                raise RestartError(f"{self.path}: no frame at the checkpoint's step {resume_step} "
-                                   f"(last steps {steps[-3:].tolist()}); cannot restart consistently")
+                raise RestartError(
+                    f"{self.path}: no frame at the checkpoint's step {resume_step} "
+                    f"(last steps {steps[-3:].tolist()}); cannot restart consistently"
+                )
             self._check_room(0)
             self.file = h5py.File(self.path, "r+")
             for name in FRAME_FIELDS:  # drops frames after the checkpoint, and any frame cut off mid-write
@@ -135,15 +150,18 @@ class TrajectoryWriter:
     def _check_room(self, n_frames: int) -> None:
         """Raise DiskFullError unless there is room to write n_frames: their bytes, one new chunk per
         dataset (HDF5 allocates whole chunks) and the headroom for what follows the write."""
-        need = (n_frames * self._frame_bytes + self._chunk_bytes + HEADROOM_BYTES
-                + HEADROOM_BYTES_PER_ATOM * self.n_atoms)
+        need = (
+            n_frames * self._frame_bytes + self._chunk_bytes + HEADROOM_BYTES + HEADROOM_BYTES_PER_ATOM * self.n_atoms
+        )
         room = free_bytes(self.path)
         if room < need:
-            saved = ("no frame is saved" if self.last_step is None
-                     else f"frames up to step {self.last_step} are saved")
-            raise DiskFullError(errno.ENOSPC, f"only {max(room, 0) / 2**20:.2f} MiB of room left for "
-                                f"{self.path} (a write needs {need / 2**20:.2f} MiB with headroom); stopped "
-                                f"before writing, as HDF5 cannot recover from a failed write; {saved}")
+            saved = "no frame is saved" if self.last_step is None else f"frames up to step {self.last_step} are saved"
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"only {max(room, 0) / 2**20:.2f} MiB of room left for "
+                f"{self.path} (a write needs {need / 2**20:.2f} MiB with headroom); stopped "
+                f"before writing, as HDF5 cannot recover from a failed write; {saved}",
+            )
 
     def __len__(self) -> int:
         return self._n_written + self.pending
@@ -223,6 +241,7 @@ def _attrs(f: h5py.File) -> dict:
 
 
 # ---- checkpoint: exact state at a logged step -------------------------------------------------
+
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """state: {'step', 'positions' [N,3] Å, 'momenta' [N,3] ASE units, 'rng', 'thermostat', ...};

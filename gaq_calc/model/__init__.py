@@ -1,4 +1,5 @@
 """The FP32 equivariant transformer and its config."""
+
 from gaq_calc.model.config import ModelConfig
 from gaq_calc.model.network import GAQPotential, energy_and_forces
 

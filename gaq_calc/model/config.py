@@ -1,4 +1,5 @@
 """Model hyperparameters (So3krates-style equivariant transformer)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -20,7 +21,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

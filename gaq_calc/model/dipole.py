@@ -12,6 +12,7 @@ The features come from the same network as the energy model (`GAQPotential`), ru
 `equivariant_features` mirrors `GAQPotential.forward`, and a test checks that the energy computed from
 its features equals the potential's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,6 +68,7 @@ class DipoleModel(nn.Module):
 
     def dipole_debye(self, batch) -> torch.Tensor:
         """|mu| in debye [n_graphs] of a GraphBatch."""
-        mu = self(batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts, batch.batch,
-                  batch.n_graphs)
+        mu = self(
+            batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts, batch.batch, batch.n_graphs
+        )
         return torch.linalg.norm(mu, dim=-1) / E_ANGSTROM_PER_DEBYE

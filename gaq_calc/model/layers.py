@@ -6,6 +6,7 @@ The scalar and vector branches use separate, named Linear modules so that quanti
     scalar branch: qk_proj, value_proj, exchange_in, exchange_out
     vector branch: vector_mix
 """
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """The equivariant transformer potential: structure -> total energy (float64); forces by autograd."""
+
 from typing import Tuple
 
 import torch
@@ -28,14 +29,13 @@ class GAQPotential(nn.Module):
         out = L * (3 * F + H)  # per layer: three channel filters and one attention bias per head
         if config.radial_hidden > 0:
             self.radial = nn.Sequential(
-                nn.Linear(config.num_rbf, config.radial_hidden), nn.SiLU(),
+                nn.Linear(config.num_rbf, config.radial_hidden),
+                nn.SiLU(),
                 nn.Linear(config.radial_hidden, out, bias=False),
             )
         else:
             self.radial = nn.Sequential(nn.Linear(config.num_rbf, out, bias=False))
-        self.layers = nn.ModuleList(
-            [EquivariantAttentionLayer(F, H, config.tau_init) for _ in range(L)]
-        )
+        self.layers = nn.ModuleList([EquivariantAttentionLayer(F, H, config.tau_init) for _ in range(L)])
         self.readout = nn.Sequential(nn.LayerNorm(F), nn.Linear(F, F), nn.SiLU(), nn.Linear(F, 1))
         self.register_buffer("energy_scale", torch.tensor(1.0))
         self.register_buffer("reference_energies", torch.zeros(len(config.species), dtype=torch.float64))

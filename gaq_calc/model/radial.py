@@ -1,4 +1,5 @@
 """Radial basis and smooth cutoff envelope."""
+
 import math
 
 import torch

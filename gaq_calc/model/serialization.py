@@ -4,6 +4,7 @@ Every file written here carries a SHA-256 of its contents (weights, config and m
 entry), which read_model_file checks: a flipped byte or an edit after writing is refused with a
 ModelFileError. Files written before the hash existed still load, with an UnverifiedModelWarning that
 says how to re-save them (gaq-resave, which changes no number)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -123,7 +124,9 @@ def unverified_warning(path: str | Path, kind: str = "model file") -> None:
     warnings.warn(
         f"{path}: this {kind} has no integrity hash (written before gaq_calc stored one), so its weights and "
         f"metadata are unverified; re-save it with `gaq-resave {path}` (changes no number)",
-        UnverifiedModelWarning, stacklevel=3)
+        UnverifiedModelWarning,
+        stacklevel=3,
+    )
 
 
 def read_model_file(path: str | Path) -> dict:
@@ -134,8 +137,9 @@ def read_model_file(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelFileError(f"{path} is not a readable gaq_calc model file ({type(err).__name__}: "
-                             f"{_one_line(err)})") from err
+        raise ModelFileError(
+            f"{path} is not a readable gaq_calc model file ({type(err).__name__}: {_one_line(err)})"
+        ) from err
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a gaq_calc model file (no '{MODEL_FORMAT}' header)")
     if data.get("format_version") != MODEL_FORMAT_VERSION:
@@ -149,8 +153,10 @@ def read_model_file(path: str | Path) -> dict:
     except TypeError as err:
         raise ModelFileError(f"{path}: integrity check failed ({err})") from err
     if stored != actual:
-        raise ModelFileError(f"{path}: integrity check failed: the weights or metadata do not match the SHA-256 "
-                             "stored in the file (corrupted or edited after it was written)")
+        raise ModelFileError(
+            f"{path}: integrity check failed: the weights or metadata do not match the SHA-256 "
+            "stored in the file (corrupted or edited after it was written)"
+        )
     return data
 
 

@@ -1,5 +1,6 @@
 """One config for quantizing a GAQPotential, with the presets of the paper and the baselines.
 (The QAT schedule, staged warm-up and LEE weight belong to the trainer: gaq_calc.train.TrainConfig.)"""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

@@ -1,4 +1,5 @@
 """Training hyperparameters; YAML files and CLI flags map onto this dataclass."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -49,7 +50,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
@@ -59,6 +60,6 @@ class TrainConfig:
         return cls(model=model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model), **data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
         with open(path) as fh:
             return cls.from_dict(yaml.safe_load(fh) or {})

@@ -6,6 +6,7 @@ molecules as in the energy trainer. No checkpoint/resume and no QAT: this is the
 issue 16, kept apart from the energy trainer. Files: a dict of tensors and plain data
 (format "gaq_calc.dipole"), loaded with weights_only=True.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,15 @@ def dipole_mae(model: DipoleModel, dataset: GraphDataset, batch_size: int = 32) 
 
 
 def save_dipole_model(path: str | Path, model: DipoleModel, metadata: dict | None = None) -> None:
-    atomic_save({"format": DIPOLE_FORMAT, "model_config": model.config.to_dict(),
-                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "metadata": metadata or {}}, path)
+    atomic_save(
+        {
+            "format": DIPOLE_FORMAT,
+            "model_config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metadata": metadata or {},
+        },
+        path,
+    )
 
 
 def load_dipole_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[DipoleModel, dict]:
@@ -59,10 +66,21 @@ def load_dipole_model(path: str | Path, dtype: torch.dtype = torch.float32) -> t
     return model.to(dtype).eval(), data["metadata"]
 
 
-def train_dipole(frames: Frames, config: ModelConfig, out: str | Path | None = None, n_val: int = 20,
-                 epochs: int = 10, batch_size: int = 16, lr: float = 1e-3, min_lr: float = 1e-6,
-                 warmup_epochs: int = 1, ema_decay: float = 0.99, grad_clip: float = 10.0, seed: int = 0,
-                 log: Callable[[str], None] = print) -> tuple[DipoleModel, list[dict]]:
+def train_dipole(
+    frames: Frames,
+    config: ModelConfig,
+    out: str | Path | None = None,
+    n_val: int = 20,
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    min_lr: float = 1e-6,
+    warmup_epochs: int = 1,
+    ema_decay: float = 0.99,
+    grad_clip: float = 10.0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[DipoleModel, list[dict]]:
     """Train on frames' |mu| (QM9's "train" split: never pass test molecules); returns the EMA model
     with the best validation MAE and the history. `out`: folder for best.pt (optional)."""
     _labels(frames)
@@ -84,7 +102,7 @@ def train_dipole(frames: Frames, config: ModelConfig, out: str | Path | None = N
         order = np.random.default_rng(seed * 1_000_003 + epoch).permutation(len(train_ds))
         losses = []
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             batch = train_ds.collate(index).to("cpu", torch.float32)
             loss = ((model.dipole_debye(batch) - mu_train[index].float()) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -104,6 +122,9 @@ def train_dipole(frames: Frames, config: ModelConfig, out: str | Path | None = N
     model.eval()
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        save_dipole_model(Path(out) / "best.pt", model, {"history": history, "n_train": len(train_ds),
-                                                         "n_val": len(val_ds), "best_val_mu_mae_debye": best})
+        save_dipole_model(
+            Path(out) / "best.pt",
+            model,
+            {"history": history, "n_train": len(train_ds), "n_val": len(val_ds), "best_val_mu_mae_debye": best},
+        )
     return model, history

@@ -1,4 +1,5 @@
 """Exponential moving average of the weights (evaluated and saved instead of the raw weights)."""
+
 import copy
 
 import torch

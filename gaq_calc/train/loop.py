@@ -9,6 +9,7 @@ Energy-only data (`Frames.forces is None`, e.g. QM9) train on the energy term al
 energy is evaluated without its position gradient (no double backward), unless the LEE regularizer
 asks for forces.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,8 +61,11 @@ def distilled_targets(frames, cfg: TrainConfig):
     species = [int(z) for z in teacher.atomic_numbers.tolist()]
     energies, forces = predict(teacher, GraphDataset(frames, species, teacher.cutoff), batch_size=32)
     w = cfg.distill_weight
-    return replace(frames, energies=w * energies + (1 - w) * frames.energies,
-                   forces=None if forces is None else [w * f + (1 - w) * t for f, t in zip(forces, frames.forces)])
+    return replace(
+        frames,
+        energies=w * energies + (1 - w) * frames.energies,
+        forces=None if forces is None else [w * f + (1 - w) * t for f, t in zip(forces, frames.forces)],
+    )
 
 
 def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPotential:
@@ -77,8 +81,11 @@ def build_model(cfg: TrainConfig, train_frames, calibration_batches) -> GAQPoten
             torch.manual_seed(cfg.seed)
             model = GAQPotential(cfg.model).to(dtype)
         ref = fit_reference_energies(train_frames, cfg.model.species)
-        scale = (force_rms(train_frames.forces) if train_frames.has_forces
-                 else residual_energy_scale(train_frames, ref, cfg.model.species))
+        scale = (
+            force_rms(train_frames.forces)
+            if train_frames.has_forces
+            else residual_energy_scale(train_frames, ref, cfg.model.species)
+        )
         model.set_energy_reference(ref, scale)
     if cfg.quant:
         from gaq_calc.quant import calibrate, prepare, preset
@@ -200,17 +207,30 @@ def train(
     mean_atoms = float(np.mean([len(n) for n in val_frames.numbers]))
 
     # QAT only: activation ranges from the first 64 training frames, in batches of 16
-    calibration = [train_ds.collate(np.arange(k, min(k + 16, len(train_ds))))
-                   for k in range(0, min(64, len(train_ds)), 16)] if cfg.quant else []
+    calibration = (
+        [train_ds.collate(np.arange(k, min(k + 16, len(train_ds)))) for k in range(0, min(64, len(train_ds)), 16)]
+        if cfg.quant
+        else []
+    )
     model = build_model(cfg, train_frames, calibration)
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {
-        "epoch": 0, "train_seconds": 0.0, "history": [], "best_val_loss": math.inf,
-        "plateau_lr": cfg.lr, "plateau_best": math.inf, "plateau_bad": 0, "snapshot_done": False,
-        "commands": [], "train_cpu_seconds": 0.0,
+        "epoch": 0,
+        "train_seconds": 0.0,
+        "history": [],
+        "best_val_loss": math.inf,
+        "plateau_lr": cfg.lr,
+        "plateau_best": math.inf,
+        "plateau_bad": 0,
+        "snapshot_done": False,
+        "commands": [],
+        "train_cpu_seconds": 0.0,
         # inside an epoch (checkpoint_minutes): batches done, their losses, seconds spent
-        "step": 0, "epoch_losses": [], "epoch_seconds": 0.0, "epoch_cpu_seconds": 0.0,
+        "step": 0,
+        "epoch_losses": [],
+        "epoch_seconds": 0.0,
+        "epoch_cpu_seconds": 0.0,
     }
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -221,30 +241,44 @@ def train(
         ema.model.load_state_dict(upgrade_state_dict(ema.model, ckpt["ema"]))
         optimizer.load_state_dict(_upgrade_optimizer_state(model, ckpt["model"], ckpt["optimizer"]))
         state = ckpt["state"]
-        for key, value in (("train_cpu_seconds", 0.0), ("step", 0), ("epoch_losses", []), ("epoch_seconds", 0.0),
-                           ("epoch_cpu_seconds", 0.0)):
+        for key, value in (
+            ("train_cpu_seconds", 0.0),
+            ("step", 0),
+            ("epoch_losses", []),
+            ("epoch_seconds", 0.0),
+            ("epoch_cpu_seconds", 0.0),
+        ):
             state.setdefault(key, value)  # checkpoints written before these existed
-        log(f"resumed from {ckpt_path} at epoch {state['epoch']}"
+        log(
+            f"resumed from {ckpt_path} at epoch {state['epoch']}"
             + (f", step {state['step']}" if state["step"] else "")
-            + f" ({(state['train_seconds'] + state['epoch_seconds']) / 60:.1f} min trained)")
+            + f" ({(state['train_seconds'] + state['epoch_seconds']) / 60:.1f} min trained)"
+        )
     state["commands"].append(command)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def save_checkpoint() -> None:
         atomic_save(
             {
-                "config": cfg.to_dict(), "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "optimizer": optimizer.state_dict(), "state": state,
+                "config": cfg.to_dict(),
+                "model": model.state_dict(),
+                "ema": ema.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "state": state,
             },
             ckpt_path,
         )
 
     def metadata() -> dict:
         return {
-            "train_data": str(cfg.train_data), "n_train": len(train_frames), "n_val": len(val_frames),
-            "epochs": state["epoch"], "train_seconds": state["train_seconds"],
+            "train_data": str(cfg.train_data),
+            "n_train": len(train_frames),
+            "n_val": len(val_frames),
+            "epochs": state["epoch"],
+            "train_seconds": state["train_seconds"],
             "train_cpu_seconds": state["train_cpu_seconds"],
-            "commands": list(state["commands"]), "train_config": cfg.to_dict(),
+            "commands": list(state["commands"]),
+            "train_config": cfg.to_dict(),
             "torch_version": str(torch.__version__),
         }
 
@@ -278,18 +312,38 @@ def train(
         n_batches = math.ceil(len(train_ds) / cfg.batch_size)
         last_save = time.perf_counter()
         stopped_inside = False
-        for step, batch in enumerate(tqdm(batches, total=n_batches, initial=first, disable=not progress,
-                                          desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False), start=first):
+        for step, batch in enumerate(
+            tqdm(
+                batches,
+                total=n_batches,
+                initial=first,
+                disable=not progress,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+            ),
+            start=first,
+        ):
             batch = batch.to("cpu", dtype)
             if energy_only and cfg.lee_weight <= 0:  # no force labels: the energy alone, no double backward
-                energy, forces = model(batch.species, batch.positions, batch.receivers, batch.senders,
-                                       batch.shifts, batch.batch, batch.n_graphs), None
+                energy, forces = (
+                    model(
+                        batch.species,
+                        batch.positions,
+                        batch.receivers,
+                        batch.senders,
+                        batch.shifts,
+                        batch.batch,
+                        batch.n_graphs,
+                    ),
+                    None,
+                )
             else:
                 energy, forces = energy_and_forces(model, batch, training=True)
             loss = loss_fn(energy, forces, batch, cfg)
             if cfg.lee_weight > 0:
                 loss = loss + cfg.lee_weight * lee_penalty(
-                    model, batch, forces, seed=cfg.seed * 1_000_003 + epoch * 10_007 + step)
+                    model, batch, forces, seed=cfg.seed * 1_000_003 + epoch * 10_007 + step
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -301,11 +355,16 @@ def train(
             now = time.perf_counter()
             out_of_time = cfg.max_minutes is not None and (now - run_start) / 60 >= cfg.max_minutes
             stop_now = (stop_after_steps is not None and steps_this_run >= stop_after_steps) or (
-                out_of_time and cfg.checkpoint_minutes is not None)
+                out_of_time and cfg.checkpoint_minutes is not None
+            )
             due = cfg.checkpoint_minutes is not None and (now - last_save) / 60 >= cfg.checkpoint_minutes
             if step + 1 < n_batches and (stop_now or due):
-                state.update(step=step + 1, epoch_losses=list(losses), epoch_seconds=now - t0,
-                             epoch_cpu_seconds=time.process_time() - c0)
+                state.update(
+                    step=step + 1,
+                    epoch_losses=list(losses),
+                    epoch_seconds=now - t0,
+                    epoch_cpu_seconds=time.process_time() - c0,
+                )
                 save_checkpoint()
                 last_save = time.perf_counter()
                 if stop_now:
@@ -320,15 +379,19 @@ def train(
         val = error_metrics(ema.model, val_ds)
         # model selection on the validation frames only, same weighting as the training loss
         # (plain floats only: checkpoints must load with weights_only=True, which refuses numpy scalars)
-        val_loss = float(cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / mean_atoms) ** 2
-                         + (cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2 if "force_rmse_meV_per_A" in val
-                            else 0.0))
+        val_loss = float(
+            cfg.energy_weight * (val["energy_rmse_meV"] / 1000 / mean_atoms) ** 2
+            + (cfg.force_weight * (val["force_rmse_meV_per_A"] / 1000) ** 2 if "force_rmse_meV_per_A" in val else 0.0)
+        )
         state["epoch"] = epoch + 1
         state["train_seconds"] += time.perf_counter() - t0
         state["train_cpu_seconds"] += time.process_time() - c0
         state.update(step=0, epoch_losses=[], epoch_seconds=0.0, epoch_cpu_seconds=0.0)
         row = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
             "val_energy_mae_meV": val["energy_mae_meV"],
             **({"val_force_mae_meV_per_A": val["force_mae_meV_per_A"]} if "force_mae_meV_per_A" in val else {}),
             "train_minutes": state["train_seconds"] / 60,
@@ -347,8 +410,11 @@ def train(
             save_model(out / BEST, ema.model, {**metadata(), "selected_epoch": epoch + 1, "val": val})
         if not state["snapshot_done"] and state["train_seconds"] >= cfg.snapshot_minutes * 60:
             state["snapshot_done"] = True
-            save_model(out / SNAPSHOT.format(minutes=cfg.snapshot_minutes), ema.model,
-                       {**metadata(), "snapshot_minutes": cfg.snapshot_minutes, "val": val})
+            save_model(
+                out / SNAPSHOT.format(minutes=cfg.snapshot_minutes),
+                ema.model,
+                {**metadata(), "snapshot_minutes": cfg.snapshot_minutes, "val": val},
+            )
         force_txt = f" F {val['force_mae_meV_per_A']:.2f} meV/A" if "force_mae_meV_per_A" in val else ""
         log(
             f"epoch {epoch + 1}: lr {lr:.2e} loss {row['train_loss']:.3e} | val E {val['energy_mae_meV']:.2f} meV"
@@ -357,8 +423,12 @@ def train(
         epochs_this_run += 1
         last = state["epoch"] >= cfg.epochs
         out_of_time = cfg.max_minutes is not None and (time.perf_counter() - run_start) / 60 >= cfg.max_minutes
-        stop = (last or out_of_time or (stop_after_epochs is not None and epochs_this_run >= stop_after_epochs)
-                or (stop_after_steps is not None and steps_this_run >= stop_after_steps))
+        stop = (
+            last
+            or out_of_time
+            or (stop_after_epochs is not None and epochs_this_run >= stop_after_epochs)
+            or (stop_after_steps is not None and steps_this_run >= stop_after_steps)
+        )
         if stop or state["epoch"] % cfg.checkpoint_every == 0:
             save_checkpoint()
             _write_log(out, state["history"])
@@ -367,6 +437,12 @@ def train(
             break
     if state["epoch"] >= cfg.epochs:
         save_model(out / FINAL, ema.model, metadata())
-        _finalize_best(out, {"epochs_total": state["epoch"], "train_seconds_total": state["train_seconds"],
-                             "train_cpu_seconds_total": state["train_cpu_seconds"]})
+        _finalize_best(
+            out,
+            {
+                "epochs_total": state["epoch"],
+                "train_seconds_total": state["train_seconds"],
+                "train_cpu_seconds_total": state["train_cpu_seconds"],
+            },
+        )
     return out

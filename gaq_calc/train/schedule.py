@@ -1,4 +1,5 @@
 """Learning-rate schedules as pure functions of the epoch, so a resumed run recomputes them exactly."""
+
 import math
 
 
