@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 def refuse_existing_output(out: Path, restart: bool) -> bool:
@@ -33,3 +34,20 @@ def headline(summary: dict, ensemble: str) -> str:
         f"{speed_text} ns/day, mean T {summary.get('mean_temperature_K', float('nan')):.0f} K "
         f"({summary.get('status')})"
     )
+
+
+def run_protocol(args, protocol: str, run: Callable) -> int:
+    """The shared body of gaq-nve and gaq-nvt: refuse a used output folder (before the model loads when
+    --out is given, else once setup has named the folder), set up, run(atoms, out, metadata) -> summary,
+    report it and print the one-line result. Returns the exit status."""
+    from gaq_calc.md.cli import EXIT_USAGE, report, setup
+
+    if args.out and refuse_existing_output(Path(args.out), args.restart):
+        return EXIT_USAGE
+    atoms, out, metadata = setup(args, protocol)
+    if refuse_existing_output(out, args.restart):
+        return EXIT_USAGE
+    summary = run(atoms, out, metadata)
+    status = report(summary, out)
+    print(headline(summary, protocol))
+    return status

@@ -12,20 +12,16 @@ continue its run with --restart.
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from gaq_calc.cli.md_common import headline, refuse_existing_output
+from gaq_calc.cli.md_common import run_protocol
 from gaq_calc.md.cli import (
-    EXIT_USAGE,
     ArgumentParser,
     add_common_arguments,
     add_thermostat_arguments,
     check_arguments,
     n_steps,
-    report,
     run_main,
     settings_from_args,
-    setup,
 )
 from gaq_calc.md.protocols import run_nve
 
@@ -49,23 +45,19 @@ def main(argv=None) -> int:
             settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
             n_steps=n_steps(args.equilibrate_ps, args.timestep),
         )
-        if args.out and refuse_existing_output(Path(args.out), args.restart):
-            return EXIT_USAGE
-        atoms, out, metadata = setup(args, "nve")
-        if refuse_existing_output(out, args.restart):
-            return EXIT_USAGE
-        summary = run_nve(
-            atoms,
-            settings,
-            out,
-            equilibration=equilibration,
-            restart=args.restart,
-            progress=not args.no_progress,
-            metadata=metadata,
+        return run_protocol(
+            args,
+            "nve",
+            lambda atoms, out, metadata: run_nve(
+                atoms,
+                settings,
+                out,
+                equilibration=equilibration,
+                restart=args.restart,
+                progress=not args.no_progress,
+                metadata=metadata,
+            ),
         )
-        status = report(summary, out)
-        print(headline(summary, "nve"))
-        return status
 
     return run_main(go)
 

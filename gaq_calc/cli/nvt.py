@@ -8,19 +8,15 @@ into a folder holding files, except to continue its run with --restart.
 
 import argparse
 import sys
-from pathlib import Path
 
-from gaq_calc.cli.md_common import headline, refuse_existing_output
+from gaq_calc.cli.md_common import run_protocol
 from gaq_calc.md.cli import (
-    EXIT_USAGE,
     ArgumentParser,
     add_common_arguments,
     add_thermostat_arguments,
     check_arguments,
-    report,
     run_main,
     settings_from_args,
-    setup,
 )
 from gaq_calc.md.protocols import run_nvt
 
@@ -34,15 +30,13 @@ def main(argv=None) -> int:
     def go() -> int:
         check_arguments(args)
         settings = settings_from_args(args, "nvt", args.thermostat, args.time_ps)
-        if args.out and refuse_existing_output(Path(args.out), args.restart):
-            return EXIT_USAGE
-        atoms, out, metadata = setup(args, "nvt")
-        if refuse_existing_output(out, args.restart):
-            return EXIT_USAGE
-        summary = run_nvt(atoms, settings, out, restart=args.restart, progress=not args.no_progress, metadata=metadata)
-        status = report(summary, out)
-        print(headline(summary, "nvt"))
-        return status
+        return run_protocol(
+            args,
+            "nvt",
+            lambda atoms, out, metadata: run_nvt(
+                atoms, settings, out, restart=args.restart, progress=not args.no_progress, metadata=metadata
+            ),
+        )
 
     return run_main(go)
 
