@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from gaq_calc.data.graphs import GraphDataset
-from gaq_calc.model.network import energy_and_forces
+from gaq_calc.model.network import energy, energy_and_forces
 from gaq_calc.units import MEV_PER_EV
 
 
@@ -25,15 +25,7 @@ def predict(model, dataset: GraphDataset, batch_size: int = 32, with_forces: boo
         batch = batch.to(device, dtype)
         if not with_forces:
             with torch.no_grad():
-                e = model(
-                    batch.species,
-                    batch.positions,
-                    batch.receivers,
-                    batch.senders,
-                    batch.shifts,
-                    batch.batch,
-                    batch.n_graphs,
-                )
+                e = energy(model, batch)
             energies.append(e.detach().cpu().numpy())
             continue
         e, f = energy_and_forces(model, batch)

@@ -131,6 +131,13 @@ class EnergyForces(nn.Module):
         return energy.detach(), -grad
 
 
+def energy(model: GAQPotential, batch) -> torch.Tensor:
+    """Total energies [n_graphs] (float64) of a GraphBatch, without forces (energy-only data)."""
+    return model(
+        batch.species, batch.positions, batch.receivers, batch.senders, batch.shifts, batch.batch, batch.n_graphs
+    )
+
+
 def energy_and_forces(model: GAQPotential, batch, training: bool = False):
     """Total energies [n_graphs] (float64) and forces [n_atoms, 3] = -dE/dr (autograd)."""
     positions = batch.positions

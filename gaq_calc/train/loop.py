@@ -27,6 +27,7 @@ from gaq_calc.data import GraphDataset, fit_reference_energies, read_frames, tra
 from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
+from gaq_calc.model import energy as graph_energy
 from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, upgrade_state_dict, write_model_file
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
@@ -325,18 +326,7 @@ def train(
         ):
             batch = batch.to("cpu", dtype)
             if energy_only and cfg.lee_weight <= 0:  # no force labels: the energy alone, no double backward
-                energy, forces = (
-                    model(
-                        batch.species,
-                        batch.positions,
-                        batch.receivers,
-                        batch.senders,
-                        batch.shifts,
-                        batch.batch,
-                        batch.n_graphs,
-                    ),
-                    None,
-                )
+                energy, forces = graph_energy(model, batch), None
             else:
                 energy, forces = energy_and_forces(model, batch, training=True)
             loss = loss_fn(energy, forces, batch, cfg)
