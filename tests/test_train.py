@@ -1,3 +1,5 @@
+import csv
+
 """Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
 
 import itertools
@@ -10,7 +12,7 @@ from helpers import tiny_config
 
 from gaq_calc.cli.train import parse_config
 from gaq_calc.train import TrainConfig, train
-from gaq_calc.train.schedule import cosine_lr
+from gaq_calc.train.schedule import cosine_lr, step_cosine_lr
 
 
 def _config(tmp_path, name, data_file, **kw) -> TrainConfig:
@@ -102,6 +104,23 @@ def test_cosine_schedule_shape():
     lrs = [cosine_lr(e, 1e-2, 1e-5, 2, 10) for e in range(10)]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
     assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+
+
+def test_step_cosine_schedule_warms_up_then_anneals_to_min_lr_at_the_last_step():
+    steps = [e + k / 100 for e in range(4) for k in range(100)] + [4.0]
+    lrs = [step_cosine_lr(t, 1e-3, 1e-6, 0.05, 4) for t in steps]
+    assert 0 < lrs[0] < 1e-4 and lrs[5] == pytest.approx(1e-3)  # linear warm-up over 5 of 100 steps
+    assert all(a >= b for a, b in itertools.pairwise(lrs[5:]))
+    assert lrs[-1] == pytest.approx(1e-6) and lrs[-2] < 2e-6
+
+
+def test_cosine_steps_schedule_sets_the_lr_before_every_step(tmp_path, small_data):
+    cfg = _config(tmp_path, "steps", small_data, epochs=2, schedule="cosine_steps", warmup_epochs=0.5, min_lr=1e-6)
+    train(cfg, progress=False, log=lambda s: None)
+    with open(tmp_path / "steps" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] < 3e-3 and lrs[-1] < 0.1 * 3e-3  # the last step of the last epoch is near min_lr
 
 
 def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path, small_data):

@@ -21,8 +21,8 @@ class TrainConfig:
     lr: float = 5e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.0
-    warmup_epochs: int = 2
-    schedule: str = "cosine"  # cosine | plateau
+    warmup_epochs: float = 2  # whole epochs except with cosine_steps
+    schedule: str = "cosine"  # cosine (per epoch) | cosine_steps (per step) | plateau
     plateau_patience: int = 10
     plateau_factor: float = 0.5
     ema_decay: float = 0.99

@@ -32,7 +32,7 @@ from gaq_calc.model.serialization import atomic_save, read_model_file, save_mode
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
-from gaq_calc.train.schedule import cosine_lr
+from gaq_calc.train.schedule import cosine_lr, step_cosine_lr
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -293,6 +293,8 @@ def train(
         c0 = time.process_time() - state["epoch_cpu_seconds"]
         if cfg.schedule == "cosine":
             lr = cosine_lr(epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+        elif cfg.schedule == "cosine_steps":  # set again before every step below
+            lr = step_cosine_lr(epoch, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
         elif cfg.schedule == "plateau":
             lr = state["plateau_lr"] * min(1.0, (epoch + 1) / max(1, cfg.warmup_epochs))
         else:
@@ -325,6 +327,10 @@ def train(
             start=first,
         ):
             batch = batch.to("cpu", dtype)
+            if cfg.schedule == "cosine_steps":
+                lr = step_cosine_lr(epoch + step / n_batches, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             if energy_only and cfg.lee_weight <= 0:  # no force labels: the energy alone, no double backward
                 energy, forces = graph_energy(model, batch), None
             else:
