@@ -271,13 +271,18 @@ def test_gaq_report_qm9_table(tmp_path, monkeypatch):
             }
         )
     )
-    (folder / "log.csv").write_text("epoch,val_energy_mae_meV\n1,90\n2,30\n3,20\n4,15\n5,14\n")
+    (folder / "log.csv").write_text(
+        "epoch,lr,val_energy_mae_meV,train_minutes\n"
+        + "".join(f"{e},{1e-3 / e},{mae},{18 * e}\n" for e, mae in enumerate([90, 30, 20, 15, 14], start=1))
+    )
     report.main(["--readme", str(readme), "--results", str(tmp_path / "results")])
     text = readme.read_text()
     assert (
         "| qm9_u0_fp32 | fp32 | – | FP32 | 13087 | 12.35 | 0.0012 | 2.0e-11 | yes | 120 | 1200 | 1.00x | 36.0 |" in text
     )
     assert "| qm9_u0_w4a8 | – | – | – | – | not trained yet |" in text
+    assert "| qm9_u0_fp32 | 1 | 1.0e-03 | 18 | 90.00 |" in text  # the learning curve, one row an epoch
+    assert "| qm9_u0_fp32 | 5 | 2.0e-04 | 90 | 14.00 |" in text
     results_block = text.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     assert "qm9_u0_fp32" not in results_block  # energy-only cards stay out of the rMD17 table
 

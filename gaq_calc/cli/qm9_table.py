@@ -5,6 +5,7 @@ A planned model without a card gets a "not trained yet" row: no number is ever m
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -57,4 +58,33 @@ def qm9_table(models: Path) -> str:
             f"{fmt(fp_bytes / size if fp_bytes and size else None, '.2f')}{'x' if fp_bytes and size else ''} | "
             f"{fmt(training.get('cpu_hours'), '.1f')} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows) + qm9_learning_curves(models)
+
+
+def qm9_learning_curves(models: Path) -> str:
+    """Validation E MAE after every epoch of every shipped QM9 model (its log.csv), so the distance to a
+    converged model is visible: the budgeted runs stop long before the curve flattens."""
+    rows = []
+    for name in sorted({p.parent.name for p in models.glob("qm9_*/log.csv")}, key=_order):
+        with open(models / name / "log.csv") as fh:
+            for r in csv.DictReader(fh):
+                rows.append(
+                    f"| {name} | {r['epoch']} | {float(r['lr']):.1e} | {float(r['train_minutes']):.0f} | "
+                    f"{float(r['val_energy_mae_meV']):.2f} |"
+                )
+    if not rows:
+        return ""
+    head = [
+        "",
+        "",
+        "Learning curves (`models/qm9_*/log.csv`): validation E MAE of the EMA weights after each epoch, on the "
+        "10,000 validation molecules.",
+        "",
+        "| model | epoch | learning rate at its end | training minutes | val E MAE (meV) |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows)
+
+
+def _order(name: str) -> tuple:
+    return (QM9_MODELS.index(name) if name in QM9_MODELS else len(QM9_MODELS), name)

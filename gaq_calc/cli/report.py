@@ -363,7 +363,7 @@ def update_readme(
         source = "results/quant_sensitivity/azobenzene_w4a8.json"
         text = replace_block(text, SENSITIVITY, sensitivity_table(REPO / source), source)
     if qm9 is not None and QM9[0] in text:
-        text = replace_block(text, QM9, qm9, "models/qm9_*/card*.json")
+        text = replace_block(text, QM9, qm9, "models/qm9_*/card*.json and log.csv")
     text = replace_block(text, MD, md, "results/md/*/summary.json")
     for markers, name in ((DEPLOY, "deploy"), (KERNELS, "kernel_agreement")):
         path = REPO / "benchmarks" / "results" / f"{name}.json"
