@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gaq_calc.calculator import KERNELS
 from gaq_calc.ipi import DEFAULT_PORT, DEFAULT_SOCKETS_PREFIX
-from gaq_calc.quant import MODES
+from gaq_calc.md.cli import add_model_arguments
 
 EXIT_CONNECTION = 1
 EXIT_BAD_INPUT = 2
@@ -37,27 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gaq-ipi", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        default="azobenzene_fp32",
-        help="shipped model name, model folder, model file or artifact (e.g. azobenzene_w4a8.pt)",
-    )
-    g.add_argument(
-        "--mode",
-        default="conservative",
-        choices=MODES,
-        help="quantized models: conservative (default; exact forces) or quantized (8-bit activations)",
-    )
-    g.add_argument("--kernel", default="auto", choices=KERNELS, help="calculator kernel (default auto)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads (default: torch's choice; give 1 when several clients share a machine)",
-    )
+    add_model_arguments(parser.add_argument_group("model"))
     g = parser.add_argument_group("structure template")
     g.add_argument(
         "--structure",

@@ -64,28 +64,12 @@ def check_arguments(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number {need}, not {value}")
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model and structure")
+def add_model_arguments(g) -> None:
+    """The model options of every program that drives a GAQCalculator (gaq-nve, gaq-nvt, gaq-ipi)."""
     g.add_argument(
         "--model",
         default="azobenzene_fp32",
-        help="shipped model name (e.g. azobenzene_fp32), model folder or model file",
-    )
-    g.add_argument(
-        "--structure",
-        default=None,
-        help="starting structure: any ASE-readable file, or a shipped rMD17 molecule name "
-        "(default: first training frame of the shipped rMD17 azobenzene split)",
-    )
-    g.add_argument("--frame", type=int, default=0, help="frame of --structure to start from (default 0)")
-    g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    g.add_argument(
-        "--kernel",
-        default="auto",
-        choices=KERNELS,
-        help="calculator kernel (default auto: the fused C++ kernel where it applies)",
+        help="shipped model name (e.g. azobenzene_fp32), model folder, model file or artifact (azobenzene_w4a8.pt)",
     )
     g.add_argument(
         "--mode",
@@ -95,6 +79,32 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "gradients, energy conserved) or quantized (8-bit activations as trained; forces are "
         "straight-through gradients of an energy with jumps)",
     )
+    g.add_argument(
+        "--kernel",
+        default="auto",
+        choices=KERNELS,
+        help="calculator kernel (default auto: the fused C++ kernel where it applies)",
+    )
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network precision")
+    g.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: torch's choice; give 1 when several processes share a machine)",
+    )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser.add_argument_group("model"))
+    g = parser.add_argument_group("structure")
+    g.add_argument(
+        "--structure",
+        default=None,
+        help="starting structure: any ASE-readable file, or a shipped rMD17 molecule name "
+        "(default: first training frame of the shipped rMD17 azobenzene split)",
+    )
+    g.add_argument("--frame", type=int, default=0, help="frame of --structure to start from (default 0)")
     g = parser.add_argument_group("dynamics")
     g.add_argument("--temperature", type=float, default=300.0, help="temperature in K (default 300)")
     g.add_argument("--timestep", type=float, default=0.5, help="time step in fs (default 0.5)")
