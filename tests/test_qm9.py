@@ -357,9 +357,7 @@ def test_qat_export_and_eval_on_energy_only_data(trained, tmp_path):
     )
     model, meta = load_model(out / "best.pt")
     assert any(isinstance(m, QuantLinear) for m in model.modules()) and meta["train_data"] == "qm9_subset"
-    quantize.main(
-        [str(out / "best.pt"), "--conservative-reference", "--calib-frames", "32", "-o", str(tmp_path / "q.pt")]
-    )
+    quantize.main([str(out / "best.pt"), "--references", "--calib-frames", "32", "-o", str(tmp_path / "q.pt")])
     export.main([str(tmp_path / "q.pt"), "-o", str(tmp_path / "q_artifact.pt")])
     for args, name in (
         ([str(tmp_path / "q.pt")], "card.json"),

@@ -262,6 +262,28 @@ def test_conservative_mode_reference_energies_are_fitted_and_switch_with_the_mod
     torch.testing.assert_close(loaded32.conservative_reference_energies, before + correction, rtol=0, atol=0)
 
 
+def test_quantized_mode_reference_energies_remove_the_mean_error_and_change_no_force(fp_model, ethanol_frames):
+    from gaq_calc.quant import fit_conservative_reference, fit_quantized_reference
+
+    batches = [ethanol_batch(ethanol_frames, [k]) for k in range(6)]
+    q = calibrate(prepare(fp_model, preset("w4a8_frame")), batches, energy_and_forces)
+    before = [energy_and_forces(q, b) for b in batches]
+    refs = q.reference_energies.clone()
+    correction = fit_quantized_reference(q, batches, lambda m, b: energy_and_forces(m, b)[0])
+    torch.testing.assert_close(q.reference_energies, refs + correction, rtol=0, atol=0)
+    after = [energy_and_forces(q, b) for b in batches]
+    errors = [(b.energy - e.detach()).item() for b, (e, _) in zip(batches, after)]
+    assert abs(np.mean(errors)) < 1e-9  # fixed composition: zero mean residual in the quantized mode
+    n_atoms = torch.bincount(batches[0].species, minlength=len(correction)).double()
+    for (e0, f0), (e1, f1) in zip(before, after):  # an exact shift per element: forces and rounding unchanged
+        torch.testing.assert_close(e1 - e0, (n_atoms * correction).sum().reshape(e1.shape).to(e1.dtype))
+        assert torch.equal(f0, f1)
+    # the conservative fit then starts from the corrected references (its residual mean is zero as well)
+    fit_conservative_reference(q, batches, lambda m, b: energy_and_forces(m, b)[0])
+    set_mode(q, "conservative")
+    assert abs(np.mean([(b.energy - energy_and_forces(q, b)[0].detach()).item() for b in batches])) < 1e-9
+
+
 def test_model_files_of_the_previous_layout_load_unchanged(fp_model, ethanol_frames, tmp_path):
     """Model files written before issue 14 kept the quantizers' tensors on QuantLinear (weight_log_step,
     act_log_step, calibrated, codebook) and a live copy of one mode's reference energies: they load into

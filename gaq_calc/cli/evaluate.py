@@ -133,6 +133,12 @@ def main(argv=None) -> None:
         "artifact": artifact,
         "size": {"file_bytes": path.stat().st_size, **({} if artifact else storage_bytes(model))},
         "model_config": metadata["model_config"] if artifact else model.config.to_dict(),
+        # per-element reference energy shifts fitted on training frames (gaq-quantize --references)
+        "reference_fit": {
+            "quantized_shift_eV": metadata.get("quantized_reference_shift_eV"),
+            "conservative_shift_eV": metadata.get("conservative_reference_shift_eV"),
+            "frames": metadata.get("conservative_reference_frames"),
+        },
         "training": {
             "commands": metadata.get("commands", []),
             # best.pt records the epoch it was selected at and, once the run finished, the run's totals

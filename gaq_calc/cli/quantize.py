@@ -4,12 +4,13 @@
 
 Activation ranges are calibrated by min-max over training frames (never test frames); weights are
 quantized as they are, with no training. The output is a model file that gaq-eval and GAQCalculator read.
-Every quantized output also gets its conservative-mode reference energies, fitted on the same frames.
+Every quantized output also gets the reference energies of both of its modes refitted on the same
+frames (bias correction: quant.fit_quantized_reference, then quant.fit_conservative_reference).
 
-    gaq-quantize models/azobenzene_w4a8 --conservative-reference -o models/azobenzene_w4a8/model.pt
+    gaq-quantize models/azobenzene_w4a8 --references -o models/azobenzene_w4a8/model.pt
 
-fits only the conservative mode's per-element reference energies of an already quantized (QAT) model
-on training frames (quant.fit_conservative_reference), leaving everything else as it is.
+refits only those per-element reference energies of an already quantized (QAT) model on training
+frames, leaving everything else as it is (an exact energy shift per element: no force changes).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gaq_calc.loading import load_model
 from gaq_calc.model import energy_and_forces
 from gaq_calc.model.serialization import read_model_file, save_model
 from gaq_calc.models_dir import resolve_model
-from gaq_calc.quant import PRESETS, calibrate, fit_conservative_reference, prepare, preset
+from gaq_calc.quant import PRESETS, calibrate, fit_conservative_reference, fit_quantized_reference, prepare, preset
 
 
 @one_line_errors("gaq-quantize")
@@ -35,10 +36,17 @@ def main(argv=None) -> None:
     )
     parser.add_argument("model", help="FP32 model: shipped name, folder or file")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="PTQ preset (an FP32 input needs one)")
-    parser.add_argument(
+    refit = parser.add_mutually_exclusive_group()
+    refit.add_argument(
+        "--references",
+        action="store_true",
+        help="quantized input: only refit the reference energies of both modes (bias correction on training frames)",
+    )
+    refit.add_argument(
         "--conservative-reference",
         action="store_true",
-        help="quantized input: only fit the conservative mode's reference energies",
+        help="quantized input: only refit the conservative mode's reference energies (the recipe before the "
+        "quantized-mode fit existed)",
     )
     parser.add_argument("-o", "--out", required=True, help="output model file")
     parser.add_argument("--calib-frames", type=int, default=100, help="training frames for calibration")
@@ -47,8 +55,8 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     already = bool(read_model_file(path).get("quant_config"))
-    if already and not args.conservative_reference:
-        parser.error(f"{path} is already quantized; start from an FP32 model (or pass --conservative-reference)")
+    if already and not (args.references or args.conservative_reference):
+        parser.error(f"{path} is already quantized; start from an FP32 model (or pass --references)")
     if not already and not args.preset:
         parser.error("an FP32 model needs --preset")
     model, meta = load_model(path)
@@ -63,7 +71,11 @@ def main(argv=None) -> None:
     else:
         quantized = calibrate(prepare(model, preset(args.preset)), batches, energy_and_forces)
         extra = {"ptq": True, "ptq_preset": args.preset, "ptq_source": str(path), "calib_frames": len(dataset)}
-    correction = fit_conservative_reference(quantized, batches, lambda m, b: energy_and_forces(m, b)[0])
+    energy = lambda m, b: energy_and_forces(m, b)[0]
+    quantized_shift = torch.zeros_like(quantized.reference_energies)
+    if not args.conservative_reference:
+        quantized_shift = fit_quantized_reference(quantized, batches, energy)  # first: the other's base
+    correction = fit_conservative_reference(quantized, batches, energy)
     save_model(
         args.out,
         quantized.eval(),
@@ -71,14 +83,22 @@ def main(argv=None) -> None:
             **meta,
             "commands": list(meta.get("commands", [])) + [command],
             **extra,
+            "quantized_reference_shift_eV": [
+                float(c) + float(old)
+                for c, old in zip(
+                    quantized_shift, meta.get("quantized_reference_shift_eV") or [0.0] * len(quantized_shift)
+                )
+            ],
             "conservative_reference_shift_eV": [float(c) for c in correction],
             "conservative_reference_frames": len(dataset),
         },
     )
-    shift = ", ".join(f"Z={z}: {1000 * float(c):+.1f}" for z, c in zip(model.atomic_numbers.tolist(), correction))
+    z = model.atomic_numbers.tolist()
+    shift = lambda c: ", ".join(f"Z={zi}: {1000 * float(ci):+.1f}" for zi, ci in zip(z, c))
     print(
-        f"{args.preset or 'QAT model'}: {path} -> {args.out}; conservative-mode reference energy "
-        f"corrections (meV, fitted on {len(dataset)} training frames): {shift}"
+        f"{args.preset or 'QAT model'}: {path} -> {args.out}; reference energy corrections (meV, fitted on "
+        f"{len(dataset)} training frames): quantized mode {shift(quantized_shift)}; "
+        f"conservative mode {shift(correction)}"
     )
 
 

@@ -163,6 +163,8 @@ def _levers(card: dict) -> str:
         levers.append("mixed precision")
     if config.get("distill_from"):
         levers.append(f"distillation ({config.get('distill_weight', 1.0):g} x {config['distill_from']})")
+    if any((card.get("reference_fit") or {}).get("quantized_shift_eV") or []):
+        levers.append("quantized-mode reference energies refitted")
     return ", ".join(levers) or ("shipped recipe" if q else "–")
 
 

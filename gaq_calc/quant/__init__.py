@@ -6,6 +6,7 @@ from gaq_calc.quant.api import (
     calibrate,
     convert,
     fit_conservative_reference,
+    fit_quantized_reference,
     prepare,
     set_vector_quantization,
     storage_bytes,
@@ -43,7 +44,8 @@ __all__ = [
     "MODES", "PRESETS", "ActKind", "ActQuantizer", "FrameQuantizer", "IdentityQuantizer", "KMeansQuantizer",
     "LinearQuantizer", "MDDQQuantizer", "PackedLinear", "QuantConfig", "QuantLinear", "WeightQuantizer",
     "calibrate", "check_mode", "convert", "covering_radius", "fake_quantize", "fibonacci_sphere",
-    "fit_conservative_reference", "frame_quantize", "local_frame", "mddq", "nearest_centroid", "pack_int4",
+    "fit_conservative_reference", "fit_quantized_reference", "frame_quantize", "local_frame", "mddq",
+    "nearest_centroid", "pack_int4",
     "prepare", "preset", "qrange", "quantize_direction", "quantize_int", "round_ste", "set_mode",
     "set_vector_quantization", "storage_bytes", "unpack_int4",
 ]  # fmt: skip
