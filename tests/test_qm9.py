@@ -3,6 +3,7 @@ and the calculator on a QM9 molecule."""
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -385,3 +386,30 @@ def test_full_qm9_from_qm9pack_matches_the_subset(subset):
         assert full.properties["mu_debye"][j] == subset.properties["mu_debye"][k]
         np.testing.assert_array_equal(full.numbers[j], subset.numbers[k])
         np.testing.assert_allclose(full.positions[j], subset.positions[k], rtol=0, atol=1e-8)
+
+
+SHIPPED_QM9 = sorted(p.parent.name for p in (Path(__file__).parents[1] / "models").glob("qm9_u0_*/card.json"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_QM9)
+def test_shipped_qm9_model_gives_u0_and_its_gradient(name, subset):
+    """GAQCalculator("qm9_u0_*") on held-out QM9 molecules: U0 in eV near the label, and forces the exact
+    gradient of the energy (finite differences in float64; quantized models in their conservative mode)."""
+    from ase.calculators.fd import calculate_numerical_forces
+
+    from gaq_calc import GAQCalculator
+
+    card = json.loads((Path(__file__).parents[1] / "models" / name / "card.json").read_text())
+    test = subset.subset(np.flatnonzero(is_test_index(subset.ids))[:8])
+    calc = GAQCalculator(name, dtype="float64", **({"mode": "conservative"} if card.get("quantization") else {}))
+    errors = []
+    for numbers, positions, label in zip(test.numbers, test.positions, test.energies):
+        atoms = Atoms(numbers=numbers, positions=positions)
+        atoms.calc = calc
+        errors.append(atoms.get_potential_energy() - label)
+    assert np.mean(np.abs(errors)) < max(10 * card["energy_mae_meV"] / 1000, 0.1)  # eV, U0 scale
+    atoms = Atoms(numbers=test.numbers[0], positions=test.positions[0])
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    fd = calculate_numerical_forces(atoms, eps=1e-4)
+    np.testing.assert_allclose(forces, fd, atol=1e-6 * max(1.0, np.abs(fd).max()) + 1e-7, rtol=1e-5)
