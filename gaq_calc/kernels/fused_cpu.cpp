@@ -836,6 +836,7 @@ struct Pass {
       for (int64_t i = 0; i < n * 2 * H; ++i) {
         T* row = QK + i * D;
         T s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
         const T nrm = std::sqrt(s);
         NR[i] = nrm;
@@ -862,6 +863,7 @@ struct Pass {
           const T* sp = SP + (l * tp.P + p) * H;
           for (int64_t hh = 0; hh < H; ++hh) {
             T cs = 0;
+#pragma omp simd reduction(+ : cs)
             for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
             const T x = std::exp(tpp[hh] * (cs - T(1)) - sp[hh]);
             EX[e * H + hh] = x;
@@ -901,11 +903,13 @@ struct Pass {
           const T* __restrict__ af = AF + e * F;
           const T* __restrict__ vsv = VAL + s * 2 * F;
           const T* __restrict__ vs = vsv + F;
+#pragma omp simd
           for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
           for (int a = 0; a < 3; ++a) {
             const T y = sqrt3 * U[e * 3 + a];
             const T* __restrict__ vsa = V + (s * 3 + a) * F;
             T* __restrict__ vra = V1 + (r * 3 + a) * F;
+#pragma omp simd
             for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
           }
         }
@@ -1083,6 +1087,7 @@ struct Pass {
           const T* __restrict__ vsv = VAL + s * 2 * F;
           const T* __restrict__ vs = vsv + F;
           T* __restrict__ gmy = GMY + e * F;  // sum_a dE/dmsg_a * Y_a
+#pragma omp simd
           for (int64_t f = 0; f < F; ++f) { gmy[f] = 0; gg2[f] = 0; }
           for (int a = 0; a < 3; ++a) {
             const T y = sqrt3 * U[e * 3 + a];
@@ -1097,6 +1102,7 @@ struct Pass {
             }
             GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
           }
+#pragma omp simd
           for (int64_t f = 0; f < F; ++f) {
             const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
             gf0[f] = gsv * af[f];
@@ -1106,6 +1112,7 @@ struct Pass {
           }
           for (int64_t hh = 0; hh < H; ++hh) {
             T su = 0;
+#pragma omp simd reduction(+ : su)
             for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
             GAL[e * H + hh] = su;
           }
@@ -1129,8 +1136,10 @@ struct Pass {
           for (int a = 0; a < 3; ++a) {
             const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
             T* __restrict__ gvin = GVIN + (s * 3 + a) * F;
+#pragma omp simd
             for (int64_t f = 0; f < F; ++f) gvin[f] += gm[f] * f2[f] * af[f];
           }
+#pragma omp simd
           for (int64_t f = 0; f < F; ++f) {
             gvsv[f] += f0[f] * af[f] * gmy[f];
             gvs[f] += ghr[f] * f1[f] * af[f];
@@ -1171,6 +1180,7 @@ struct Pass {
             const T gcos = gpre * std::exp(log_tau[hh]);
             GCOS[e * H + hh] = gcos;
             const T* ks = QK + s * 2 * F + F + hh * D;
+#pragma omp simd
             for (int64_t d = 0; d < D; ++d) gqr[hh * D + d] += gcos * ks[d];
           }
         }
@@ -1185,6 +1195,7 @@ struct Pass {
           for (int64_t hh = 0; hh < H; ++hh) {
             const T gcos = GCOS[e * H + hh];
             const T* qr = QK + r * 2 * F + hh * D;
+#pragma omp simd
             for (int64_t d = 0; d < D; ++d) gks[hh * D + d] += gcos * qr[d];
           }
         }
@@ -1198,6 +1209,7 @@ struct Pass {
       const T nrm = NR[i];
       if (nrm > T(1e-12)) {
         T dotp = 0;
+#pragma omp simd reduction(+ : dotp)
         for (int64_t d = 0; d < D; ++d) dotp += g[d] * qn[d];
         for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - qn[d] * dotp) / nrm;
       } else {
