@@ -151,6 +151,17 @@ void silu_into(const T* x, int64_t numel, T* y) {
   at::silu_out(out, at::from_blob(const_cast<T*>(x), {numel}, opt));
 }
 
+// g *= silu'(z) over m values, the sigmoid by ATen's vectorised kernel (into `scratch`, m values)
+template <typename T>
+void dsilu_mul(const T* z, int64_t m, T* g, T* scratch) {
+  if (m == 0) return;
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor s = at::from_blob(scratch, {m}, opt);
+  at::sigmoid_out(s, at::from_blob(const_cast<T*>(z), {m}, opt));
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) g[i] *= scratch[i] * (T(1) + z[i] * (T(1) - scratch[i]));
+}
+
 // ---- the artifact's "quantized" mode: inputs of Linear layers rounded to integer codes, integer GEMM
 // (int8 activation codes x int8/int4 weight codes, exact integer sums, one rescale per output), and
 // the straight-through backward of QAT (identity inside the clipping range, zero outside).
@@ -939,6 +950,7 @@ struct Pass {
     const T* VM = C.vm;
     T *VN = C.vn, *DT = C.dot, *CI = ws.cin;  // cin = (LN(h1), sqrt(|v_w|^2 + 1) - 1)
     for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
       for (int64_t f = 0; f < F; ++f) {
         T sw = 0, sd = 0;
         for (int a = 0; a < 3; ++a) {
@@ -962,8 +974,10 @@ struct Pass {
     const T *A = C.a;
     for (int64_t i = 0; i < n; ++i) {
       const T* ai = A + i * 3 * F;
+#pragma omp simd
       for (int64_t f = 0; f < F; ++f) h_next[i * F + f] += ai[2 * F + f] + ai[F + f] * DT[i * F + f];
       for (int a = 0; a < 3; ++a)
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) v_next[(i * 3 + a) * F + f] += ai[f] * VM[(i * 3 + a) * 2 * F + f];
     }
   }
@@ -1008,6 +1022,7 @@ struct Pass {
       for (int64_t i = 0; i < n; ++i) {
         const T* ai = A + i * 3 * F;
         T* gai = GA + i * 3 * F;
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) {
           const T g = GH[i * F + f];
           T s = 0;
@@ -1026,16 +1041,13 @@ struct Pass {
       }
     }
     qlinear_backward(Ly.ex_out, ws.ga, n, C.m_eout, ws.gz2);  // [n, F]
-    {
-      const T* Z = C.z2;
-      T* G = ws.gz2;
-      for (int64_t i = 0; i < n * F; ++i) G[i] *= dsilu(Z[i]);
-    }
+    dsilu_mul(C.z2, n * F, ws.gz2, ws.scratch);
     qlinear_backward(Ly.ex_in, ws.gz2, n, C.m_ein, ws.gc);  // [n, 2F]
     {
       const T *GC = ws.gc, *VM = C.vm, *VN = C.vn;
       T* GVM = ws.gvm;
       for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) {
           const T k = GC[i * 2 * F + F + f] / (VN[i * F + f] + T(1));
           for (int a = 0; a < 3; ++a) GVM[(i * 3 + a) * 2 * F + F + f] += k * VM[(i * 3 + a) * 2 * F + F + f];
@@ -1252,8 +1264,7 @@ struct Pass {
     if (w.hidden) {
       if (ws.has_m_r2)
         for (int64_t i = 0; i < Pn * w.R; ++i) ga1[i] *= ws.m_r2[i];
-      const T* Z = ws.z1;
-      for (int64_t i = 0; i < Pn * w.R; ++i) ga1[i] *= dsilu(Z[i]);
+      dsilu_mul(ws.z1, Pn * w.R, ga1, ws.scratch);
       qlinear_backward(w.r1, ga1, Pn, ws.m_r1, ws.grbf);
       GB = ws.grbf;
     } else {
