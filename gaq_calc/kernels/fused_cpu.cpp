@@ -176,11 +176,22 @@ struct ActQuant {
   at::Tensor codes_fp;
 };
 
+// activation codes of x and the straight-through mask, in one pass: as int8 (engine 0: `codes`) or, where
+// the GEMM runs in floating-point units (engine 1, q.codes_fp set), straight as floats into `fcodes`
 template <typename T>
-void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes, T* mask) {
+void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes, T* fcodes, T* mask) {
   const T s = T(q.step), lo = T(-q.qmax), hi = T(q.qmax);
+  if (q.codes_fp.defined()) {
+#pragma omp simd
+    for (int64_t i = 0; i < numel; ++i) {
+      const T t = x[i] / s;  // as torch: x / step, clamp, round half to even
+      mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
+      fcodes[i] = std::nearbyint(std::min(std::max(t, lo), hi));
+    }
+    return;
+  }
   for (int64_t i = 0; i < numel; ++i) {
-    const T t = x[i] / s;  // as torch: x / step, clamp, round half to even
+    const T t = x[i] / s;
     mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
     codes[i] = static_cast<int8_t>(std::nearbyint(std::min(std::max(t, lo), hi)));
   }
@@ -197,13 +208,12 @@ __attribute__((noinline)) void rescale_codes(T* Y, int64_t m, int64_t rows, T sa
 // Engine 0: int32 accumulation in a loop. Engine 1 (q.codes_fp set): the same integer products and sums
 // through the BLAS GEMM in floating-point units, exact below 2^24 / 2^53, so both engines give identical
 // bits; at these shapes this int8 loop (and torch._int_mm) is slower than MKL's sgemm.
-// `scratch` holds m * in values (engine 1's codes as floats).
+// Engine 1 reads the codes as floats from `xf` (quantize_codes wrote them there).
 template <typename T>
-void int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const T* bias, int64_t row0,
-                int64_t rows, T* y, T* scratch) {
+void int_linear(const int8_t* xc, const T* xf, int64_t m, int64_t in, const ActQuant& q, const T* bias, int64_t row0,
+                int64_t rows, T* y) {
   if (q.codes_fp.defined()) {
-    for (int64_t i = 0; i < m * in; ++i) scratch[i] = static_cast<T>(xc[i]);
-    linear_nt<T>(scratch, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
+    linear_nt<T>(xf, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
   } else {
     const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
     for (int64_t i = 0; i < m; ++i) {
@@ -265,6 +275,24 @@ void local_frames(const T* v, int64_t n, int64_t C, T* frames, double rel_tol) {
     const T e3[3] = {e1[1] * e2[2] - e1[2] * e2[1], e1[2] * e2[0] - e1[0] * e2[2], e1[0] * e2[1] - e1[1] * e2[0]};
     T* fr = frames + i * 9;
     for (int a = 0; a < 3; ++a) { fr[a] = e1[a]; fr[3 + a] = e2[a]; fr[6 + a] = e3[a]; }
+  }
+}
+
+// y [n, 3, C] = M x [n, 3, C] per atom with M = its frame [3, 3] (rows e1, e2, e3) or, with `transpose`,
+// M^T: the l=1 features in frame coordinates and back (a 3 x 3 matrix per atom, no ATen bmm call)
+template <typename T>
+void frame_apply(const T* frames, int64_t n, const T* x, int64_t C, T* y, bool transpose) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* fr = frames + i * 9;
+    const T* xi = x + i * 3 * C;
+    T* yi = y + i * 3 * C;
+    for (int a = 0; a < 3; ++a) {
+      const T m0 = transpose ? fr[a] : fr[3 * a], m1 = transpose ? fr[3 + a] : fr[3 * a + 1],
+              m2 = transpose ? fr[6 + a] : fr[3 * a + 2];
+      T* __restrict__ ya = yi + a * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) ya[c] = m0 * xi[c] + m1 * xi[C + c] + m2 * xi[2 * C + c];
+    }
   }
 }
 
@@ -610,7 +638,7 @@ struct Workspace {
   std::vector<int8_t> codes, radial_codes;
   int64_t n = -1, E = -1, P = -1;
   // geometry (u, dist per edge) and radial network (per pair)
-  T *u, *dist, *env, *denv, *rbf, *drbf, *z1, *radial_in, *m_r1, *m_r2, *scratch;
+  T *u, *dist, *env, *denv, *rbf, *drbf, *z1, *radial_in, *m_r1, *m_r2, *radial_f, *scratch;
   bool has_m_r1 = false, has_m_r2 = false;
   T *rad;       // [L, P, W]: every layer's filters (sv, s, vv, head bias) per pair
   T *sp, *dsp;  // [L, P, H]: softplus of the head-bias filters and its derivative
@@ -645,6 +673,8 @@ struct Workspace {
     if (w.hidden) { take(z1, P * R); take(radial_in, P * R); } else { z1 = nullptr; radial_in = nullptr; }
     maybe(m_r1, has_m_r1, w.hidden && w.r1.q.kind == 1, P * K);
     maybe(m_r2, has_m_r2, w.r2.q.kind == 1, P * R);
+    bool has_radial_f;  // the filter layer's input codes as floats (engine 1), shared by all layers
+    maybe(radial_f, has_radial_f, w.r2.q.kind == 1, P * R);
     take(scratch, std::max({P * K, P * R, 3 * n * F, 2 * n * F}));
     take(rad, P * L * W); take(sp, P * L * H); take(dsp, P * L * H);
     layer.resize(L);
@@ -764,8 +794,8 @@ struct Pass {
       return;
     }
     TORCH_CHECK(lin.q.kind == 1, "frame quantization is applied by the vector-branch code path");
-    quantize_codes(x, m * lin.in, lin.q, ws.codes.data(), mask);
-    int_linear<T>(ws.codes.data(), m, lin.in, lin.q, lin.B(), 0, lin.out, y, ws.scratch);
+    quantize_codes(x, m * lin.in, lin.q, ws.codes.data(), ws.scratch, mask);
+    int_linear<T>(ws.codes.data(), ws.scratch, m, lin.in, lin.q, lin.B(), 0, lin.out, y);
   }
 
   // gx [m, in] = (gy [m, out] W) * mask: backward of qlinear with respect to its input
@@ -828,7 +858,7 @@ struct Pass {
       radial_in = ws.rbf;
     }
     if (w.r2.q.kind == 1)  // the rounded input of the filter layer, shared by all layers
-      quantize_codes(radial_in, Pn * w.R, w.r2.q, ws.radial_codes.data(), ws.m_r2);
+      quantize_codes(radial_in, Pn * w.R, w.r2.q, ws.radial_codes.data(), ws.radial_f, ws.m_r2);
   }
 
   // every layer's filters [L, P, W] (per pair: half the rows of a per-edge GEMM), and softplus of the
@@ -838,7 +868,7 @@ struct Pass {
     for (int64_t l = 0; l < L; ++l) {
       T* out = ws.rad + l * Pn * W;
       if (w.r2.q.kind == 1)
-        int_linear<T>(ws.radial_codes.data(), Pn, R, w.r2.q, nullptr, l * W, W, out, ws.scratch);
+        int_linear<T>(ws.radial_codes.data(), ws.radial_f, Pn, R, w.r2.q, nullptr, l * W, W, out);
       else
         row_blocks(Pn, [&](int64_t r0, int64_t m) {
           linear_nt<T>(radial_in + r0 * R, m, R, w.r2.W() + l * W * R, W, nullptr, out + r0 * W);
@@ -956,16 +986,12 @@ struct Pass {
     LayerBuf<T>& C = ws.layer[l];
     const int64_t F = w.F;
     const T *lg = Ly.ln_g.template data_ptr<T>(), *lb = Ly.ln_b.template data_ptr<T>();
-    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     if (Ly.vmix.q.kind == 2) {  // components in the local frame rounded; the mix runs in frame coordinates
       local_frames(C.v1, n, F, C.frames, 1e-7);
-      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
-      at::Tensor comp = at::from_blob(ws.comp, {n, 3, F}, opt);
-      at::matmul_out(comp, frames, at::from_blob(C.v1, {n, 3, F}, opt));  // [n, 3, F]
-      quantize_codes(ws.comp, n * 3 * F, Ly.vmix.q, ws.codes.data(), C.m_vm);
-      int_linear<T>(ws.codes.data(), 3 * n, F, Ly.vmix.q, nullptr, 0, 2 * F, ws.yf, ws.scratch);
-      at::Tensor vm = at::from_blob(C.vm, {n, 3, 2 * F}, opt);  // back to Cartesian: (v_u, v_w)
-      at::matmul_out(vm, frames.transpose(1, 2), at::from_blob(ws.yf, {n, 3, 2 * F}, opt));
+      frame_apply(C.frames, n, C.v1, F, ws.comp, false);  // [n, 3, F] components in the frame
+      quantize_codes(ws.comp, n * 3 * F, Ly.vmix.q, ws.codes.data(), ws.scratch, C.m_vm);
+      int_linear<T>(ws.codes.data(), ws.scratch, 3 * n, F, Ly.vmix.q, nullptr, 0, 2 * F, ws.yf);
+      frame_apply(C.frames, n, ws.yf, 2 * F, C.vm, true);  // back to Cartesian: (v_u, v_w)
     } else {
       qlinear(Ly.vmix, C.v1, 3 * n, C.vm, C.m_vm);
     }
@@ -1037,7 +1063,6 @@ struct Pass {
     const auto& Ly = w.layers[l];
     LayerBuf<T>& C = ws.layer[l];
     const int64_t F = w.F;
-    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     {  // h2 = h1 + a_ss + a_sv * dot;  v2 = v1 + a_vv * v_u
       const T *GH = ws.gh, *GV = ws.gv, *A = C.a, *DT = C.dot, *VM = C.vm;
       T *GA = ws.ga, *GVM = ws.gvm;
@@ -1079,11 +1104,9 @@ struct Pass {
     layer_norm_backward(C.h1, Ly.ln_g.template data_ptr<T>(), C.mean1, C.rstd1, ws.gc, 2 * F, ws.gh1, n, F);
     linear_nn<T>(ws.gvm, 3 * n, 2 * F, Ly.vmix.W(), F, ws.gxq);  // d/d(rounded input) [n, 3, F]
     if (C.has_frames) {  // x_q = Fr^T Q(Fr x): straight-through gradient Fr^T M Fr
-      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
-      at::Tensor t1 = at::from_blob(ws.comp, {n, 3, F}, opt), t2 = at::from_blob(ws.tmp3, {n, 3, F}, opt);
-      at::matmul_out(t1, frames, at::from_blob(ws.gxq, {n, 3, F}, opt));
-      t1.mul_(at::from_blob(C.m_vm, {n, 3, F}, opt));
-      at::matmul_out(t2, frames.transpose(1, 2), t1);
+      frame_apply(C.frames, n, ws.gxq, F, ws.comp, false);
+      for (int64_t i = 0; i < n * 3 * F; ++i) ws.comp[i] *= C.m_vm[i];
+      frame_apply(C.frames, n, ws.comp, F, ws.tmp3, true);
       for (int64_t i = 0; i < n * 3 * F; ++i) ws.gv1[i] = ws.gv[i] + ws.tmp3[i];
     } else {
       if (C.has_m_vm)
