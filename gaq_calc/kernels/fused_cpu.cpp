@@ -13,8 +13,10 @@
 // checks and casts them once, and keeps one workspace per graph size: a call allocates only its two
 // outputs. `gaq::energy_forces` is the same computation for one call (it builds a Model each time).
 //
-// Layouts (row-major): h [n, F]; v [n, 3, F]; per-edge filters of layer l [E, W], W = 3F + H:
-// (sv, s, vv filters, head biases).
+// Layouts (row-major): h [n, F]; v [n, 3, F]; filters [L, P, W] per unordered pair (an edge and its
+// reverse have the same length, so the same filters), W = 3F + H: (sv, s, vv filters, head biases).
+// Threads: edge loops are split over atoms (at::parallel_for, torch's thread count), each atom summing
+// its incoming or outgoing edges in edge order, so results are the same bits at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
