@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15 timings in one command, for a quiet machine (nothing else on either core):
-#     bash benchmarks/issue15.sh            # 1 and 2 threads, results/*.json rewritten, then gaq-report
+#     bash benchmarks/issue15.sh    # 1 and 2 threads; rewrites benchmarks/results/{peers,deploy,scaling}.json, then gaq-report
+# From a worktree without its own venv: PY=/work/main/.venv/bin/python PYTHONPATH=$PWD bash benchmarks/issue15.sh
 # Each benchmark runs its calculators side by side in one process per thread count (ratios, not ms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,4 +14,4 @@ $PY benchmarks/scaling.py --threads 1 --repeats 3 --peer --json benchmarks/resul
 # the previous kernel (main before issue 15's kernel work) against this one, MD steps alternated
 $PY benchmarks/kernel_versions.py --base 08c787f --md --threads 1 --rounds 7
 $PY benchmarks/kernel_versions.py --base 08c787f --md --threads 2 --rounds 7
-.venv/bin/gaq-report
+"$(dirname "$PY")/gaq-report"
