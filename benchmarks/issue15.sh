@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+$PY -c "from gaq_calc.kernels.fused import load_extension; load_extension()"  # build once (~1 min), untimed
 $PY benchmarks/peers.py --threads 1 2 --json benchmarks/results/peers.json
 $PY benchmarks/deploy.py --threads 1 2 --json benchmarks/results/deploy.json
 $PY benchmarks/md_step_profile.py --threads 1 --steps 200 --blocks 5
