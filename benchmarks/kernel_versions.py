@@ -70,12 +70,19 @@ class BaseKernel:
     """FusedEnergyForces of the base revision, on torch.ops.gaq_base."""
 
     def __init__(self, module, op, potential, dtype):
+        self.dtype, self.op, self.model = dtype, op, None
+        if hasattr(module, "_cast_weights"):  # named, versioned layout (gaq::Model; from 085197c on)
+            weights, consts = module.gather_parameters(potential)
+            weights = module._cast_weights(weights, dtype, True)
+            self.model = torch.classes.gaq_base.Model(module.LAYOUT_VERSION, weights, consts, dtype == torch.float64)
+            return
         params, self.consts, quant = module.gather_parameters(potential)
         self.quant = module._cast_quantizers(quant, dtype, True)
         self.params = [t.to(dtype) for t in params[:-1]] + [params[-1].to(torch.float64)]
-        self.dtype, self.op = dtype, op
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs):
+        if self.model is not None:
+            return self.model.energy_forces(positions, species, receivers, senders, shifts, batch, int(n_graphs))
         return self.op(
             positions.to(self.dtype),
             species,
@@ -102,8 +109,9 @@ def batches(species_list, cutoff, dtype, sizes=(1, 5)):
 
 
 def kernels(module, op, model: str, mode: str, dtype):
-    from gaq_calc.export import load_artifact, set_mode
+    from gaq_calc.export import load_artifact
     from gaq_calc.kernels import FusedEnergyForces
+    from gaq_calc.quant import set_mode
 
     ef, meta = load_artifact(REPO / "models" / f"azobenzene_{model}.pt")
     if meta.get("quantization"):
@@ -170,7 +178,8 @@ def base_calculator(rev: str, module, op, model: str, mode: str, threads: int):
     calc_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(calc_module)
     calc = calc_module.GAQCalculator(model, **({} if model.endswith("fp32") else {"mode": mode}))
-    from gaq_calc.export import load_artifact, set_mode
+    from gaq_calc.export import load_artifact
+    from gaq_calc.quant import set_mode
 
     ef, meta = load_artifact(REPO / "models" / model)
     if meta.get("quantization"):

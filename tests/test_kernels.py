@@ -190,3 +190,65 @@ def test_scripted_and_eager_artifacts_give_the_same_named_weights(name, mode):
     assert all(torch.equal(ws[k], we[k]) for k in ws)
     assert any(k.endswith(".act") for k in ws) == (mode == "quantized")
     assert torch.ops.gaq.layout_version() == LAYOUT_VERSION
+
+
+def _edges(b, order):
+    """b with its edges (receivers, senders, shifts) taken in `order` (a permutation or a subset)."""
+    import copy
+
+    out = copy.copy(b)
+    out.receivers, out.senders, out.shifts = b.receivers[order], b.senders[order], b.shifts[order]
+    return out
+
+
+def test_fused_takes_edges_in_any_order_and_one_way_edges(ethanol_frames):
+    # the kernel groups edges by receiver and sender and shares distance work between an edge and its
+    # reverse: shuffled edges, and edges whose reverse is missing, must give the autograd numbers, also
+    # when one Model sees these edge lists one after the other (its edge structure is rebuilt)
+    model = randomize(GAQPotential(tiny_config()), seed=8, scale=0.3).double().eval()
+    fused, ref = FusedEnergyForces(model, torch.float64), EnergyForces(model)
+    b = ethanol_batch(ethanol_frames, [1, 6])
+    rng = np.random.default_rng(0)
+    shuffled = _edges(b, torch.from_numpy(rng.permutation(len(b.receivers))))
+    one_way = _edges(b, torch.from_numpy(np.sort(rng.choice(len(b.receivers), len(b.receivers) - 7, replace=False))))
+    for graph in (b, shuffled, one_way, b):
+        e_ref, f_ref = call(ref, graph)
+        e, f = call(fused, graph)
+        torch.testing.assert_close(e, e_ref, rtol=0, atol=1e-9)
+        torch.testing.assert_close(f, f_ref, rtol=0, atol=1e-11)
+
+
+def test_fused_periodic_images_match_autograd(ethanol_frames):
+    # in a small box an atom meets its own images and a pair has several edges with different shifts:
+    # an edge's reverse is the one with the negated shift
+    from gaq_calc.data.graphs import neighbour_graph
+
+    model = randomize(GAQPotential(tiny_config()), seed=9, scale=0.3).double().eval()
+    b = ethanol_batch(ethanol_frames, [3])
+    cell, pbc = np.eye(3) * 4.5, np.array([True, True, False])
+    r, s, shifts = neighbour_graph(b.positions.numpy(), 5.0, cell, pbc)
+    b.receivers, b.senders = torch.from_numpy(r), torch.from_numpy(s)
+    b.shifts = torch.from_numpy(shifts).double()
+    assert (b.receivers == b.senders).any() and b.shifts.abs().max() > 0
+    e_ref, f_ref = call(EnergyForces(model), b)
+    e, f = call(FusedEnergyForces(model, torch.float64), b)
+    torch.testing.assert_close(e, e_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(f, f_ref, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_gives_the_same_bits_at_any_thread_count(ethanol_frames, dtype):
+    # edge loops split over atoms and GEMMs over fixed row blocks: no atomics, sums in a fixed order
+    model = randomize(GAQPotential(tiny_config()), seed=10, scale=0.3).to(dtype).eval()
+    fused = FusedEnergyForces(model, dtype)
+    b = ethanol_batch(ethanol_frames, list(range(12)), dtype)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 1):
+            torch.set_num_threads(threads)
+            results.append(call(fused, b))
+    finally:
+        torch.set_num_threads(before)
+    for e, f in results[1:]:
+        assert torch.equal(e, results[0][0]) and torch.equal(f, results[0][1])

@@ -13,8 +13,10 @@
 // checks and casts them once, and keeps one workspace per graph size: a call allocates only its two
 // outputs. `gaq::energy_forces` is the same computation for one call (it builds a Model each time).
 //
-// Layouts (row-major): h [n, F]; v [n, 3, F]; per-edge filters of layer l [E, W], W = 3F + H:
-// (sv, s, vv filters, head biases).
+// Layouts (row-major): h [n, F]; v [n, 3, F]; filters [L, P, W] per unordered pair (an edge and its
+// reverse have the same length, so the same filters), W = 3F + H: (sv, s, vv filters, head biases).
+// Threads: edge loops are split over atoms (at::parallel_for, torch's thread count), each atom summing
+// its incoming or outgoing edges in edge order, so results are the same bits at any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -151,6 +153,17 @@ void silu_into(const T* x, int64_t numel, T* y) {
   at::silu_out(out, at::from_blob(const_cast<T*>(x), {numel}, opt));
 }
 
+// g *= silu'(z) over m values, the sigmoid by ATen's vectorised kernel (into `scratch`, m values)
+template <typename T>
+void dsilu_mul(const T* z, int64_t m, T* g, T* scratch) {
+  if (m == 0) return;
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor s = at::from_blob(scratch, {m}, opt);
+  at::sigmoid_out(s, at::from_blob(const_cast<T*>(z), {m}, opt));
+#pragma omp simd
+  for (int64_t i = 0; i < m; ++i) g[i] *= scratch[i] * (T(1) + z[i] * (T(1) - scratch[i]));
+}
+
 // ---- the artifact's "quantized" mode: inputs of Linear layers rounded to integer codes, integer GEMM
 // (int8 activation codes x int8/int4 weight codes, exact integer sums, one rescale per output), and
 // the straight-through backward of QAT (identity inside the clipping range, zero outside).
@@ -165,11 +178,22 @@ struct ActQuant {
   at::Tensor codes_fp;
 };
 
+// activation codes of x and the straight-through mask, in one pass: as int8 (engine 0: `codes`) or, where
+// the GEMM runs in floating-point units (engine 1, q.codes_fp set), straight as floats into `fcodes`
 template <typename T>
-void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes, T* mask) {
+void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes, T* fcodes, T* mask) {
   const T s = T(q.step), lo = T(-q.qmax), hi = T(q.qmax);
+  if (q.codes_fp.defined()) {
+#pragma omp simd
+    for (int64_t i = 0; i < numel; ++i) {
+      const T t = x[i] / s;  // as torch: x / step, clamp, round half to even
+      mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
+      fcodes[i] = std::nearbyint(std::min(std::max(t, lo), hi));
+    }
+    return;
+  }
   for (int64_t i = 0; i < numel; ++i) {
-    const T t = x[i] / s;  // as torch: x / step, clamp, round half to even
+    const T t = x[i] / s;
     mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
     codes[i] = static_cast<int8_t>(std::nearbyint(std::min(std::max(t, lo), hi)));
   }
@@ -186,13 +210,12 @@ __attribute__((noinline)) void rescale_codes(T* Y, int64_t m, int64_t rows, T sa
 // Engine 0: int32 accumulation in a loop. Engine 1 (q.codes_fp set): the same integer products and sums
 // through the BLAS GEMM in floating-point units, exact below 2^24 / 2^53, so both engines give identical
 // bits; at these shapes this int8 loop (and torch._int_mm) is slower than MKL's sgemm.
-// `scratch` holds m * in values (engine 1's codes as floats).
+// Engine 1 reads the codes as floats from `xf` (quantize_codes wrote them there).
 template <typename T>
-void int_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, const T* bias, int64_t row0,
-                int64_t rows, T* y, T* scratch) {
+void int_linear(const int8_t* xc, const T* xf, int64_t m, int64_t in, const ActQuant& q, const T* bias, int64_t row0,
+                int64_t rows, T* y) {
   if (q.codes_fp.defined()) {
-    for (int64_t i = 0; i < m * in; ++i) scratch[i] = static_cast<T>(xc[i]);
-    linear_nt<T>(scratch, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
+    linear_nt<T>(xf, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
   } else {
     const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
     for (int64_t i = 0; i < m; ++i) {
@@ -254,6 +277,24 @@ void local_frames(const T* v, int64_t n, int64_t C, T* frames, double rel_tol) {
     const T e3[3] = {e1[1] * e2[2] - e1[2] * e2[1], e1[2] * e2[0] - e1[0] * e2[2], e1[0] * e2[1] - e1[1] * e2[0]};
     T* fr = frames + i * 9;
     for (int a = 0; a < 3; ++a) { fr[a] = e1[a]; fr[3 + a] = e2[a]; fr[6 + a] = e3[a]; }
+  }
+}
+
+// y [n, 3, C] = M x [n, 3, C] per atom with M = its frame [3, 3] (rows e1, e2, e3) or, with `transpose`,
+// M^T: the l=1 features in frame coordinates and back (a 3 x 3 matrix per atom, no ATen bmm call)
+template <typename T>
+void frame_apply(const T* frames, int64_t n, const T* x, int64_t C, T* y, bool transpose) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* fr = frames + i * 9;
+    const T* xi = x + i * 3 * C;
+    T* yi = y + i * 3 * C;
+    for (int a = 0; a < 3; ++a) {
+      const T m0 = transpose ? fr[a] : fr[3 * a], m1 = transpose ? fr[3 + a] : fr[3 * a + 1],
+              m2 = transpose ? fr[6 + a] : fr[3 * a + 2];
+      T* __restrict__ ya = yi + a * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) ya[c] = m0 * xi[c] + m1 * xi[C + c] + m2 * xi[2 * C + c];
+    }
   }
 }
 
@@ -509,11 +550,85 @@ void check_graph(const at::Tensor& positions, const at::Tensor& species, const a
   GAQ_CHECK(n_graphs >= 1, "n_graphs must be >= 1, not ", n_graphs);
 }
 
+// ---- the graph's edge structure, built once per edge list and reused while it stays the same (MD steps
+// between neighbour-list changes): edges grouped by receiver and by sender (counting sort, stable, so an
+// atom's edges keep their order and every per-atom sum runs in the order a serial scatter would), and
+// unordered pairs. An edge (r, s, shift) and its reverse (s, r, -shift) have the same length to the bit
+// (the vector is negated exactly), so the distance, envelope, Bessel basis, radial network and filters are
+// computed once per pair and their gradients summed over the pair's edges.
+struct Topology {
+  int64_t n = -1, E = -1, P = 0;
+  std::vector<int64_t> key_r, key_s;  // the edge list it was built for
+  std::vector<double> key_sh;
+  std::vector<int64_t> rptr, by_rcv;  // edges of receiver i: by_rcv[rptr[i] .. rptr[i + 1]]
+  std::vector<int64_t> sptr, by_snd;  // edges of sender i: by_snd[sptr[i] .. sptr[i + 1]]
+  std::vector<int64_t> pair_of;       // [E] the pair of an edge
+  std::vector<int64_t> pair_e, pair_r;  // [P] the pair's first edge, its reverse (-1: none)
+
+  template <typename T>
+  bool same(int64_t n_, int64_t E_, const int64_t* r, const int64_t* s, const T* sh) const {
+    if (n_ != n || E_ != E) return false;
+    if (!std::equal(r, r + E, key_r.begin()) || !std::equal(s, s + E, key_s.begin())) return false;
+    for (int64_t i = 0; i < 3 * E; ++i)
+      if (static_cast<double>(sh[i]) != key_sh[i]) return false;
+    return true;
+  }
+
+  static void group(const int64_t* key, int64_t n, int64_t E, std::vector<int64_t>& ptr, std::vector<int64_t>& order) {
+    ptr.assign(n + 1, 0);
+    for (int64_t e = 0; e < E; ++e) ++ptr[key[e] + 1];
+    for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
+    std::vector<int64_t> next(ptr.begin(), ptr.end() - 1);
+    order.resize(E);
+    for (int64_t e = 0; e < E; ++e) order[next[key[e]]++] = e;
+  }
+
+  template <typename T>
+  void build(int64_t n_, int64_t E_, const int64_t* r, const int64_t* s, const T* sh) {
+    if (same(n_, E_, r, s, sh)) return;
+    n = n_;
+    E = E_;
+    key_r.assign(r, r + E);
+    key_s.assign(s, s + E);
+    key_sh.assign(sh, sh + 3 * E);
+    group(r, n, E, rptr, by_rcv);
+    group(s, n, E, sptr, by_snd);
+    pair_of.assign(E, -1);
+    pair_e.clear();
+    pair_r.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      if (pair_of[e] >= 0) continue;
+      const int64_t p = static_cast<int64_t>(pair_e.size());
+      pair_of[e] = p;
+      pair_e.push_back(e);
+      int64_t back = -1;  // the reverse edge: receiver s[e], sender r[e], shift -shift[e], not yet paired
+      for (int64_t j = rptr[s[e]]; j < rptr[s[e] + 1] && back < 0; ++j) {
+        const int64_t c = by_rcv[j];
+        if (c != e && pair_of[c] < 0 && s[c] == r[e] && sh[3 * c] == -sh[3 * e] && sh[3 * c + 1] == -sh[3 * e + 1] &&
+            sh[3 * c + 2] == -sh[3 * e + 2])
+          back = c;
+      }
+      if (back >= 0) pair_of[back] = p;
+      pair_r.push_back(back);
+    }
+    P = static_cast<int64_t>(pair_e.size());
+  }
+};
+
+// f(begin, end) over [0, m) split among torch's threads (at::parallel_for: inline at 1 thread, below the
+// grain, or inside another parallel region). Every item (atom, edge, pair) is computed by one thread with
+// its sums in a fixed order, so results do not depend on the thread count or the split.
+template <typename Fn>
+inline void parallel(int64_t m, int64_t grain, const Fn& f) {
+  if (m > 0) at::parallel_for(0, m, grain, f);
+}
+
 // ---- one workspace per graph size: every buffer of a call, carved from one arena (64-byte aligned
-// pieces, like ATen's allocations), grown when a larger graph comes and otherwise reused as is
+// pieces, like ATen's allocations), grown when a larger graph comes and otherwise reused as is.
+// Per-pair buffers (distance-only quantities: Bessel basis, radial network, filters) have P rows.
 template <typename T>
 struct LayerBuf {
-  T *rad, *h, *v, *x, *mean0, *rstd0, *qkn, *qknorm, *ex, *score, *S, *alpha, *af, *val;
+  T *h, *v, *x, *mean0, *rstd0, *qkn, *qknorm, *ex, *score, *S, *alpha, *val;
   T *h1, *v1, *mean1, *rstd1, *vm, *vn, *dot, *z2, *a;
   T *m_qk, *m_v, *m_ein, *m_eout, *m_vm, *frames;  // quantized mode: straight-through masks, frames
   bool has_m_qk, has_m_v, has_m_ein, has_m_eout, has_m_vm, has_frames;
@@ -523,10 +638,12 @@ template <typename T>
 struct Workspace {
   at::Tensor arena;
   std::vector<int8_t> codes, radial_codes;
-  int64_t n = -1, E = -1;
-  // geometry and radial network
-  T *u, *dist, *env, *denv, *rbf, *drbf, *z1, *radial_in, *m_r1, *m_r2, *scratch;
+  int64_t n = -1, E = -1, P = -1;
+  // geometry (u, dist per edge) and radial network (per pair)
+  T *u, *dist, *env, *denv, *rbf, *drbf, *z1, *radial_in, *m_r1, *m_r2, *radial_f, *scratch;
   bool has_m_r1 = false, has_m_r2 = false;
+  T *rad;       // [L, P, W]: every layer's filters (sv, s, vv, head bias) per pair
+  T *sp, *dsp;  // [L, P, H]: softplus of the head-bias filters and its derivative
   std::vector<LayerBuf<T>> layer;
   T *hL, *vL;  // the features after the last layer
   // forward temporaries
@@ -536,10 +653,14 @@ struct Workspace {
   bool has_m_ro1 = false, has_m_ro2 = false;
   // backward
   T *gt, *gy, *gh, *gv, *ga, *gvm, *gz2, *gc, *gh1, *gxq, *gv1, *ghin, *gvin, *gval, *galpha, *gqk, *gS, *gx, *gx2;
-  T *grad_rad, *grad_radial_in, *grbf, *genv, *gY, *tmp3;
+  T *grad_rad;   // [E, W] one layer's filter gradients per edge
+  T *grad_pair;  // [P, W] one layer's filter gradients, summed over each pair's edges
+  T *grad_radial_in, *grbf, *genv, *gY, *tmp3;
+  T *gmy, *gcos, *gvec, *gd;
+  T *af;  // [E, F] alpha per feature channel of the layer at hand (one buffer for all layers: a smaller working set)  // per edge: sum_a dE/dmsg_a Y_a [E, F], dE/dcos [E, H], dE/dvec [E, 3]; per pair dE/dd
 
-  // Carve the arena for a graph of n atoms and E edges: with base == nullptr only count (returns values).
-  int64_t carve(const Weights<T>& w, int64_t n_, int64_t E_, T* base) {
+  // Carve the arena for a graph of n atoms, E edges, P pairs: with base == nullptr only count.
+  int64_t carve(const Weights<T>& w, int64_t n_, int64_t E_, int64_t P_, T* base) {
     const int64_t F = w.F, H = w.H, K = w.K, R = w.R, W = w.W, L = w.L;
     int64_t off = 0;
     auto take = [&](T*& p, int64_t numel) {
@@ -550,19 +671,22 @@ struct Workspace {
       has = cond;
       if (cond) take(p, numel); else p = nullptr;
     };
-    const int64_t n = n_, E = E_;
-    take(u, E * 3); take(dist, E); take(env, E); take(denv, E); take(rbf, E * K); take(drbf, E * K);
-    if (w.hidden) { take(z1, E * R); take(radial_in, E * R); } else { z1 = nullptr; radial_in = nullptr; }
-    maybe(m_r1, has_m_r1, w.hidden && w.r1.q.kind == 1, E * K);
-    maybe(m_r2, has_m_r2, w.r2.q.kind == 1, E * R);
-    take(scratch, std::max({E * K, E * R, 3 * n * F, 2 * n * F}));
+    const int64_t n = n_, E = E_, P = P_;
+    take(u, E * 3); take(dist, E); take(env, P); take(denv, P); take(rbf, P * K); take(drbf, P * K);
+    if (w.hidden) { take(z1, P * R); take(radial_in, P * R); } else { z1 = nullptr; radial_in = nullptr; }
+    maybe(m_r1, has_m_r1, w.hidden && w.r1.q.kind == 1, P * K);
+    maybe(m_r2, has_m_r2, w.r2.q.kind == 1, P * R);
+    bool has_radial_f;  // the filter layer's input codes as floats (engine 1), shared by all layers
+    maybe(radial_f, has_radial_f, w.r2.q.kind == 1, P * R);
+    take(scratch, std::max({P * K, P * R, 3 * n * F, 2 * n * F}));
+    take(rad, P * L * W); take(sp, P * L * H); take(dsp, P * L * H);
     layer.resize(L);
     for (int64_t l = 0; l < L; ++l) {
       auto& B = layer[l];
       const auto& Ly = w.layers[l];
-      take(B.rad, E * W); take(B.h, n * F); take(B.v, n * 3 * F); take(B.x, n * F); take(B.mean0, n);
+      take(B.h, n * F); take(B.v, n * 3 * F); take(B.x, n * F); take(B.mean0, n);
       take(B.rstd0, n); take(B.qkn, n * 2 * F); take(B.qknorm, n * 2 * H); take(B.ex, E * H);
-      take(B.score, E * H); take(B.S, n * H); take(B.alpha, E * H); take(B.af, E * F); take(B.val, n * 2 * F);
+      take(B.score, E * H); take(B.S, n * H); take(B.alpha, E * H); take(B.val, n * 2 * F);
       take(B.h1, n * F); take(B.v1, n * 3 * F); take(B.mean1, n); take(B.rstd1, n); take(B.vm, n * 6 * F);
       take(B.vn, n * F); take(B.dot, n * F); take(B.z2, n * F); take(B.a, n * 3 * F);
       maybe(B.m_qk, B.has_m_qk, Ly.qk.q.kind == 1, n * F);
@@ -581,20 +705,22 @@ struct Workspace {
     take(gvm, n * 6 * F); take(gz2, n * F); take(gc, n * 2 * F); take(gh1, n * F); take(gxq, n * 3 * F);
     take(gv1, n * 3 * F); take(ghin, n * F); take(gvin, n * 3 * F); take(gval, n * 2 * F); take(galpha, E * H);
     take(gqk, n * 2 * F); take(gS, n * H); take(gx, n * F); take(gx2, n * F); take(grad_rad, E * W);
-    take(grad_radial_in, E * R); take(grbf, E * K); take(genv, E); take(gY, E * 3); take(tmp3, n * 3 * F);
+    take(grad_pair, P * W); take(grad_radial_in, P * R); take(grbf, P * K); take(genv, E); take(gY, E * 3);
+    take(tmp3, n * 3 * F); take(gmy, E * F); take(gcos, E * H); take(gvec, E * 3); take(gd, P); take(af, E * F);
     return off;
   }
 
-  void prepare(const Weights<T>& w, int64_t n_, int64_t E_) {
-    if (n_ == n && E_ == E) return;
-    const int64_t need = carve(w, n_, E_, nullptr);
+  void prepare(const Weights<T>& w, int64_t n_, int64_t E_, int64_t P_) {
+    if (n_ == n && E_ == E && P_ == P) return;
+    const int64_t need = carve(w, n_, E_, P_, nullptr);
     if (!arena.defined() || arena.numel() < need)  // grow with room, so that MD's changing edge count fits
       arena = at::empty({need + need / 4}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    carve(w, n_, E_, arena.data_ptr<T>());
-    codes.resize(std::max({E_ * w.K, E_ * w.R, 3 * n_ * w.F, 2 * n_ * w.F, int64_t(1)}));
-    radial_codes.resize(std::max<int64_t>(E_ * w.R, 1));
+    carve(w, n_, E_, P_, arena.data_ptr<T>());
+    codes.resize(std::max({P_ * w.K, P_ * w.R, 3 * n_ * w.F, 2 * n_ * w.F, int64_t(1)}));
+    radial_codes.resize(std::max<int64_t>(P_ * w.R, 1));
     n = n_;
     E = E_;
+    P = P_;
   }
 };
 
@@ -615,14 +741,19 @@ struct StageClock {
   }
 };
 
-// ---- one energy + forces evaluation, stage by stage: forward (geometry, radial filters, then per layer
-// attention, messages, exchange; readout) keeps in the workspace what the reverse pass needs; the reverse
-// pass (readout, then per layer from the last: exchange, messages, attention, each with its filter
-// gradient; radial network; geometry) ends at the forces.
+// ---- one energy + forces evaluation, stage by stage: forward (geometry, radial filters of all layers,
+// then per layer attention, messages, exchange; readout) keeps in the workspace what the reverse pass
+// needs; the reverse pass (readout, then per layer from the last: exchange, messages, attention, each with
+// its filter gradient; radial network; geometry) ends at the forces.
+// Edge loops run over atoms: receiver-side sums over an atom's incoming edges, sender-side sums over its
+// outgoing ones (Topology), each atom owned by one thread: no atomics, the same bits at any thread count.
+constexpr int64_t kAtomGrain = 4;    // atoms per task in edge loops (an azobenzene atom has ~14 edges)
+constexpr int64_t kEdgeGrain = 64;   // edges or pairs per task in per-edge loops
 template <typename T>
 struct Pass {
   const Weights<T>& w;
   Workspace<T>& ws;
+  const Topology& tp;
   StageClock& clock;
   const T* P;        // positions [n, 3]
   const T* SH;       // shifts [E, 3]
@@ -631,7 +762,45 @@ struct Pass {
   const int64_t* snd;
   const int64_t* bat;
   int64_t n, E, G;
+  bool split_gemms;  // small graph (MKL on one thread): the per-pair GEMMs run as row blocks on torch's threads
   const T sqrt3 = std::sqrt(T(3));
+
+  // Per-pair GEMMs of a small graph in fixed blocks of kGemmRows rows, the blocks spread over torch's
+  // threads (a large graph's GEMMs are one call, threaded by MKL itself). The blocks do not depend on the
+  // thread count, so neither do the bits (one sgemm over all rows can round a row differently from one
+  // over a block: measured). At 1 thread the extra calls cost ~1% of a call.
+  static constexpr int64_t kGemmRows = 96;
+  template <typename Fn>
+  void row_blocks(int64_t m, const Fn& gemm) {
+    if (!split_gemms) {
+      gemm(0, m);
+      return;
+    }
+    const int64_t blocks = (m + kGemmRows - 1) / kGemmRows;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int previous = MKL_Set_Num_Threads_Local(1);  // each block on its own thread alone; put back after
+      for (int64_t b = b0; b < b1; ++b) gemm(b * kGemmRows, std::min(m - b * kGemmRows, kGemmRows));
+      MKL_Set_Num_Threads_Local(previous);
+    });
+  }
+
+  int64_t pairs() const { return tp.P; }
+
+  // ws.af [E, F] = layer l's alpha [E, H] per feature channel (the channel's head), written right before
+  // the messages and their backward use it: one [E, F] buffer instead of one per layer kept from the
+  // forward to the backward (at E = 332, 0.4 MB less to stream through the caches every call)
+  void alpha_channels(int64_t l) {
+    const int64_t F = w.F, H = w.H, D = w.D;
+    const T* AL = ws.layer[l].alpha;
+    T* AF = ws.af;
+    parallel(E, kEdgeGrain, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t hh = 0; hh < H; ++hh) std::fill(AF + e * F + hh * D, AF + e * F + (hh + 1) * D, AL[e * H + hh]);
+    });
+  }
+  // layer l's filters of pair p: W values (sv [F], s [F], vv [F], head bias [H]); layer-major [L, P, W], so a
+  // layer's edge loops read one compact block
+  const T* filters(int64_t p, int64_t l) const { return ws.rad + (l * tp.P + p) * w.W; }
 
   // y [m, out] = Q(x) W^T + b, the Linear `lin` with its activation quantizer (kind 1) or none (kind 0);
   // the straight-through mask goes to `mask` (m * in values) when rounding
@@ -641,8 +810,8 @@ struct Pass {
       return;
     }
     TORCH_CHECK(lin.q.kind == 1, "frame quantization is applied by the vector-branch code path");
-    quantize_codes(x, m * lin.in, lin.q, ws.codes.data(), mask);
-    int_linear<T>(ws.codes.data(), m, lin.in, lin.q, lin.B(), 0, lin.out, y, ws.scratch);
+    quantize_codes(x, m * lin.in, lin.q, ws.codes.data(), ws.scratch, mask);
+    int_linear<T>(ws.codes.data(), ws.scratch, m, lin.in, lin.q, lin.B(), 0, lin.out, y);
   }
 
   // gx [m, in] = (gy [m, out] W) * mask: backward of qlinear with respect to its input
@@ -653,60 +822,83 @@ struct Pass {
   }
 
   // ---- forward
-  // unit vectors, distances, Bessel basis and envelope with their r-derivatives
+  // unit vectors and lengths per edge; envelope and Bessel basis with their r-derivatives per pair
   void geometry() {
     const int64_t K = w.K;
     const T* fr = w.freq.template data_ptr<T>();
     T *U = ws.u, *Dd = ws.dist, *En = ws.env, *dEn = ws.denv, *B = ws.rbf, *dB = ws.drbf;
     const T pp = T(w.env_p), rc = T(w.cutoff), pref = T(w.rbf_pref);
     const T c0 = (pp + 1) * (pp + 2) / 2, c1 = pp * (pp + 2), c2 = pp * (pp + 1) / 2;
-    for (int64_t e = 0; e < E; ++e) {
-      T d2 = 0, vec[3];
-      for (int a = 0; a < 3; ++a) {
-        vec[a] = P[snd[e] * 3 + a] - P[rcv[e] * 3 + a] + SH[e * 3 + a];
-        d2 += vec[a] * vec[a];
+    parallel(E, kEdgeGrain, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        T d2 = 0, vec[3];
+        for (int a = 0; a < 3; ++a) {
+          vec[a] = P[snd[e] * 3 + a] - P[rcv[e] * 3 + a] + SH[e * 3 + a];
+          d2 += vec[a] * vec[a];
+        }
+        const T d = std::sqrt(d2);
+        Dd[e] = d;
+        for (int a = 0; a < 3; ++a) U[e * 3 + a] = vec[a] / d;
       }
-      const T d = std::sqrt(d2);
-      Dd[e] = d;
-      for (int a = 0; a < 3; ++a) U[e * 3 + a] = vec[a] / d;
-      const T x = d / rc;
-      if (x < T(1)) {
-        const T xp1 = std::pow(x, pp - 1), xp = xp1 * x;
-        En[e] = T(1) - c0 * xp + c1 * xp * x - c2 * xp * x * x;
-        dEn[e] = (-c0 * pp * xp1 + c1 * (pp + 1) * xp - c2 * (pp + 2) * xp * x) / rc;
-      } else {
-        En[e] = 0;
-        dEn[e] = 0;
+    });
+    parallel(pairs(), kEdgeGrain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const T d = Dd[tp.pair_e[p]];  // the reverse edge's length is the same to the bit
+        const T x = d / rc;
+        if (x < T(1)) {
+          const T xp1 = std::pow(x, pp - 1), xp = xp1 * x;
+          En[p] = T(1) - c0 * xp + c1 * xp * x - c2 * xp * x * x;
+          dEn[p] = (-c0 * pp * xp1 + c1 * (pp + 1) * xp - c2 * (pp + 2) * xp * x) / rc;
+        } else {
+          En[p] = 0;
+          dEn[p] = 0;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const T s = std::sin(fr[k] * d), co = std::cos(fr[k] * d);
+          B[p * K + k] = pref * s / d;
+          dB[p * K + k] = pref * (fr[k] * co * d - s) / (d * d);
+        }
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const T s = std::sin(fr[k] * d), co = std::cos(fr[k] * d);
-        B[e * K + k] = pref * s / d;
-        dB[e * K + k] = pref * (fr[k] * co * d - s) / (d * d);
-      }
-    }
+    });
   }
 
   // the radial network's hidden features (shared by all layers), and their codes in quantized mode
   const T* radial_in = nullptr;
   void radial_hidden() {
+    const int64_t Pn = pairs();
     if (w.hidden) {
-      qlinear(w.r1, ws.rbf, E, ws.z1, ws.m_r1);
-      silu_into(ws.z1, E * w.R, ws.radial_in);
+      qlinear(w.r1, ws.rbf, Pn, ws.z1, ws.m_r1);
+      silu_into(ws.z1, Pn * w.R, ws.radial_in);
       radial_in = ws.radial_in;
     } else {
       radial_in = ws.rbf;
     }
     if (w.r2.q.kind == 1)  // the rounded input of the filter layer, shared by all layers
-      quantize_codes(radial_in, E * w.R, w.r2.q, ws.radial_codes.data(), ws.m_r2);
+      quantize_codes(radial_in, Pn * w.R, w.r2.q, ws.radial_codes.data(), ws.radial_f, ws.m_r2);
   }
 
-  // layer l's filters [E, W] (sv, s, vv and head biases), right before their use
-  void radial_filters(int64_t l) {
-    LayerBuf<T>& C = ws.layer[l];
-    if (w.r2.q.kind == 1)
-      int_linear<T>(ws.radial_codes.data(), E, w.R, w.r2.q, nullptr, l * w.W, w.W, C.rad, ws.scratch);
-    else
-      linear_nt<T>(radial_in, E, w.R, w.r2.W() + l * w.W * w.R, w.W, nullptr, C.rad);
+  // every layer's filters [L, P, W] (per pair: half the rows of a per-edge GEMM), and softplus of the
+  // head biases with its derivative [L, P, H] (once per pair, not per edge and head)
+  void radial_filters() {
+    const int64_t Pn = pairs(), L = w.L, W = w.W, R = w.R, F = w.F, H = w.H;
+    for (int64_t l = 0; l < L; ++l) {
+      T* out = ws.rad + l * Pn * W;
+      if (w.r2.q.kind == 1)
+        int_linear<T>(ws.radial_codes.data(), ws.radial_f, Pn, R, w.r2.q, nullptr, l * W, W, out);
+      else
+        row_blocks(Pn, [&](int64_t r0, int64_t m) {
+          linear_nt<T>(radial_in + r0 * R, m, R, w.r2.W() + l * W * R, W, nullptr, out + r0 * W);
+        });
+    }
+    parallel(L * Pn, kEdgeGrain, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {  // q = l P + p
+        const T* bias = ws.rad + q * W + 3 * F;
+        for (int64_t hh = 0; hh < H; ++hh) {
+          ws.sp[q * H + hh] = softplus(bias[hh]);
+          ws.dsp[q * H + hh] = dsoftplus(bias[hh]);
+        }
+      }
+    });
   }
 
   // pre-norm, cosine attention weights alpha [E, H] (queries c=0 and keys c=1 L2-normalised per head,
@@ -714,7 +906,7 @@ struct Pass {
   void attention(int64_t l) {
     const auto& Ly = w.layers[l];
     LayerBuf<T>& C = ws.layer[l];
-    const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
+    const int64_t F = w.F, H = w.H, D = w.D, L = w.L;
     layer_norm(C.h, Ly.ln_g.template data_ptr<T>(), Ly.ln_b.template data_ptr<T>(), C.x, C.mean0, C.rstd0, n, F,
                w.eps);
     qlinear(Ly.qk, C.x, n, C.qkn, C.m_qk);  // [n, 2F]
@@ -723,6 +915,7 @@ struct Pass {
       for (int64_t i = 0; i < n * 2 * H; ++i) {
         T* row = QK + i * D;
         T s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
         const T nrm = std::sqrt(s);
         NR[i] = nrm;
@@ -732,64 +925,74 @@ struct Pass {
     }
     T tau[64];
     std::vector<T> tau_big;
-    T* tp = tau;
-    if (H > 64) { tau_big.resize(H); tp = tau_big.data(); }
-    for (int64_t hh = 0; hh < H; ++hh) tp[hh] = std::exp(Ly.log_tau.template data_ptr<T>()[hh]);
+    T* tpp = tau;
+    if (H > 64) { tau_big.resize(H); tpp = tau_big.data(); }
+    for (int64_t hh = 0; hh < H; ++hh) tpp[hh] = std::exp(Ly.log_tau.template data_ptr<T>()[hh]);
     const T* QK = C.qkn;
-    const T* RAD = C.rad;
     T *EX = C.ex, *SC = C.score, *SS = C.S, *AL = C.alpha;
-    const T* En = ws.env;
-    std::fill(SS, SS + n * H, T(1));
-    for (int64_t e = 0; e < E; ++e) {
-      const T* qr = QK + rcv[e] * 2 * F;
-      const T* ks = QK + snd[e] * 2 * F + F;
-      const T* bias = RAD + e * W + 3 * F;
-      for (int64_t hh = 0; hh < H; ++hh) {
-        T cs = 0;
-        for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
-        const T x = std::exp(tp[hh] * (cs - T(1)) - softplus(bias[hh]));
-        EX[e * H + hh] = x;
-        SC[e * H + hh] = En[e] * x;
-        SS[rcv[e] * H + hh] += En[e] * x;
+    const T *En = ws.env, *SP = ws.sp;
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t r = i0; r < i1; ++r) {
+        T* Sr = SS + r * H;
+        std::fill(Sr, Sr + H, T(1));
+        const T* qr = QK + r * 2 * F;
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j], p = tp.pair_of[e];
+          const T* ks = QK + snd[e] * 2 * F + F;
+          const T* sp = SP + (l * tp.P + p) * H;
+          for (int64_t hh = 0; hh < H; ++hh) {
+            T cs = 0;
+#pragma omp simd reduction(+ : cs)
+            for (int64_t d = 0; d < D; ++d) cs += qr[hh * D + d] * ks[hh * D + d];
+            const T x = std::exp(tpp[hh] * (cs - T(1)) - sp[hh]);
+            EX[e * H + hh] = x;
+            SC[e * H + hh] = En[p] * x;
+            Sr[hh] += En[p] * x;
+          }
+        }
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j];
+          for (int64_t hh = 0; hh < H; ++hh) AL[e * H + hh] = SC[e * H + hh] / Sr[hh];
+        }
       }
-    }
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t hh = 0; hh < H; ++hh) AL[e * H + hh] = SC[e * H + hh] / SS[rcv[e] * H + hh];
-    T* AF = C.af;  // alpha per feature channel (head of the channel)
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t hh = 0; hh < H; ++hh)
-        for (int64_t d = 0; d < D; ++d) AF[e * F + hh * D + d] = AL[e * H + hh];
+    });
   }
 
   // value projection and messages: h1 = h + sum_e alpha f_s value_s, v1 = v + sum_e alpha (f_vv v_s + f_sv value_sv Y)
   void messages(int64_t l) {
     const auto& Ly = w.layers[l];
     LayerBuf<T>& C = ws.layer[l];
-    const int64_t F = w.F, W = w.W;
+    const int64_t F = w.F;
     qlinear(Ly.value, C.x, n, C.val, C.m_v);  // [n, 2F]: (value_sv, value_s)
-    std::copy(C.h, C.h + n * F, C.h1);
-    std::copy(C.v, C.v + n * 3 * F, C.v1);
-    const T *VAL = C.val, *V = C.v, *AF = C.af, *U = ws.u, *RAD = C.rad;
+    alpha_channels(l);
+    const T *VAL = C.val, *V = C.v, *AF = ws.af, *U = ws.u;
     T *H1 = C.h1, *V1 = C.v1;
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r = rcv[e], s = snd[e];
-      const T* __restrict__ f0 = RAD + e * W;  // filters: sv, s, vv
-      const T* __restrict__ f1 = f0 + F;
-      const T* __restrict__ f2 = f0 + 2 * F;
-      const T* __restrict__ af = AF + e * F;
-      const T* __restrict__ vsv = VAL + s * 2 * F;
-      const T* __restrict__ vs = vsv + F;
-      T* __restrict__ hr = H1 + r * F;
-      for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
-      for (int a = 0; a < 3; ++a) {
-        const T y = sqrt3 * U[e * 3 + a];
-        const T* __restrict__ vsa = V + (s * 3 + a) * F;
-        T* __restrict__ vra = V1 + (r * 3 + a) * F;
-        for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t r = i0; r < i1; ++r) {
+        T* __restrict__ hr = H1 + r * F;
+        std::copy(C.h + r * F, C.h + (r + 1) * F, hr);
+        std::copy(C.v + r * 3 * F, C.v + (r + 1) * 3 * F, V1 + r * 3 * F);
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j], s = snd[e];
+          const T* __restrict__ f0 = filters(tp.pair_of[e], l);  // filters: sv, s, vv
+          const T* __restrict__ f1 = f0 + F;
+          const T* __restrict__ f2 = f0 + 2 * F;
+          const T* __restrict__ af = AF + e * F;
+          const T* __restrict__ vsv = VAL + s * 2 * F;
+          const T* __restrict__ vs = vsv + F;
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) hr[f] += f1[f] * af[f] * vs[f];
+          for (int a = 0; a < 3; ++a) {
+            const T y = sqrt3 * U[e * 3 + a];
+            const T* __restrict__ vsa = V + (s * 3 + a) * F;
+            T* __restrict__ vra = V1 + (r * 3 + a) * F;
+#pragma omp simd
+            for (int64_t f = 0; f < F; ++f) vra[f] += af[f] * (f2[f] * vsa[f] + f0[f] * vsv[f] * y);
+          }
+        }
       }
-    }
+    });
   }
-
   // exchange between the branches through invariants: vector mix (v_u, v_w), |v_w|, <v_u, v_w>, the
   // exchange MLP, then h2 = h1 + a_ss + a_sv <v_u, v_w>, v2 = v1 + a_vv v_u into the next layer's input
   void exchange(int64_t l, T* h_next, T* v_next) {
@@ -797,22 +1000,19 @@ struct Pass {
     LayerBuf<T>& C = ws.layer[l];
     const int64_t F = w.F;
     const T *lg = Ly.ln_g.template data_ptr<T>(), *lb = Ly.ln_b.template data_ptr<T>();
-    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     if (Ly.vmix.q.kind == 2) {  // components in the local frame rounded; the mix runs in frame coordinates
       local_frames(C.v1, n, F, C.frames, 1e-7);
-      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
-      at::Tensor comp = at::from_blob(ws.comp, {n, 3, F}, opt);
-      at::matmul_out(comp, frames, at::from_blob(C.v1, {n, 3, F}, opt));  // [n, 3, F]
-      quantize_codes(ws.comp, n * 3 * F, Ly.vmix.q, ws.codes.data(), C.m_vm);
-      int_linear<T>(ws.codes.data(), 3 * n, F, Ly.vmix.q, nullptr, 0, 2 * F, ws.yf, ws.scratch);
-      at::Tensor vm = at::from_blob(C.vm, {n, 3, 2 * F}, opt);  // back to Cartesian: (v_u, v_w)
-      at::matmul_out(vm, frames.transpose(1, 2), at::from_blob(ws.yf, {n, 3, 2 * F}, opt));
+      frame_apply(C.frames, n, C.v1, F, ws.comp, false);  // [n, 3, F] components in the frame
+      quantize_codes(ws.comp, n * 3 * F, Ly.vmix.q, ws.codes.data(), ws.scratch, C.m_vm);
+      int_linear<T>(ws.codes.data(), ws.scratch, 3 * n, F, Ly.vmix.q, nullptr, 0, 2 * F, ws.yf);
+      frame_apply(C.frames, n, ws.yf, 2 * F, C.vm, true);  // back to Cartesian: (v_u, v_w)
     } else {
       qlinear(Ly.vmix, C.v1, 3 * n, C.vm, C.m_vm);
     }
     const T* VM = C.vm;
     T *VN = C.vn, *DT = C.dot, *CI = ws.cin;  // cin = (LN(h1), sqrt(|v_w|^2 + 1) - 1)
     for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
       for (int64_t f = 0; f < F; ++f) {
         T sw = 0, sd = 0;
         for (int a = 0; a < 3; ++a) {
@@ -836,8 +1036,10 @@ struct Pass {
     const T *A = C.a;
     for (int64_t i = 0; i < n; ++i) {
       const T* ai = A + i * 3 * F;
+#pragma omp simd
       for (int64_t f = 0; f < F; ++f) h_next[i * F + f] += ai[2 * F + f] + ai[F + f] * DT[i * F + f];
       for (int a = 0; a < 3; ++a)
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) v_next[(i * 3 + a) * F + f] += ai[f] * VM[(i * 3 + a) * 2 * F + f];
     }
   }
@@ -875,13 +1077,13 @@ struct Pass {
     const auto& Ly = w.layers[l];
     LayerBuf<T>& C = ws.layer[l];
     const int64_t F = w.F;
-    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     {  // h2 = h1 + a_ss + a_sv * dot;  v2 = v1 + a_vv * v_u
       const T *GH = ws.gh, *GV = ws.gv, *A = C.a, *DT = C.dot, *VM = C.vm;
       T *GA = ws.ga, *GVM = ws.gvm;
       for (int64_t i = 0; i < n; ++i) {
         const T* ai = A + i * 3 * F;
         T* gai = GA + i * 3 * F;
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) {
           const T g = GH[i * F + f];
           T s = 0;
@@ -900,16 +1102,13 @@ struct Pass {
       }
     }
     qlinear_backward(Ly.ex_out, ws.ga, n, C.m_eout, ws.gz2);  // [n, F]
-    {
-      const T* Z = C.z2;
-      T* G = ws.gz2;
-      for (int64_t i = 0; i < n * F; ++i) G[i] *= dsilu(Z[i]);
-    }
+    dsilu_mul(C.z2, n * F, ws.gz2, ws.scratch);
     qlinear_backward(Ly.ex_in, ws.gz2, n, C.m_ein, ws.gc);  // [n, 2F]
     {
       const T *GC = ws.gc, *VM = C.vm, *VN = C.vn;
       T* GVM = ws.gvm;
       for (int64_t i = 0; i < n; ++i)
+#pragma omp simd
         for (int64_t f = 0; f < F; ++f) {
           const T k = GC[i * 2 * F + F + f] / (VN[i * F + f] + T(1));
           for (int a = 0; a < 3; ++a) GVM[(i * 3 + a) * 2 * F + F + f] += k * VM[(i * 3 + a) * 2 * F + F + f];
@@ -919,11 +1118,9 @@ struct Pass {
     layer_norm_backward(C.h1, Ly.ln_g.template data_ptr<T>(), C.mean1, C.rstd1, ws.gc, 2 * F, ws.gh1, n, F);
     linear_nn<T>(ws.gvm, 3 * n, 2 * F, Ly.vmix.W(), F, ws.gxq);  // d/d(rounded input) [n, 3, F]
     if (C.has_frames) {  // x_q = Fr^T Q(Fr x): straight-through gradient Fr^T M Fr
-      at::Tensor frames = at::from_blob(C.frames, {n, 3, 3}, opt);
-      at::Tensor t1 = at::from_blob(ws.comp, {n, 3, F}, opt), t2 = at::from_blob(ws.tmp3, {n, 3, F}, opt);
-      at::matmul_out(t1, frames, at::from_blob(ws.gxq, {n, 3, F}, opt));
-      t1.mul_(at::from_blob(C.m_vm, {n, 3, F}, opt));
-      at::matmul_out(t2, frames.transpose(1, 2), t1);
+      frame_apply(C.frames, n, ws.gxq, F, ws.comp, false);
+      for (int64_t i = 0; i < n * 3 * F; ++i) ws.comp[i] *= C.m_vm[i];
+      frame_apply(C.frames, n, ws.comp, F, ws.tmp3, true);
       for (int64_t i = 0; i < n * 3 * F; ++i) ws.gv1[i] = ws.gv[i] + ws.tmp3[i];
     } else {
       if (C.has_m_vm)
@@ -933,66 +1130,95 @@ struct Pass {
   }
 
   // messages: h1 = h + sum_e msg_s, v1 = v + sum_e msg_v; fills the filter gradients (sv, s, vv) of the
-  // layer, dE/dalpha, dE/dvalue, dE/dY and gvin = dE/dv
+  // layer per edge, dE/dalpha, dE/dvalue, dE/dY and gvin = dE/dv. Receiver side first (per edge: what
+  // needs the receiver's output gradient), then sender side (sums into the sender's value and v gradients).
   void messages_backward(int64_t l) {
     LayerBuf<T>& C = ws.layer[l];
     const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
     std::copy(ws.gh1, ws.gh1 + n * F, ws.ghin);
-    std::copy(ws.gv1, ws.gv1 + n * 3 * F, ws.gvin);
-    std::fill(ws.gval, ws.gval + n * 2 * F, T(0));
-    const T *GH1 = ws.gh1, *GV1 = ws.gv1, *VAL = C.val, *V = C.v, *AF = C.af, *U = ws.u, *RAD = C.rad;
-    T *GVIN = ws.gvin, *GVAL = ws.gval, *GAL = ws.galpha, *GR = ws.grad_rad, *GYp = ws.gY;
-    T buf[3 * 256];
-    std::vector<T> big;
-    T* gmy = buf;  // sum_a dE/dmsg_a * Y_a
-    if (F > 256) { big.resize(3 * F); gmy = big.data(); }
-    T* __restrict__ gg2 = gmy + F;     // dE/dg_vv
-    T* __restrict__ pr = gmy + 2 * F;  // dE/dalpha per channel
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r = rcv[e], s = snd[e];
-      const T* __restrict__ f0 = RAD + e * W;
-      const T* __restrict__ f1 = f0 + F;
-      const T* __restrict__ f2 = f0 + 2 * F;
-      T* __restrict__ gf0 = GR + e * W;
-      T* __restrict__ gf1 = gf0 + F;
-      T* __restrict__ gf2 = gf0 + 2 * F;
-      const T* __restrict__ af = AF + e * F;
-      const T* __restrict__ vsv = VAL + s * 2 * F;
-      const T* __restrict__ vs = vsv + F;
-      T* __restrict__ gvsv = GVAL + s * 2 * F;
-      T* __restrict__ gvs = gvsv + F;
-      const T* __restrict__ ghr = GH1 + r * F;
-      for (int64_t f = 0; f < F; ++f) { gmy[f] = 0; gg2[f] = 0; }
-      for (int a = 0; a < 3; ++a) {
-        const T y = sqrt3 * U[e * 3 + a];
-        const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
-        const T* __restrict__ vsa = V + (s * 3 + a) * F;
-        T* __restrict__ gvin = GVIN + (s * 3 + a) * F;
-        T su = 0;
+    alpha_channels(l);
+    const T *GH1 = ws.gh1, *GV1 = ws.gv1, *VAL = C.val, *V = C.v, *AF = ws.af, *U = ws.u;
+    T *GVIN = ws.gvin, *GVAL = ws.gval, *GAL = ws.galpha, *GR = ws.grad_rad, *GYp = ws.gY, *GMY = ws.gmy;
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {
+      T buf[2 * 256];
+      std::vector<T> big;
+      T* gg2 = buf;  // dE/dg_vv
+      if (F > 256) { big.resize(2 * F); gg2 = big.data(); }
+      T* __restrict__ pr = gg2 + F;  // dE/dalpha per channel
+      for (int64_t r = i0; r < i1; ++r) {
+        const T* __restrict__ ghr = GH1 + r * F;
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j], s = snd[e];
+          const T* __restrict__ f0 = filters(tp.pair_of[e], l);
+          const T* __restrict__ f1 = f0 + F;
+          const T* __restrict__ f2 = f0 + 2 * F;
+          T* __restrict__ gf0 = GR + e * W;
+          T* __restrict__ gf1 = gf0 + F;
+          T* __restrict__ gf2 = gf0 + 2 * F;
+          const T* __restrict__ af = AF + e * F;
+          const T* __restrict__ vsv = VAL + s * 2 * F;
+          const T* __restrict__ vs = vsv + F;
+          T* __restrict__ gmy = GMY + e * F;  // sum_a dE/dmsg_a * Y_a
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) { gmy[f] = 0; gg2[f] = 0; }
+          for (int a = 0; a < 3; ++a) {
+            const T y = sqrt3 * U[e * 3 + a];
+            const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
+            const T* __restrict__ vsa = V + (s * 3 + a) * F;
+            T su = 0;
 #pragma omp simd reduction(+ : su)
-        for (int64_t f = 0; f < F; ++f) {
-          gmy[f] += gm[f] * y;
-          gg2[f] += gm[f] * vsa[f];
-          gvin[f] += gm[f] * f2[f] * af[f];
-          su += gm[f] * f0[f] * af[f] * vsv[f];
+            for (int64_t f = 0; f < F; ++f) {
+              gmy[f] += gm[f] * y;
+              gg2[f] += gm[f] * vsa[f];
+              su += gm[f] * f0[f] * af[f] * vsv[f];
+            }
+            GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
+          }
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) {
+            const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
+            gf0[f] = gsv * af[f];
+            gf1[f] = gg1 * af[f];
+            gf2[f] = gg2[f] * af[f];
+            pr[f] = gsv * f0[f] + gg1 * f1[f] + gg2[f] * f2[f];
+          }
+          for (int64_t hh = 0; hh < H; ++hh) {
+            T su = 0;
+#pragma omp simd reduction(+ : su)
+            for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
+            GAL[e * H + hh] = su;
+          }
         }
-        GYp[e * 3 + a] += sqrt3 * su;  // dE/du_a of the sv message (Y = sqrt3 u)
       }
-      for (int64_t f = 0; f < F; ++f) {
-        const T gsv = vsv[f] * gmy[f], gg1 = ghr[f] * vs[f];
-        gvsv[f] += f0[f] * af[f] * gmy[f];
-        gvs[f] += ghr[f] * f1[f] * af[f];
-        gf0[f] = gsv * af[f];
-        gf1[f] = gg1 * af[f];
-        gf2[f] = gg2[f] * af[f];
-        pr[f] = gsv * f0[f] + gg1 * f1[f] + gg2[f] * f2[f];
+    });
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t s = i0; s < i1; ++s) {
+        T* __restrict__ gvsv = GVAL + s * 2 * F;
+        T* __restrict__ gvs = gvsv + F;
+        std::fill(gvsv, gvsv + 2 * F, T(0));
+        std::copy(GV1 + s * 3 * F, GV1 + (s + 1) * 3 * F, GVIN + s * 3 * F);
+        for (int64_t j = tp.sptr[s]; j < tp.sptr[s + 1]; ++j) {
+          const int64_t e = tp.by_snd[j], r = rcv[e];
+          const T* __restrict__ f0 = filters(tp.pair_of[e], l);
+          const T* __restrict__ f1 = f0 + F;
+          const T* __restrict__ f2 = f0 + 2 * F;
+          const T* __restrict__ af = AF + e * F;
+          const T* __restrict__ gmy = GMY + e * F;
+          const T* __restrict__ ghr = GH1 + r * F;
+          for (int a = 0; a < 3; ++a) {
+            const T* __restrict__ gm = GV1 + (r * 3 + a) * F;
+            T* __restrict__ gvin = GVIN + (s * 3 + a) * F;
+#pragma omp simd
+            for (int64_t f = 0; f < F; ++f) gvin[f] += gm[f] * f2[f] * af[f];
+          }
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) {
+            gvsv[f] += f0[f] * af[f] * gmy[f];
+            gvs[f] += ghr[f] * f1[f] * af[f];
+          }
+        }
       }
-      for (int64_t hh = 0; hh < H; ++hh) {
-        T su = 0;
-        for (int64_t d = 0; d < D; ++d) su += pr[hh * D + d];
-        GAL[e * H + hh] = su;
-      }
-    }
+    });
   }
 
   // alpha = score / S[r], score = env * exp(tau (cos - 1) - softplus(b)): head-bias filter gradients,
@@ -1000,35 +1226,53 @@ struct Pass {
   void attention_backward(int64_t l) {
     const auto& Ly = w.layers[l];
     LayerBuf<T>& C = ws.layer[l];
-    const int64_t F = w.F, H = w.H, D = w.D, W = w.W;
-    std::fill(ws.gqk, ws.gqk + n * 2 * F, T(0));
-    std::fill(ws.gS, ws.gS + n * H, T(0));
-    const T *GAL = ws.galpha, *AL = C.alpha, *SS = C.S, *SC = C.score, *EX = C.ex, *QK = C.qkn, *RAD = C.rad;
-    T *GQK = ws.gqk, *gS = ws.gS, *GEN = ws.genv, *GR = ws.grad_rad;
+    const int64_t F = w.F, H = w.H, D = w.D, W = w.W, L = w.L;
+    const T *GAL = ws.galpha, *AL = C.alpha, *SS = C.S, *SC = C.score, *EX = C.ex, *QK = C.qkn, *DSP = ws.dsp;
+    T *GQK = ws.gqk, *gS = ws.gS, *GEN = ws.genv, *GR = ws.grad_rad, *GCOS = ws.gcos;
     const T* log_tau = Ly.log_tau.template data_ptr<T>();
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t hh = 0; hh < H; ++hh)
-        gS[rcv[e] * H + hh] -= GAL[e * H + hh] * AL[e * H + hh] / SS[rcv[e] * H + hh];
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r = rcv[e], s = snd[e];
-      const T* bias = RAD + e * W + 3 * F;
-      T* gbias = GR + e * W + 3 * F;
-      for (int64_t hh = 0; hh < H; ++hh) {
-        const T gsc = GAL[e * H + hh] / SS[r * H + hh] + gS[r * H + hh];
-        GEN[e] += gsc * EX[e * H + hh];
-        const T gpre = gsc * SC[e * H + hh];
-        gbias[hh] = -gpre * dsoftplus(bias[hh]);  // written once per layer
-        const T gcos = gpre * std::exp(log_tau[hh]);
-        const T* qr = QK + r * 2 * F + hh * D;
-        const T* ks = QK + s * 2 * F + F + hh * D;
-        T* gqr = GQK + r * 2 * F + hh * D;
-        T* gks = GQK + s * 2 * F + F + hh * D;
-        for (int64_t d = 0; d < D; ++d) {
-          gqr[d] += gcos * ks[d];
-          gks[d] += gcos * qr[d];
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {  // receiver side: gS, dE/denv, head biases, queries
+      for (int64_t r = i0; r < i1; ++r) {
+        T* gSr = gS + r * H;
+        std::fill(gSr, gSr + H, T(0));
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j];
+          for (int64_t hh = 0; hh < H; ++hh) gSr[hh] -= GAL[e * H + hh] * AL[e * H + hh] / SS[r * H + hh];
+        }
+        T* gqr = GQK + r * 2 * F;
+        std::fill(gqr, gqr + F, T(0));
+        for (int64_t j = tp.rptr[r]; j < tp.rptr[r + 1]; ++j) {
+          const int64_t e = tp.by_rcv[j], s = snd[e], p = tp.pair_of[e];
+          const T* dsp = DSP + (l * tp.P + p) * H;
+          T* gbias = GR + e * W + 3 * F;
+          for (int64_t hh = 0; hh < H; ++hh) {
+            const T gsc = GAL[e * H + hh] / SS[r * H + hh] + gSr[hh];
+            GEN[e] += gsc * EX[e * H + hh];
+            const T gpre = gsc * SC[e * H + hh];
+            gbias[hh] = -gpre * dsp[hh];  // written once per layer
+            const T gcos = gpre * std::exp(log_tau[hh]);
+            GCOS[e * H + hh] = gcos;
+            const T* ks = QK + s * 2 * F + F + hh * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) gqr[hh * D + d] += gcos * ks[d];
+          }
         }
       }
-    }
+    });
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {  // sender side: keys
+      for (int64_t s = i0; s < i1; ++s) {
+        T* gks = GQK + s * 2 * F + F;
+        std::fill(gks, gks + F, T(0));
+        for (int64_t j = tp.sptr[s]; j < tp.sptr[s + 1]; ++j) {
+          const int64_t e = tp.by_snd[j], r = rcv[e];
+          for (int64_t hh = 0; hh < H; ++hh) {
+            const T gcos = GCOS[e * H + hh];
+            const T* qr = QK + r * 2 * F + hh * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) gks[hh * D + d] += gcos * qr[d];
+          }
+        }
+      }
+    });
     // through the L2 normalisation (F.normalize: p / max(|p|, 1e-12))
     const T* NR = C.qknorm;
     for (int64_t i = 0; i < n * 2 * H; ++i) {
@@ -1037,6 +1281,7 @@ struct Pass {
       const T nrm = NR[i];
       if (nrm > T(1e-12)) {
         T dotp = 0;
+#pragma omp simd reduction(+ : dotp)
         for (int64_t d = 0; d < D; ++d) dotp += g[d] * qn[d];
         for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - qn[d] * dotp) / nrm;
       } else {
@@ -1049,41 +1294,78 @@ struct Pass {
     layer_norm_backward(C.h, Ly.ln_g.template data_ptr<T>(), C.mean0, C.rstd0, ws.gx, F, ws.ghin, n, F);
   }
 
-  // the layer's filter gradients [E, W] into the gradient of the radial network's output features
+  // the layer's filter gradients per edge [E, W], summed over each pair's edges [P, W], into the gradient
+  // of the radial network's output [P, R]
   void radial_backward_layer(int64_t l) {
-    linear_nn<T>(ws.grad_rad, E, w.W, w.r2.W() + l * w.W * w.R, w.R, ws.grad_radial_in, /*accumulate=*/true);
+    const int64_t W = w.W;
+    const T* GR = ws.grad_rad;
+    parallel(pairs(), kEdgeGrain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        T* __restrict__ dst = ws.grad_pair + p * W;
+        const T* __restrict__ g0 = GR + tp.pair_e[p] * W;
+        const int64_t back = tp.pair_r[p];
+        if (back >= 0) {
+          const T* __restrict__ g1 = GR + back * W;
+          for (int64_t k = 0; k < W; ++k) dst[k] = g0[k] + g1[k];
+        } else {
+          std::copy(g0, g0 + W, dst);
+        }
+      }
+    });
+    const int64_t R = w.R;
+    row_blocks(pairs(), [&](int64_t r0, int64_t m) {
+      linear_nn<T>(ws.grad_pair + r0 * W, m, W, w.r2.W() + l * W * R, R, ws.grad_radial_in + r0 * R, /*accumulate=*/true);
+    });
   }
 
-  // radial network and geometry back to positions
+  // radial network and geometry back to positions: dE/dd per pair, dE/dvec per edge (the pair's length
+  // term on its first edge), then per atom: + its incoming edges, - its outgoing ones
   void geometry_backward(T* Fo) {
-    const int64_t K = w.K;
+    const int64_t K = w.K, Pn = pairs();
     const T* GB;
-    T* ga1 = ws.grad_radial_in;  // [E, R]
+    T* ga1 = ws.grad_radial_in;  // [P, R]
     if (w.hidden) {
       if (ws.has_m_r2)
-        for (int64_t i = 0; i < E * w.R; ++i) ga1[i] *= ws.m_r2[i];
-      const T* Z = ws.z1;
-      for (int64_t i = 0; i < E * w.R; ++i) ga1[i] *= dsilu(Z[i]);
-      qlinear_backward(w.r1, ga1, E, ws.m_r1, ws.grbf);
+        for (int64_t i = 0; i < Pn * w.R; ++i) ga1[i] *= ws.m_r2[i];
+      dsilu_mul(ws.z1, Pn * w.R, ga1, ws.scratch);
+      qlinear_backward(w.r1, ga1, Pn, ws.m_r1, ws.grbf);
       GB = ws.grbf;
     } else {
       if (ws.has_m_r2)
-        for (int64_t i = 0; i < E * K; ++i) ga1[i] *= ws.m_r2[i];
+        for (int64_t i = 0; i < Pn * K; ++i) ga1[i] *= ws.m_r2[i];
       GB = ga1;
     }
     const T *dB = ws.drbf, *dEn = ws.denv, *U = ws.u, *Dd = ws.dist, *GEN = ws.genv, *GYp = ws.gY;
-    for (int64_t e = 0; e < E; ++e) {
-      T gd = GEN[e] * dEn[e];
-      for (int64_t k = 0; k < K; ++k) gd += GB[e * K + k] * dB[e * K + k];
-      const T* ue = U + e * 3;
-      const T* gy = GYp + e * 3;
-      const T ug = ue[0] * gy[0] + ue[1] * gy[1] + ue[2] * gy[2];
-      for (int a = 0; a < 3; ++a) {
-        const T gvec = gd * ue[a] + (gy[a] - ue[a] * ug) / Dd[e];  // d/dvec of (|vec|, vec/|vec|)
-        Fo[snd[e] * 3 + a] -= gvec;  // vec = r_s - r_r: force = -dE/dr
-        Fo[rcv[e] * 3 + a] += gvec;
+    T *GD = ws.gd, *GVEC = ws.gvec;
+    parallel(Pn, kEdgeGrain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t back = tp.pair_r[p];
+        const T genv = back >= 0 ? GEN[tp.pair_e[p]] + GEN[back] : GEN[tp.pair_e[p]];
+        T gd = genv * dEn[p];
+        for (int64_t k = 0; k < K; ++k) gd += GB[p * K + k] * dB[p * K + k];
+        GD[p] = gd;
       }
-    }
+    });
+    parallel(E, kEdgeGrain, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t p = tp.pair_of[e];
+        const T gd = tp.pair_e[p] == e ? GD[p] : T(0);  // d = |vec| of the pair's first edge
+        const T* ue = U + e * 3;
+        const T* gy = GYp + e * 3;
+        const T ug = ue[0] * gy[0] + ue[1] * gy[1] + ue[2] * gy[2];
+        for (int a = 0; a < 3; ++a) GVEC[e * 3 + a] = gd * ue[a] + (gy[a] - ue[a] * ug) / Dd[e];
+      }
+    });
+    parallel(n, kAtomGrain, [&](int64_t i0, int64_t i1) {  // vec = r_s - r_r: force = -dE/dr
+      for (int64_t i = i0; i < i1; ++i) {
+        T f[3] = {0, 0, 0};
+        for (int64_t j = tp.rptr[i]; j < tp.rptr[i + 1]; ++j)
+          for (int a = 0; a < 3; ++a) f[a] += GVEC[tp.by_rcv[j] * 3 + a];
+        for (int64_t j = tp.sptr[i]; j < tp.sptr[i + 1]; ++j)
+          for (int a = 0; a < 3; ++a) f[a] -= GVEC[tp.by_snd[j] * 3 + a];
+        for (int a = 0; a < 3; ++a) Fo[i * 3 + a] = f[a];
+      }
+    });
   }
 
   void run(double* energy, T* forces) {
@@ -1093,6 +1375,7 @@ struct Pass {
     clock.stop(kGeometry);
     clock.start();
     radial_hidden();
+    radial_filters();
     clock.stop(kRadial);
     // embedding, zero l=1 features
     {
@@ -1103,9 +1386,6 @@ struct Pass {
       std::fill(v0, v0 + n * 3 * F, T(0));
     }
     for (int64_t l = 0; l < L; ++l) {
-      clock.start();
-      radial_filters(l);
-      clock.stop(kRadial);
       clock.start();
       attention(l);
       clock.stop(kAttention);
@@ -1123,7 +1403,7 @@ struct Pass {
     clock.start();
     readout_backward();
     clock.stop(kReadoutBw);
-    std::fill(ws.grad_radial_in, ws.grad_radial_in + E * w.R, T(0));
+    std::fill(ws.grad_radial_in, ws.grad_radial_in + tp.P * w.R, T(0));
     std::fill(ws.genv, ws.genv + E, T(0));
     std::fill(ws.gY, ws.gY + E * 3, T(0));
     for (int64_t l = L - 1; l >= 0; --l) {
@@ -1155,6 +1435,7 @@ struct Model : torch::CustomClassHolder {
   Weights<double> wd;
   Workspace<float> sf;
   Workspace<double> sd;
+  Topology topo;  // of the last edge list (both dtypes)
   std::mutex mu;  // one call at a time per model (the workspace is shared)
   bool profile = false;
   double acc[kStages] = {0};
@@ -1194,7 +1475,8 @@ struct Model : torch::CustomClassHolder {
     check_range(rc, "receivers", n, "n_atoms");
     check_range(sd_, "senders", n, "n_atoms");
     check_range(bt, "batch", n_graphs, "n_graphs");
-    ws.prepare(w, n, E);
+    topo.build<T>(n, E, rc.data_ptr<int64_t>(), sd_.data_ptr<int64_t>(), sh.data_ptr<T>());
+    ws.prepare(w, n, E, topo.P);
     // Small graphs run their GEMMs on this thread alone: a molecule's matmuls take microseconds, and a
     // second MKL thread only adds a barrier per call, which costs a scheduler time slice whenever the
     // other core is busy (at 2 threads on the shared machine, azobenzene took 0.4-1.2 s per call instead
@@ -1209,8 +1491,8 @@ struct Model : torch::CustomClassHolder {
     at::Tensor energy = at::zeros({n_graphs}, pos.options().dtype(at::kDouble));
     at::Tensor forces = at::zeros({n, 3}, pos.options());
     StageClock clock{profile, acc};
-    Pass<T> pass{w, ws, clock, pos.data_ptr<T>(), sh.data_ptr<T>(), sp.data_ptr<int64_t>(), rc.data_ptr<int64_t>(),
-                 sd_.data_ptr<int64_t>(), bt.data_ptr<int64_t>(), n, E, n_graphs};
+    Pass<T> pass{w, ws, topo, clock, pos.data_ptr<T>(), sh.data_ptr<T>(), sp.data_ptr<int64_t>(), rc.data_ptr<int64_t>(),
+                 sd_.data_ptr<int64_t>(), bt.data_ptr<int64_t>(), n, E, n_graphs, serial_blas};
     pass.run(energy.data_ptr<double>(), forces.data_ptr<T>());
     profiled_calls += profile;
     return {energy, forces};
