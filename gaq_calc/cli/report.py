@@ -20,6 +20,7 @@ DEPLOY = ("<!-- deploy:start -->", "<!-- deploy:end -->")
 SPEED = ("<!-- speed:start -->", "<!-- speed:end -->")
 KERNELS = ("<!-- kernels:start -->", "<!-- kernels:end -->")
 PEERS = ("<!-- peers:start -->", "<!-- peers:end -->")
+SCALING = ("<!-- scaling:start -->", "<!-- scaling:end -->")
 ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 REPO = Path(__file__).resolve().parents[2]
@@ -344,6 +345,36 @@ def peers_table(path: Path) -> str:
     return peers_markdown(json.loads(path.read_text()))
 
 
+def scaling_table(path: Path) -> str:
+    """README's large-systems block, from benchmarks/scaling.py --json: time per atom of gaq_calc and
+    so3krates-torch on clusters and periodic boxes of azobenzene."""
+    if not path.exists():
+        return "(not run yet: `python benchmarks/scaling.py --peer --json benchmarks/results/scaling.json`)"
+    data = json.loads(path.read_text())
+    fmt = lambda x, f: "–" if x is None else format(x, f)
+    load = data.get("load_average") or {}
+    load_txt = lambda xs: " / ".join(f"{x:.2f}" for x in xs) if xs else "?"
+    lines = [
+        f"`{data['command']}` on {data['machine']}, torch {data['torch']}, so3krates-torch "
+        f"{data.get('so3krates_torch') or '–'}, {data['threads']} thread(s), {data['model']}, molecules "
+        f"{data['spacing_A']:g} Å apart; load average (1 / 5 / 15 min) {load_txt(load.get('start'))} at the start, "
+        f"{load_txt(load.get('end'))} at the end.",
+        "",
+        "| structure | atoms | edges / atom | gaq_calc ms / call | gaq_calc µs / atom | so3krates-torch ms / call | "
+        "so3krates-torch µs / atom | so3krates-torch / gaq_calc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        kind = "periodic box" if r["periodic"] else "cluster"
+        peer = r.get("peer_ms_per_call")
+        lines.append(
+            f"| {kind} of {r['molecules']} | {r['atoms']} | {r['edges_per_atom']:.1f} | {r['gaq_ms_per_call']:.1f} | "
+            f"{r['gaq_us_per_atom']:.1f} | {fmt(peer, '.1f')} | {fmt(r.get('peer_us_per_atom'), '.1f')} | "
+            f"{fmt(peer and peer / r['gaq_ms_per_call'], '.2f')}{'x' if peer else ''} |"
+        )
+    return "\n".join(lines)
+
+
 def replace_block(text: str, markers: tuple[str, str], body: str, source: str) -> str:
     start, end = markers
     if start not in text or end not in text:
@@ -376,6 +407,9 @@ def update_readme(
         text = replace_block(
             text, PEERS, peers_table(REPO / "benchmarks" / "results" / "peers.json"), "benchmarks/results/peers.json"
         )
+    if SCALING[0] in text:
+        source = "benchmarks/results/scaling.json"
+        text = replace_block(text, SCALING, scaling_table(REPO / source), source)
     text = replace_block(text, QUANT, quant, "models/*/card.json and results/quant_baselines/*/card.json")
     text = replace_block(text, SPEED, speed, "benchmarks/results/md_step.json")
     write_text_atomic(readme, text)
