@@ -1,7 +1,6 @@
-import csv
-
 """Trainer smoke tests on a tiny model: the loss goes down, and resuming equals not stopping."""
 
+import csv
 import itertools
 import json
 
@@ -65,12 +64,17 @@ def test_training_lowers_the_loss(tmp_path, small_data):
     assert ckpt["state"]["epoch"] == 4
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, small_data):
-    straight = train(_config(tmp_path, "straight", small_data), progress=False, log=lambda s: None)
-    cfg = _config(tmp_path, "stopped", small_data)
-    train(cfg, progress=False, stop_after_epochs=1, log=lambda s: None)
-    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
-    resumed = train(_config(tmp_path, "stopped", small_data), progress=False, log=lambda s: None)
+@pytest.mark.parametrize("stop", ["epoch", "step"])
+@pytest.mark.parametrize("schedule", ["cosine", "cosine_steps"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, small_data, schedule, stop):
+    kw = {"schedule": schedule, "checkpoint_minutes": 1e6}  # mid-epoch checkpoints only when stopped there
+    straight = train(_config(tmp_path, "straight", small_data, **kw), progress=False, log=lambda s: None)
+    cfg = _config(tmp_path, "stopped", small_data, **kw)
+    stop_at = {"stop_after_epochs": 1} if stop == "epoch" else {"stop_after_steps": 3}  # inside epoch 1
+    train(cfg, progress=False, log=lambda s: None, **stop_at)
+    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
+    assert (state["epoch"], state["step"]) == ((1, 0) if stop == "epoch" else (0, 3))
+    resumed = train(_config(tmp_path, "stopped", small_data, **kw), progress=False, log=lambda s: None)
     a = torch.load(straight / "final.pt", weights_only=True)["state_dict"]
     b = torch.load(resumed / "final.pt", weights_only=True)["state_dict"]
     for key in a:

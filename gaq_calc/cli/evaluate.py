@@ -136,6 +136,8 @@ def main(argv=None) -> None:
         # per-element reference energy shifts fitted on training frames (gaq-quantize --references)
         "reference_fit": {
             "quantized_shift_eV": metadata.get("quantized_reference_shift_eV"),
+            # relative to the quantized mode's references as they were when it was fitted (which include
+            # quantized_shift_eV); files from before the quantized refit: relative to the FP32 references
             "conservative_shift_eV": metadata.get("conservative_reference_shift_eV"),
             "frames": metadata.get("conservative_reference_frames"),
         },

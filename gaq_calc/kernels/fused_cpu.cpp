@@ -16,7 +16,9 @@
 // Layouts (row-major): h [n, F]; v [n, 3, F]; filters [L, P, W] per unordered pair (an edge and its
 // reverse have the same length, so the same filters), W = 3F + H: (sv, s, vv filters, head biases).
 // Threads: edge loops are split over atoms (at::parallel_for, torch's thread count), each atom summing
-// its incoming or outgoing edges in edge order, so results are the same bits at any thread count.
+// its incoming or outgoing edges in edge order. Small graphs (per-pair GEMMs in fixed row blocks, ATen's
+// elementwise SiLU below its 32,768-element grain) give the same bits at any thread count; large ones
+// leave GEMM and SiLU splitting to MKL/ATen, whose rounding may depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>

@@ -49,6 +49,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __post_init__(self):
+        # the per-epoch schedules read warmup_epochs as whole epochs (cosine_lr: lr * (epoch + 1) / warmup
+        # would run epoch 0 at 20x the peak for 0.05); only the per-step schedule takes a fraction
+        if self.schedule != "cosine_steps" and float(self.warmup_epochs) != int(self.warmup_epochs):
+            raise ValueError(
+                f"warmup_epochs {self.warmup_epochs} is not a whole number of epochs; "
+                "only schedule cosine_steps takes a fraction"
+            )
+
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         data = dict(data)

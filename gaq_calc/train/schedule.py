@@ -13,7 +13,8 @@ def cosine_lr(epoch: float, lr: float, min_lr: float, warmup: int, total: int) -
 
 def step_cosine_lr(t: float, lr: float, min_lr: float, warmup: float, total: float) -> float:
     """Per-step schedule at fractional epoch `t` (epoch + step / steps_per_epoch): linear warm-up from 0
-    over `warmup` epochs, then cosine decay that reaches min_lr at the end of the last step of `total`.
+    over `warmup` epochs, then cosine decay toward min_lr at `total` (the last step, at
+    t = total - 1/steps_per_epoch, runs just above it).
     Short runs (QM9 on a CPU budget) need it: the per-epoch `cosine_lr` of a 4-epoch run never anneals."""
     if warmup > 0 and t < warmup:
         return lr * max(t, 1e-3 * warmup) / warmup
