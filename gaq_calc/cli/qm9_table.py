@@ -36,10 +36,12 @@ def qm9_table(models: Path) -> str:
     fp_bytes = (fp32.get("size") or {}).get("packed_bytes") if fp32 else None
     fmt = lambda x, f: "–" if x is None else format(x, f)
     rows = list(HEADER)
-    for name in QM9_MODELS:
-        if not any(n == name for n, _, _ in cards):
+    planned = [(name, None, None) for name in QM9_MODELS if not any(n == name for n, _, _ in cards)]
+    order = {name: k for k, name in enumerate(QM9_MODELS)}
+    for name, card, folder in sorted(cards + planned, key=lambda c: order.get(c[0], len(order))):
+        if card is None:
             rows.append(f"| {name} | – | – | – | – | not trained yet | – | – | – | – | – | – | – |")
-    for name, card, folder in cards:
+            continue
         q = card.get("quantization") or {}
         conservative = card.get("mode") == "conservative"
         size = (card.get("size") or {}).get("packed_bytes") or (
