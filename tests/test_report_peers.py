@@ -121,3 +121,25 @@ def test_scaling_table_renders_rows_and_ratio(tmp_path):
     assert "| periodic box of 63 | 1512 | 15.0 | 400.0 | 264.6 | 600.0 | 396.8 | 1.50x |" in text
     assert "| cluster of 63 | 1512 | 15.0 | 400.0 | 264.6 | – | – | – |" in text
     assert "load average (1 / 5 / 15 min) 1.00 / 1.00 / 1.00 at the start" in text
+
+
+def test_packed_bytes_is_recomputed_from_the_cards_configs():
+    """Every row of the quantization table on one basis: gaq-report recomputes the packed size from the
+    card's architecture and quantization config, whatever the card itself recorded."""
+    from helpers import tiny_config
+
+    from gaq_calc.model import GAQPotential
+    from gaq_calc.quant import prepare, preset, storage_bytes
+
+    config = tiny_config()
+    quant = preset("w4a8_frame")
+    card = {
+        "model_config": config.to_dict(),
+        "quantization": {"preset": "w4a8_frame", "config": quant.to_dict()},
+        "size": {"packed_bytes": 10**9},  # an old card's number: not used
+    }
+    expected = storage_bytes(prepare(GAQPotential(config), quant))["packed_bytes"]
+    assert report.packed_bytes(card) == expected < 10**9
+    assert report.packed_bytes({**card, "quantization": None}) == storage_bytes(GAQPotential(config))["packed_bytes"]
+    assert report.packed_bytes({"size": {"packed_bytes": 7}}) == 7  # no configs: the card's own number
+    assert report.packed_bytes({"artifact": True, "size": {"file_bytes": 5, "packed_bytes": 3}}) == 5

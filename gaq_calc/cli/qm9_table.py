@@ -29,11 +29,11 @@ def qm9_cards(models: Path) -> list[tuple[str, dict, Path]]:
 
 
 def qm9_table(models: Path) -> str:
-    from gaq_calc.cli.report import _bits, _converged
+    from gaq_calc.cli.report import _bits, _converged, packed_bytes
 
     cards = qm9_cards(models)
     fp32 = next((c for name, c, _ in cards if name == "qm9_u0_fp32" and not c.get("quantization")), None)
-    fp_bytes = (fp32.get("size") or {}).get("packed_bytes") if fp32 else None
+    fp_bytes = packed_bytes(fp32) if fp32 else None
     fmt = lambda x, f: "–" if x is None else format(x, f)
     rows = list(HEADER)
     planned = [(name, None, None) for name in QM9_MODELS if not any(n == name for n, _, _ in cards)]
@@ -44,9 +44,7 @@ def qm9_table(models: Path) -> str:
             continue
         q = card.get("quantization") or {}
         conservative = card.get("mode") == "conservative"
-        size = (card.get("size") or {}).get("packed_bytes") or (
-            (card.get("size") or {}).get("file_bytes") if card.get("artifact") else None
-        )
+        size = packed_bytes(card)
         training = card.get("training") or {}
         converged = _converged(folder / "log.csv", column="val_energy_mae_meV")
         rows.append(

@@ -95,10 +95,34 @@ def quant_cards(models: Path, baselines: Path, molecule: str = "azobenzene") -> 
     return cards
 
 
+def packed_bytes(card: dict) -> int | None:
+    """Packed size of a card's model on today's basis (quant.storage_bytes of its architecture and
+    quantization config; sizes do not depend on trained values). Cards written before issue 14 counted
+    dead per-layer codebooks that current model files no longer hold, so the card's own number is used
+    only where the card lacks the configs; artifacts report their file size."""
+    import dataclasses
+
+    from gaq_calc.model import GAQPotential
+    from gaq_calc.model.config import ModelConfig
+    from gaq_calc.quant import QuantConfig, prepare, storage_bytes
+
+    size = card.get("size") or {}
+    if card.get("artifact"):
+        return size.get("file_bytes")
+    if not card.get("model_config"):
+        return size.get("packed_bytes")
+    model = GAQPotential(ModelConfig.from_dict(card["model_config"]))
+    config = ((card.get("quantization") or {}).get("config")) or None
+    if config:
+        known = {f.name for f in dataclasses.fields(QuantConfig)}
+        model = prepare(model, QuantConfig(**{k: v for k, v in config.items() if k in known}))
+    return storage_bytes(model)["packed_bytes"]
+
+
 def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
     """Markdown and JSON rows of the quantization results table."""
     fp32 = next((c for c, _ in cards if not c.get("quantization")), None)
-    fp_bytes = fp32["size"]["packed_bytes"] if fp32 and "size" in fp32 else None
+    fp_bytes = packed_bytes(fp32) if fp32 else None
     rows, records = (
         [
             "| model | method | training | inference | bits W(vec/scal) A(scal/vec) | l=1 activations | E MAE (meV) | "
@@ -111,9 +135,7 @@ def quant_table(cards: list[tuple[dict, Path]]) -> tuple[str, list[dict]]:
         card_file = card.pop("_card_file", str(folder / "card.json"))
         q = card.get("quantization") or {}
         config = q.get("config") or {}
-        size = card.get("size", {}).get("packed_bytes") or (
-            card.get("size", {}).get("file_bytes") if card.get("artifact") else None
-        )
+        size = packed_bytes(card)
         record = {
             "model": (
                 Path(card["model_file"]).name
