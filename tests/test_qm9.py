@@ -14,6 +14,7 @@ from helpers import randomize, tiny_config
 
 from gaq_calc.data import GraphDataset, read_frames, train_val_split
 from gaq_calc.data.qm9 import QM9_SPECIES, SUBSET_FILE, is_test_index, qm9_split, read_qm9
+from gaq_calc.model.serialization import load_checkpoint_file
 from gaq_calc.train import TrainConfig, train
 
 
@@ -178,12 +179,12 @@ def test_gaq_eval_on_the_held_out_molecules(trained, tmp_path, capsys):
 def test_resume_inside_an_epoch_reproduces_the_uninterrupted_run(tmp_path):
     straight = train(_config(tmp_path, "straight"), progress=False, log=lambda s: None)
     train(_config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=5, log=lambda s: None)
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
+    state = load_checkpoint_file(tmp_path / "stopped" / "checkpoint.pt")["state"]
     assert (state["epoch"], state["step"], len(state["epoch_losses"])) == (0, 5, 5)
     train(
         _config(tmp_path, "stopped", checkpoint_minutes=0.0), progress=False, stop_after_steps=19, log=lambda s: None
     )  # across the epoch boundary (16 steps per epoch), stopped again inside epoch 2
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
+    state = load_checkpoint_file(tmp_path / "stopped" / "checkpoint.pt")["state"]
     assert (state["epoch"], state["step"]) == (1, 8)
     resumed = train(_config(tmp_path, "stopped"), progress=False, log=lambda s: None)
     a = torch.load(straight / "final.pt", weights_only=True)["state_dict"]

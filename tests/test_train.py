@@ -10,6 +10,7 @@ import torch
 from helpers import tiny_config
 
 from gaq_calc.cli.train import parse_config
+from gaq_calc.model.serialization import load_checkpoint_file
 from gaq_calc.train import TrainConfig, train
 from gaq_calc.train.schedule import cosine_lr, step_cosine_lr
 
@@ -60,7 +61,7 @@ def test_training_lowers_the_loss(tmp_path, small_data):
     assert history[-1]["train_loss"] < 0.85 * history[0]["train_loss"]
     for name in ("best.pt", "final.pt", "checkpoint.pt", "log.csv", "learning_curves.png", "snapshot_0min.pt"):
         assert (out / name).exists(), name
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # plain data and tensors only
+    ckpt = load_checkpoint_file(out / "checkpoint.pt")  # plain data and tensors only
     assert ckpt["state"]["epoch"] == 4
 
 
@@ -72,7 +73,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, small_data, schedule, sto
     cfg = _config(tmp_path, "stopped", small_data, **kw)
     stop_at = {"stop_after_epochs": 1} if stop == "epoch" else {"stop_after_steps": 3}  # inside epoch 1
     train(cfg, progress=False, log=lambda s: None, **stop_at)
-    state = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["state"]
+    state = load_checkpoint_file(tmp_path / "stopped" / "checkpoint.pt")["state"]
     assert (state["epoch"], state["step"]) == ((1, 0) if stop == "epoch" else (0, 3))
     resumed = train(_config(tmp_path, "stopped", small_data, **kw), progress=False, log=lambda s: None)
     a = torch.load(straight / "final.pt", weights_only=True)["state_dict"]
@@ -82,6 +83,26 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, small_data, schedule, sto
     la = json.loads((straight / "log.json").read_text())
     lb = json.loads((resumed / "log.json").read_text())
     assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_checkpoint_is_refused_and_left_as_it_is(tmp_path, small_data, damage):
+    from gaq_calc.model.serialization import ModelFileError
+
+    cfg = _config(tmp_path, "run", small_data, epochs=2)
+    train(cfg, progress=False, stop_after_epochs=1, log=lambda s: None)
+    path = tmp_path / "run" / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":  # one byte of the weights, inside the hashed payload
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[len(data) // 3 :]
+    path.write_bytes(bytes(data))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with pytest.raises(ModelFileError, match="checkpoint.*(SHA-256|cannot be read)") as err:
+        train(_config(tmp_path, "run", small_data, epochs=2), progress=False, log=lambda s: None)
+    assert "\n" not in str(err.value)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before  # nothing written
 
 
 def test_resume_refuses_a_changed_config(tmp_path, small_data):
@@ -280,7 +301,7 @@ def test_a_qat_checkpoint_of_the_previous_layout_resumes_exactly(tmp_path, small
     straight = train(cfg("straight"), progress=False, log=lambda s: None)
     train(cfg("stopped"), progress=False, stop_after_epochs=1, log=lambda s: None)
     path = tmp_path / "stopped" / "checkpoint.pt"
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = load_checkpoint_file(path)
 
     from gaq_calc.loading import load_model
     from gaq_calc.quant import ActKind, QuantLinear

@@ -8,6 +8,7 @@ says how to re-save them (gaq-resave, which changes no number)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from gaq_calc.model.network import GAQPotential
 MODEL_FORMAT = "gaq_calc.model"
 MODEL_FORMAT_VERSION = 1
 INTEGRITY_KEY = "sha256"
+CHECKPOINT_FORMAT = "gaq_calc.checkpoint"
 
 
 class ModelFileError(RuntimeError):
@@ -35,6 +37,33 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def save_checkpoint_file(obj: dict, path: str | Path) -> None:
+    """The trainer's resume state (weights, optimizer, counters), atomically, inside an envelope that holds
+    the SHA-256 of its torch.save bytes: a damaged checkpoint is refused at resume instead of resuming
+    from wrong numbers. (Hashing the bytes, not the content: optimizer states have integer keys.)"""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    envelope = {"format": CHECKPOINT_FORMAT, "payload": payload, INTEGRITY_KEY: hashlib.sha256(payload).hexdigest()}
+    atomic_save(envelope, path)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """A checkpoint written by save_checkpoint_file, its hash checked (ModelFileError, one line, if damaged;
+    the file is left as it is), or a plain torch.save checkpoint from before the envelope existed."""
+    advice = "move it away to start the run over, or restore it from a copy"
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"training checkpoint {path} cannot be read ({type(exc).__name__}); {advice}") from None
+    if not (isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT):
+        return outer
+    payload = outer.get("payload")
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get(INTEGRITY_KEY):
+        raise ModelFileError(f"training checkpoint {path} fails its SHA-256 check (damaged); {advice}")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
 def _feed(h, obj: Any) -> None:

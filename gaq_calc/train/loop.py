@@ -28,7 +28,14 @@ from gaq_calc.io import atomic_path, write_text_atomic
 from gaq_calc.metrics import error_metrics, force_rms, random_rotations, residual_energy_scale, rotated
 from gaq_calc.model import GAQPotential, ModelConfig, energy_and_forces
 from gaq_calc.model import energy as graph_energy
-from gaq_calc.model.serialization import atomic_save, read_model_file, save_model, upgrade_state_dict, write_model_file
+from gaq_calc.model.serialization import (
+    load_checkpoint_file,
+    read_model_file,
+    save_checkpoint_file,
+    save_model,
+    upgrade_state_dict,
+    write_model_file,
+)
 from gaq_calc.models_dir import resolve_model
 from gaq_calc.train.config import TrainConfig
 from gaq_calc.train.ema import EMA
@@ -235,7 +242,7 @@ def train(
     }
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint_file(ckpt_path)
         if _trajectory_fields(ckpt["config"]) != _trajectory_fields(cfg.to_dict()):
             raise ValueError(f"{ckpt_path} was written with a different config; use a new out_dir")
         model.load_state_dict(upgrade_state_dict(model, ckpt["model"]))  # (checkpoints of an older layout)
@@ -259,7 +266,7 @@ def train(
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def save_checkpoint() -> None:
-        atomic_save(
+        save_checkpoint_file(
             {
                 "config": cfg.to_dict(),
                 "model": model.state_dict(),
