@@ -280,7 +280,8 @@ def test_gaq_report_qm9_table(tmp_path, monkeypatch):
     report.main(["--readme", str(readme), "--results", str(tmp_path / "results")])
     text = readme.read_text()
     assert (
-        "| qm9_u0_fp32 | fp32 | – | FP32 | 13087 | 12.35 | 0.0012 | 2.0e-11 | yes | 120 | 1200 | 1.00x | 36.0 |" in text
+        "| qm9_u0_fp32 | fp32 | – | FP32 | 13087 | 12.35 | 1.00x | 0.0012 | 2.0e-11 | yes | 120 | 1200 | 1.00x | 36.0 |"
+        in text
     )
     assert "| qm9_u0_w4a8 | – | – | – | – | not trained yet |" in text
     assert "| qm9_u0_fp32 | 1 | 1.0e-03 | 18 | 90.00 |" in text  # the learning curve, one row an epoch

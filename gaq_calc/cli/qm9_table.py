@@ -13,9 +13,9 @@ from pathlib import Path
 QM9_MODELS = ("qm9_u0_fp32", "qm9_u0_w8a8", "qm9_u0_w4a8")
 MARKERS = ("<!-- qm9:start -->", "<!-- qm9:end -->")
 HEADER = [
-    "| model | method | inference | bits W(vec/scal) A(scal/vec) | test molecules | E MAE (meV) | LEE fp32 (meV/Å) | "
-    "LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | vs FP32 | CPU hours |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| model | method | inference | bits W(vec/scal) A(scal/vec) | test molecules | E MAE (meV) | E MAE / FP32 | "
+    "LEE fp32 (meV/Å) | LEE fp64 (meV/Å) | converged | epochs | packed size (KiB) | FP32 / this size | CPU hours |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -25,7 +25,8 @@ def qm9_cards(models: Path) -> list[tuple[str, dict, Path]]:
     for path in sorted(models.glob("qm9_*/card*.json")):
         cards.append((path.parent.name, json.loads(path.read_text()), path.parent))
     order = {name: k for k, name in enumerate(QM9_MODELS)}
-    return sorted(cards, key=lambda c: (order.get(c[0], len(order)), c[0], c[1].get("mode") or ""))
+    # the model file's card (quantized mode) before its artifact's (conservative mode)
+    return sorted(cards, key=lambda c: (order.get(c[0], len(order)), c[0], bool(c[1].get("artifact"))))
 
 
 def qm9_table(models: Path) -> str:
@@ -40,7 +41,7 @@ def qm9_table(models: Path) -> str:
     order = {name: k for k, name in enumerate(QM9_MODELS)}
     for name, card, folder in sorted(cards + planned, key=lambda c: order.get(c[0], len(order))):
         if card is None:
-            rows.append(f"| {name} | – | – | – | – | not trained yet | – | – | – | – | – | – | – |")
+            rows.append(f"| {name} | – | – | – | – | not trained yet | – | – | – | – | – | – | – | – |")
             continue
         q = card.get("quantization") or {}
         conservative = card.get("mode") == "conservative"
@@ -52,7 +53,9 @@ def qm9_table(models: Path) -> str:
             f"{card.get('mode') or ('quantized' if q else '–')} | "
             f"{_bits(card).split(' A')[0] + ' A unrounded' if conservative else _bits(card)} | "
             f"{card.get('n_frames')} | "
-            f"{card['energy_mae_meV']:.2f} | {fmt(card.get('lee_meV_per_A'), '.3g')} | "
+            f"{card['energy_mae_meV']:.2f} | "
+            f"{fmt(fp32 and card['energy_mae_meV'] / fp32['energy_mae_meV'], '.2f')}{'x' if fp32 else ''} | "
+            f"{fmt(card.get('lee_meV_per_A'), '.3g')} | "
             f"{fmt(card.get('lee_float64_meV_per_A'), '.1e')} | {converged} | {training.get('epochs') or '–'} | "
             f"{fmt(size and size / 1024, '.0f')} | "
             f"{fmt(fp_bytes / size if fp_bytes and size else None, '.2f')}{'x' if fp_bytes and size else ''} | "
