@@ -24,9 +24,8 @@ def qm9_cards(models: Path) -> list[tuple[str, dict, Path]]:
     cards = []
     for path in sorted(models.glob("qm9_*/card*.json")):
         cards.append((path.parent.name, json.loads(path.read_text()), path.parent))
-    order = {name: k for k, name in enumerate(QM9_MODELS)}
     # the model file's card (quantized mode) before its artifact's (conservative mode)
-    return sorted(cards, key=lambda c: (order.get(c[0], len(order)), c[0], bool(c[1].get("artifact"))))
+    return sorted(cards, key=lambda c: (*_order(c[0]), bool(c[1].get("artifact"))))
 
 
 def qm9_table(models: Path) -> str:
@@ -38,8 +37,7 @@ def qm9_table(models: Path) -> str:
     fmt = lambda x, f: "–" if x is None else format(x, f)
     rows = list(HEADER)
     planned = [(name, None, None) for name in QM9_MODELS if not any(n == name for n, _, _ in cards)]
-    order = {name: k for k, name in enumerate(QM9_MODELS)}
-    for name, card, folder in sorted(cards + planned, key=lambda c: order.get(c[0], len(order))):
+    for name, card, folder in sorted(cards + planned, key=lambda c: _order(c[0])):  # stable: cards keep their order
         if card is None:
             rows.append(f"| {name} | – | – | – | – | not trained yet | – | – | – | – | – | – | – | – |")
             continue
