@@ -177,20 +177,8 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
     assert all(np.isfinite(r["train_loss"]) for r in history)
 
     # a QAT run stopped at the warm-up boundary and resumed equals the uninterrupted run
-    stopped = _config(
-        tmp_path,
-        "qat_stopped",
-        small_data,
-        epochs=2,
-        init_from=str(fp32 / "final.pt"),
-        quant="w4a8",
-        quant_warmup_epochs=1,
-        lee_weight=0.1,
-        model=tiny_config(tau_init=2.0),
-    )
-    train(stopped, progress=False, stop_after_epochs=1, log=lambda s: None)
-    resumed = train(
-        _config(
+    def stopped():
+        return _config(
             tmp_path,
             "qat_stopped",
             small_data,
@@ -200,7 +188,11 @@ def test_qat_fine_tunes_from_fp32_and_saves_a_loadable_quantized_model(tmp_path,
             quant_warmup_epochs=1,
             lee_weight=0.1,
             model=tiny_config(tau_init=2.0),
-        ),
+        )
+
+    train(stopped(), progress=False, stop_after_epochs=1, log=lambda s: None)
+    resumed = train(
+        stopped(),
         progress=False,
         log=lambda s: None,
     )
