@@ -5,7 +5,8 @@
 # OUT_ROOT (default results/md) is where the runs go; a session that may stop them midway can use runs/md
 # (ignored by git) and copy the finished runs' folders to results/md.
 # 1. NVT sampling fidelity: Langevin at 300 K, 200 ps each, for FP32 (two seeds: the noise floor), the shipped
-#    W4A8 in quantized and conservative mode, and the mixed-precision W4A8 in quantized mode; then
+#    mixed-precision W4A8 in quantized and conservative mode (same weights), and the shipped W4A8 in quantized
+#    mode; the most informative runs go first, so a stop midway leaves a usable comparison; then
 #    md_protocols/sampling.py draws the distributions and writes the Wasserstein-1 table.
 # 2. NVE, 1 ns, mixed-precision W4A8 in quantized mode, the protocol of results/md/nve_azobenzene_fp32.
 set -euo pipefail
@@ -20,12 +21,12 @@ nvt() {  # OUT MODEL SEED [--mode M]
     --out "$root/$out" "$@"
 }
 nvt nvt_azobenzene_fp32_seed0 azobenzene_fp32.pt 0
-nvt nvt_azobenzene_fp32_seed1 azobenzene_fp32.pt 1
-nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
-nvt nvt_azobenzene_w4a8_conservative azobenzene_w4a8.pt 0 --mode conservative
 nvt nvt_azobenzene_w4a8_mp_quantized azobenzene_w4a8_mp.pt 0 --mode quantized
+nvt nvt_azobenzene_fp32_seed1 azobenzene_fp32.pt 1
+nvt nvt_azobenzene_w4a8_mp_conservative azobenzene_w4a8_mp.pt 0 --mode conservative
+nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
 .venv/bin/python md_protocols/sampling.py "$root/nvt_azobenzene_w4a8_quantized" \
-  "$root/nvt_azobenzene_w4a8_conservative" "$root/nvt_azobenzene_w4a8_mp_quantized" \
+  "$root/nvt_azobenzene_w4a8_mp_quantized" "$root/nvt_azobenzene_w4a8_mp_conservative" \
   --reference "$root/nvt_azobenzene_fp32_seed0" --noise-floor "$root/nvt_azobenzene_fp32_seed1" \
   --skip-ps 10 --out results/md/sampling
 run md_protocols/nve.py --model azobenzene_w4a8_mp.pt --mode quantized --time-ps 1000 --equilibrate-ps 2 \
