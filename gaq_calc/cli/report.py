@@ -23,6 +23,7 @@ PEERS = ("<!-- peers:start -->", "<!-- peers:end -->")
 SCALING = ("<!-- scaling:start -->", "<!-- scaling:end -->")
 ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
+LEE_FLIPS = ("<!-- lee-flips:start -->", "<!-- lee-flips:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -264,6 +265,32 @@ def sensitivity_table(path: Path) -> str:
     return "\n".join(rows)
 
 
+def lee_flips_markdown(result: dict) -> str:
+    """The table of one scripts/lee_flips.py result (its JSON)."""
+    rows = [
+        f"`{result['command']}`: {result['frames']} test frames x {result['rotations']} rotations; per pair, the "
+        'mean over atoms of |F(Rx) - R F(x)| (meV/Å); "no flip": pairs below '
+        f"{result['no_flip_below_meV_per_A']} meV/Å.",
+        "",
+        "| rounded activations | quantizers on | LEE = mean | median | 90th pct. | max | pairs with no flip |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        rows.append(
+            f"| {r['label']} | {r['rounded']} | {r['lee_mean']:.3g} | {r['median']:.3g} | {r['p90']:.3g} | "
+            f"{r['max']:.3g} | {100 * r['no_flip_share']:.0f}% |"
+        )
+    return "\n".join(rows)
+
+
+def lee_flips_table(root: Path) -> str:
+    """Every results/lee_flips/*.json, one table each."""
+    paths = sorted(root.glob("*.json"))
+    if not paths:
+        return "(not run yet)"
+    return "\n\n".join(f"**{p.stem}**: " + lee_flips_markdown(json.loads(p.read_text())) for p in paths)
+
+
 def write_table(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
@@ -417,6 +444,10 @@ def update_readme(
     if SENSITIVITY[0] in text:
         source = "results/quant_sensitivity/azobenzene_w4a8.json"
         text = replace_block(text, SENSITIVITY, sensitivity_table(REPO / source), source)
+    if LEE_FLIPS[0] in text:
+        text = replace_block(
+            text, LEE_FLIPS, lee_flips_table(REPO / "results" / "lee_flips"), "results/lee_flips/*.json"
+        )
     if qm9 is not None and QM9[0] in text:
         text = replace_block(text, QM9, qm9, "models/qm9_*/card*.json and log.csv")
     text = replace_block(text, MD, md, "results/md/*/summary.json")
