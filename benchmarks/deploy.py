@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# (model, mode, kernel); "fused" in quantized mode is the integer path (int8 activation codes x weight
-# codes through sgemm, exact); "fused-int32" is the same path with int32 accumulation in a loop
+# (model, mode, kernel); "fused" in quantized mode is the integer path as GAQCalculator runs it (int_gemm
+# "auto": int8 codes with int32 sums, vpdpbusd where the CPU has AVX512-VNNI, else integer-valued floats
+# through sgemm); "fused-float" forces the sgemm engine and "fused-int32" the int8 one (same bits)
 VARIANTS = [
     ("fp32", "fp32", "reference"),
     ("fp32", "fp32", "fused"),
@@ -36,6 +37,7 @@ VARIANTS = [
     ("w8a8", "conservative", "fused"),
     ("w4a8", "quantized", "reference"),
     ("w4a8", "quantized", "fused"),
+    ("w4a8", "quantized", "fused-float"),
     ("w4a8", "quantized", "fused-int32"),
     ("w4a8", "conservative", "reference"),
     ("w4a8", "conservative", "fused"),
@@ -54,12 +56,12 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     torch.set_num_threads(threads)  # a benchmark process, not library code
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
-    if kernel == "fused-int32":  # the fused kernel with int32 accumulation in place of the calculator's
+    if kernel.startswith("fused-"):  # the fused kernel with one integer engine in place of the calculator's
         from gaq_calc.loading import load_energy_forces
 
         calc = GAQCalculator(str(path), kernel="fused", **kwargs)
         calc.energy_forces = load_energy_forces(
-            path, mode=kwargs.get("mode"), kernel="fused", int_gemm="int32"
+            path, mode=kwargs.get("mode"), kernel="fused", int_gemm=kernel.split("-", 1)[1]
         ).energy_forces
         kernel_name = kernel
     else:
@@ -89,6 +91,8 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
         "batch_atoms": len(b.species),
         "molecules_per_s": batch / batch_s,
         "file_bytes": path.stat().st_size,
+        "int_gemm": getattr(calc.energy_forces, "int_gemm", None) if mode == "quantized" else None,
+        "int8_simd": getattr(calc.energy_forces, "int8_simd", None) if mode == "quantized" else None,
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -72,7 +72,7 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def load_energy_forces(model="azobenzene_fp32", dtype="float32", device="cpu", mode: Optional[str] = None,
-                       kernel: str = "auto", jit: bool = True, int_gemm: str = "float") -> LoadedModel:  # fmt: skip
+                       kernel: str = "auto", jit: bool = True, int_gemm: str = "auto") -> LoadedModel:  # fmt: skip
     """Load a model and choose its kernel.
 
     model: a shipped name, a model file or folder, a gaq-train run folder, an artifact (gaq-export), or a
@@ -85,7 +85,8 @@ def load_energy_forces(model="azobenzene_fp32", dtype="float32", device="cpu", m
     warning where the kernel cannot be built); "fused" requires it; "reference" runs the network with
     autograd forces (TorchScript for FP32 checkpoints with jit=True; for an artifact, the file's own
     TorchScript, which is a program: only for artifacts you trust like code); "eager" is the reference path
-    without any TorchScript (gaq-eval). int_gemm: the fused kernel's integer engine ("float" or "int32").
+    without any TorchScript (gaq-eval). int_gemm: the fused kernel's integer engine in quantized mode
+    ("auto", "float" or "int32"; FusedEnergyForces).
     """
     from gaq_calc.export import is_artifact, load_artifact
     from gaq_calc.models_dir import resolve_model

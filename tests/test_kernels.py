@@ -1,5 +1,7 @@
 """The fused CPU kernel against the reference path (autograd through the network)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -98,12 +100,16 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     export_artifact(path, tmp_path / f"{name}.pt")
     module, _ = load_artifact(tmp_path / f"{name}.pt")
     set_mode(module, "quantized")
-    fused = FusedEnergyForces(module.potential)  # integer GEMMs through sgemm, exact
-    int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int32 accumulation loop
+    fused = FusedEnergyForces(module.potential, int_gemm="float")  # integer GEMMs through sgemm, exact
+    int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int8 codes, int32 sums (VNNI or a loop)
+    auto = FusedEnergyForces(module.potential)  # the calculator's choice
     assert fused.rounds_activations
     codes = [k for k in fused.weights if k.endswith(".codes")]
     assert codes and all(fused.weights[k].dtype == torch.float32 for k in codes)  # every GEMM in sgemm
     assert all(int32.weights[k].dtype == torch.int8 for k in codes)
+    # -march=native: the SIMD loop exists exactly where the CPU has AVX512-VNNI; "auto" takes it there
+    assert int32.int8_simd == (cpu_flags() >= {"avx512f", "avx512bw", "avx512_vnni"})
+    assert auto.int_gemm == ("int32" if int32.int8_simd else "float") and not fused.int8_simd
     close, worst = 0, 0.0
     for k in range(10, 20):
         b = ethanol_batch(ethanol_frames, [k], torch.float32)
@@ -111,6 +117,8 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
         e_int, f_int = call(fused, b)
         e_i32, f_i32 = call(int32, b)
         assert torch.equal(e_int, e_i32) and torch.equal(f_int, f_i32)  # the same integers, the same bits
+        e_auto, f_auto = call(auto, b)
+        assert torch.equal(e_int, e_auto) and torch.equal(f_int, f_auto)
         err = abs(e_int.item() - e_ref.item())
         close += err < 1e-4 and (f_int - f_ref).abs().max().item() < 1e-4
         worst = max(worst, err)
@@ -120,6 +128,15 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     assert not FusedEnergyForces(module.potential).rounds_activations
     with pytest.raises(ValueError, match="int_gemm"):
         FusedEnergyForces(module.potential, int_gemm="int4")
+
+
+def cpu_flags() -> set:
+    """This CPU's feature flags as Linux names them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 def test_mddq_rounding_stays_on_the_reference_kernel(tmp_path, ethanol_frames):

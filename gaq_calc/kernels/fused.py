@@ -67,6 +67,12 @@ def load_extension(verbose: bool = False, wait_seconds: Optional[float] = None) 
         _loaded = True
 
 
+def int8_simd() -> bool:
+    """Whether the built kernel multiplies int8 codes with AVX512-VNNI (compiled with -march=native)."""
+    load_extension()
+    return bool(torch.ops.gaq.int8_simd())
+
+
 def build_spec() -> Tuple[str, List[str]]:
     """(extension name, compiler flags): one build folder per source version and flags, so a rebuild
     never overwrites a library that a running process (a long MD run) has loaded."""
@@ -340,18 +346,22 @@ class FusedEnergyForces:
 
     `int_gemm` picks how integer codes are multiplied in quantized mode: "float" runs the integer
     products and sums through the BLAS sgemm, exactly (every partial sum is an integer below 2^24), and
-    "int32" through int32 accumulation in a loop; both give identical bits, "float" is faster here
-    (benchmarks/deploy.py, the fused-int32 row).
+    "int32" as int8 codes with int32 sums: vpdpbusd (64 products per instruction) where the kernel was
+    built for a CPU with AVX512-VNNI (`int8_simd()`), a portable loop elsewhere. All give identical bits.
+    "auto" (the default) takes "int32" where the SIMD loop exists and "float" elsewhere, the faster of
+    the two on each (benchmarks/deploy.py, the fused and fused-float-codes rows).
     """
 
-    INT_GEMMS = ("float", "int32")
+    INT_GEMMS = ("auto", "float", "int32")
 
-    def __init__(self, potential, dtype: torch.dtype = torch.float32, int_gemm: str = "float"):
+    def __init__(self, potential, dtype: torch.dtype = torch.float32, int_gemm: str = "auto"):
         if int_gemm not in self.INT_GEMMS:
             raise ValueError(f"int_gemm must be one of {self.INT_GEMMS}, not {int_gemm!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
         load_extension()
+        if int_gemm == "auto":
+            int_gemm = "int32" if int8_simd() else "float"
         weights, self.consts = gather_parameters(potential)
         self.int_gemm = int_gemm
         self.weights = _cast_weights(weights, dtype, int_gemm == "float")
@@ -359,6 +369,7 @@ class FusedEnergyForces:
         # checked and cast once; keeps one workspace per graph size across calls
         self.model = torch.classes.gaq.Model(LAYOUT_VERSION, self.weights, self.consts, dtype == torch.float64)
         self.rounds_activations = bool(self.model.quantized())
+        self.int8_simd = int_gemm == "int32" and int8_simd()
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs: int):
         if positions.device.type != "cpu":

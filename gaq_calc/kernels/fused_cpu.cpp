@@ -27,12 +27,18 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <map>
 #include <mutex>
 #include <set>
 #include <string>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define GAQ_INT8_SIMD 1  // built with -march=native on a CPU with AVX512-VNNI (vpdpbusd)
+#endif
 
 extern "C" {
 // MKL's Fortran BLAS as exported by libtorch_cpu (ATen's cpublas::gemm calls these)
@@ -178,7 +184,78 @@ struct ActQuant {
   // the codes as floats [out, in] when the integer GEMM runs in floating-point units (engine 1): exact,
   // because every product and partial sum is an integer below 2^24 (float) or 2^53 (double)
   at::Tensor codes_fp;
+  // engine 0 on AVX512-VNNI CPUs: `codes` repacked for vpdpbusd (pack_int8_simd), with 128 x the sum of each
+  // output's codes (the activation codes enter as unsigned bytes, code + 128); `seg` rows per packed segment
+  at::Tensor simd_w, simd_corr;
+  int64_t seg = 0;
 };
+
+#ifdef GAQ_INT8_SIMD
+// Repack int8 weight codes [out, in] (in % 4 == 0) for vpdpbusd, one segment of `seg` rows at a time (the
+// radial filter's layers are sliced by segment): per segment, blocks of 16 rows, padded with zero rows; per
+// block [in / 4][16 rows][4 codes]. simd_corr holds 128 x the sum of each (padded) row's codes.
+void pack_int8_simd(ActQuant& q, int64_t out, int64_t in, int64_t seg) {
+  if (!q.codes.defined() || in % 4 != 0 || seg <= 0 || out % seg != 0) return;  // the portable loop instead
+  const int64_t K4 = in / 4, nb = (seg + 15) / 16, nseg = out / seg;
+  q.simd_w = at::zeros({nseg * nb * K4 * 64}, at::kChar);
+  q.simd_corr = at::zeros({nseg * nb * 16}, at::kInt);
+  const int8_t* src = q.codes.data_ptr<int8_t>();
+  int8_t* dst = q.simd_w.data_ptr<int8_t>();
+  int32_t* corr = q.simd_corr.data_ptr<int32_t>();
+  for (int64_t g = 0; g < nseg; ++g)
+    for (int64_t r = 0; r < seg; ++r) {
+      const int64_t b = g * nb + r / 16, lane = r % 16;
+      const int8_t* row = src + (g * seg + r) * in;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < in; ++k) {
+        dst[((b * K4 + k / 4) * 16 + lane) * 4 + k % 4] = row[k];
+        sum += row[k];
+      }
+      corr[b * 16 + lane] = 128 * sum;
+    }
+  q.seg = seg;
+}
+
+// y [m, rows] = x_codes [m, in] . (segment `g` of the weight codes)^T as exact integers: the int32 sums of the
+// portable loop, 64 products per vpdpbusd (unsigned activation byte x signed weight code, hence the +128
+// shift and its correction), converted to T exactly
+template <typename T>
+void int8_simd_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q, int64_t g, int64_t rows, T* y) {
+  const int64_t K4 = in / 4, nb = (rows + 15) / 16;
+  const int8_t* wp = q.simd_w.data_ptr<int8_t>() + g * nb * K4 * 64;
+  const int32_t* corr = q.simd_corr.data_ptr<int32_t>() + g * nb * 16;
+  alignas(64) int32_t lanes[16];
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* xr = xc + i * in;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i acc = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(corr + b * 16));
+      const int8_t* wb = wp + b * K4 * 64;
+      for (int64_t k = 0; k < K4; ++k) {
+        uint32_t four;
+        std::memcpy(&four, xr + 4 * k, 4);
+        acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(static_cast<int>(four ^ 0x80808080u)),
+                                  _mm512_loadu_si512(wb + k * 64));
+      }
+      const int64_t n = std::min<int64_t>(16, rows - b * 16);
+      T* yo = y + i * rows + b * 16;
+      if constexpr (std::is_same<T, float>::value) {
+        _mm512_mask_storeu_ps(yo, static_cast<__mmask16>((1u << n) - 1), _mm512_cvtepi32_ps(acc));
+      } else {
+        _mm512_store_si512(lanes, acc);
+        for (int64_t o = 0; o < n; ++o) yo[o] = static_cast<T>(lanes[o]);
+      }
+    }
+  }
+}
+#endif
+
+bool int8_simd() {
+#ifdef GAQ_INT8_SIMD
+  return true;
+#else
+  return false;
+#endif
+}
 
 // activation codes of x and the straight-through mask, in one pass: as int8 (engine 0: `codes`) or, where
 // the GEMM runs in floating-point units (engine 1, q.codes_fp set), straight as floats into `fcodes`
@@ -194,6 +271,7 @@ void quantize_codes(const T* x, int64_t numel, const ActQuant& q, int8_t* codes,
     }
     return;
   }
+#pragma omp simd
   for (int64_t i = 0; i < numel; ++i) {
     const T t = x[i] / s;
     mask[i] = (t >= lo && t <= hi) ? T(1) : T(0);
@@ -219,6 +297,13 @@ void int_linear(const int8_t* xc, const T* xf, int64_t m, int64_t in, const ActQ
   if (q.codes_fp.defined()) {
     linear_nt<T>(xf, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
   } else {
+#ifdef GAQ_INT8_SIMD
+    if (q.simd_w.defined() && row0 % q.seg == 0 && rows == q.seg) {
+      int8_simd_linear<T>(xc, m, in, q, row0 / q.seg, rows, y);
+      rescale_codes<T>(y, m, rows, T(q.step), q.wstep.template data_ptr<T>() + row0, bias);
+      return;
+    }
+#endif
     const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
     for (int64_t i = 0; i < m; ++i) {
       const int8_t* __restrict__ xr = xc + i * in;
@@ -503,6 +588,14 @@ Weights<T> weights_from_named(int64_t version, const Named& d, at::ArrayRef<doub
     GAQ_CHECK(used.count(item.key()), "weights: unknown name '", item.key(), "' in layout version ", kLayoutVersion,
               " (", L, " layers)");
   }
+#ifdef GAQ_INT8_SIMD
+  // engine 0's weight codes repacked for the AVX512-VNNI loop; the radial filter is used a layer (W rows) at a time
+  pack_int8_simd(w.r2.q, w.r2.out, w.r2.in, w.W);
+  for (LinearW<T>* lin : {&w.r1, &w.ro1, &w.ro2}) pack_int8_simd(lin->q, lin->out, lin->in, lin->out);
+  for (auto& Ly : w.layers)
+    for (LinearW<T>* lin : {&Ly.qk, &Ly.value, &Ly.ex_in, &Ly.ex_out, &Ly.vmix})
+      pack_int8_simd(lin->q, lin->out, lin->in, lin->out);
+#endif
   auto rounds = [](const LinearW<T>& x) { return x.q.kind != 0; };
   w.quantized = rounds(w.r2) || rounds(w.ro1) || rounds(w.ro2) || (w.hidden && rounds(w.r1));
   for (const auto& Ly : w.layers)
@@ -1545,6 +1638,7 @@ TORCH_LIBRARY(gaq, m) {
         "Tensor batch, int n_graphs, int layout_version, Dict(str, Tensor) weights, float[] consts) "
         "-> (Tensor, Tensor)");
   m.def("layout_version() -> int", layout_version);
+  m.def("int8_simd() -> bool", int8_simd);
 }
 
 TORCH_LIBRARY_IMPL(gaq, CPU, m) { m.impl("energy_forces", energy_forces); }
