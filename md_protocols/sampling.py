@@ -63,6 +63,10 @@ def plot(samples: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def _ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="NVT runs to compare with the reference")
@@ -80,6 +84,10 @@ def main(argv=None) -> int:
         parser.error("--skip-ps must be >= 0")
 
     runs = [args.reference, args.noise_floor, *args.run_dirs]
+    if args.noise_floor.resolve() == args.reference.resolve():
+        parser.error("--noise-floor must be a second reference run (another seed), not --reference itself")
+    if len({run.name for run in runs}) < len(runs):
+        parser.error("every run folder needs its own name (rows and histograms are labelled by it)")
     loaded = {run.name: load_run(run, args.skip_ps) for run in runs}
     ref_positions, _, numbers, _ = loaded[args.reference.name]
     reference = Atoms(numbers=numbers, positions=ref_positions[0])
@@ -99,7 +107,8 @@ def main(argv=None) -> int:
                 "simulated_ps": loaded[name][3],
                 "frames": len(loaded[name][0]),
                 "w1": distances,
-                "ratio_to_noise_floor": {k: distances[k] / floor[k] for k in ref},
+                # None where the floor is exactly 0 (two runs with identical samples: no noise to compare with)
+                "ratio_to_noise_floor": {k: distances[k] / floor[k] if floor[k] > 0 else None for k in ref},
             }
         )
     record = {
@@ -125,7 +134,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(
             f"| {r['run']} | {r['simulated_ps']:.0f} | "
-            + " | ".join(f"{r['w1'][k]:.3g} ({r['ratio_to_noise_floor'][k]:.2f}x)" for k in kinds)
+            + " | ".join(f"{r['w1'][k]:.3g} ({_ratio(r['ratio_to_noise_floor'][k])})" for k in kinds)
             + " |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

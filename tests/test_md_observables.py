@@ -2,6 +2,7 @@
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_wasserstein_of_shifted_samples_is_the_shift():
     assert wasserstein(a, a + 0.25) == pytest.approx(0.25)
 
 
-def test_sampling_cli_on_short_runs(tmp_path):
+def test_sampling_cli_on_short_runs(tmp_path, capsys):
     calc = GAQCalculator("ethanol_fp32")
     runs = []
     for seed in (0, 1, 2):
@@ -77,5 +78,16 @@ def test_sampling_cli_on_short_runs(tmp_path):
     assert set(other["w1"]) == {"bond", "angle", "temperature"}  # ethanol has no azo group
     assert all(np.isfinite(v) and v > 0 for v in other["w1"].values())
     assert out.with_suffix(".png").stat().st_size > 0 and "run2" in out.with_suffix(".md").read_text()
+    # the reference cannot be its own noise floor (a zero floor), and rows need distinct folder names
+    (tmp_path / "other").mkdir()
+    shutil.copytree(runs[2], tmp_path / "other" / "run2")
+    for bad, message in (
+        ([str(runs[2]), "--noise-floor", str(runs[0])], "noise-floor must be a second reference run"),
+        ([str(tmp_path / "other" / "run2"), str(runs[2]), "--noise-floor", str(runs[1])], "its own name"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*bad, "--reference", str(runs[0]), "--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad*"))
     positions = np.stack([load_structure("ethanol", 0).positions] * 3)
     assert observables(positions, np.full(3, 300.0), load_structure("ethanol", 0))["bond"].shape == (3, 8)
