@@ -442,8 +442,9 @@ def update_readme(
     if ABLATION[0] in text:
         text = replace_block(text, ABLATION, ablation, "models/*/card*.json and results/qat_ablation/*/card*.json")
     if SENSITIVITY[0] in text:
-        source = "results/quant_sensitivity/azobenzene_w4a8.json"
-        text = replace_block(text, SENSITIVITY, sensitivity_table(REPO / source), source)
+        paths = sorted((REPO / "results" / "quant_sensitivity").glob("*.json"))
+        body = "\n\n".join(f"**{p.stem}**: " + sensitivity_table(p) for p in paths) or "(not run yet)"
+        text = replace_block(text, SENSITIVITY, body, "results/quant_sensitivity/*.json")
     if LEE_FLIPS[0] in text:
         text = replace_block(
             text, LEE_FLIPS, lee_flips_table(REPO / "results" / "lee_flips"), "results/lee_flips/*.json"
