@@ -2,8 +2,8 @@
 """NVT sampling fidelity: distributions of bond lengths, bond angles, the C-N=N-C dihedral and the kinetic
 temperature of several runs against a reference run, as Wasserstein-1 distances, next to the distance
 between two reference runs that differ only in their seed (the noise floor). Example:
-    python md_protocols/sampling.py results/md/nvt_azobenzene_w4a8_quantized \\
-        results/md/nvt_azobenzene_w4a8_conservative \\
+    python md_protocols/sampling.py results/md/nvt_azobenzene_w4a8_mp_quantized \\
+        results/md/nvt_azobenzene_w4a8_mp_conservative \\
         --reference results/md/nvt_azobenzene_fp32_seed0 --noise-floor results/md/nvt_azobenzene_fp32_seed1 \\
         --skip-ps 10 --out results/md/sampling
 writes OUT.png (histograms), OUT.json and OUT.md (the table). Bonds are those of the reference run's

@@ -36,6 +36,7 @@ import torch
 
 from gaq_calc.cli.report import lee_flips_markdown
 from gaq_calc.data import GraphDataset, read_frames
+from gaq_calc.data.graphs import centred
 from gaq_calc.io import write_text_atomic
 from gaq_calc.loading import load_model
 from gaq_calc.metrics import random_rotations
@@ -52,7 +53,7 @@ def pair_errors(model, dataset, rotations, dtype, rotate_in_float64: bool) -> np
     for i in range(len(dataset)):
         batch = dataset.collate([i]).to("cpu", dtype)
         _, forces = energy_and_forces(model, batch)
-        exact = torch.as_tensor(dataset.frames.positions[i], dtype=torch.float64)
+        exact = torch.as_tensor(centred(dataset.frames.positions[i]), dtype=torch.float64)  # as collate centres
         for rot in rotations:
             positions = (exact @ rot.T).to(dtype) if rotate_in_float64 else batch.positions @ rot.to(dtype).T
             _, forces_rot = energy_and_forces(model, replace(batch, positions=positions))
@@ -61,14 +62,16 @@ def pair_errors(model, dataset, rotations, dtype, rotate_in_float64: bool) -> np
     return np.asarray(errors)
 
 
-def set_bits(quantizers, bits: int) -> None:
-    """Round at `bits` with each quantizer's clipping range (levels x step) unchanged; 8 restores the model."""
+def set_bits(quantizers, bits) -> None:
+    """Round at `bits` with each quantizer's clipping range (levels x step) unchanged; None restores the
+    model's own bits and steps."""
     for q in quantizers:
-        if not hasattr(q, "_log_step8"):
-            q._log_step8, q._levels8 = q.log_step.detach().clone(), q.levels()
-        q.bits = bits
+        if not hasattr(q, "_own"):
+            q._own = (q.bits, q.log_step.detach().clone(), q.levels())
+        own_bits, own_log_step, own_levels = q._own
+        q.bits = own_bits if bits is None else bits
         with torch.no_grad():
-            q.log_step.copy_(q._log_step8 + math.log(q._levels8 / q.levels()))
+            q.log_step.copy_(own_log_step + math.log(own_levels / q.levels()))
 
 
 def summary(label: str, errors: np.ndarray, rounded: str, **extra) -> dict:
@@ -99,9 +102,16 @@ def main(argv=None) -> None:
     frames = read_frames(args.data, "test").subset(np.arange(args.frames))
     dataset = GraphDataset(frames, [int(z) for z in model.atomic_numbers.tolist()], float(model.cutoff))
     rotations = random_rotations(args.rotations, args.seed)
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer) and not isinstance(m, IdentityQuantizer)]
-    if not quantizers:
+    named = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer) and not isinstance(m, IdentityQuantizer)
+    ]
+    if not named:
         raise SystemExit(f"{args.model}: no activation quantizers (not a quantized model)")
+    if any(".vector_mix." in n and not isinstance(m, FrameQuantizer) for n, m in named):
+        raise SystemExit(
+            f"{args.model}: l=1 activations not rounded in the local frame (this script splits frame models)"
+        )
+    quantizers = [m for _, m in named]
 
     def only(predicate) -> str:
         for q in quantizers:
@@ -112,7 +122,7 @@ def main(argv=None) -> None:
     for label, predicate in (
         ("all rounded (the card's LEE)", lambda q: True),
         ("only scalar-branch rounding", lambda q: not isinstance(q, FrameQuantizer)),
-        ("only l=1 frame rounding", lambda q: isinstance(q, FrameQuantizer)),
+        ("only l=1 frame rounding", lambda q: isinstance(q, FrameQuantizer)),  # (the vector mix; checked above)
         ("none rounded (conservative)", lambda q: False),
     ):
         rounded = only(predicate)
@@ -134,7 +144,7 @@ def main(argv=None) -> None:
                 rounded,
             )
         )
-    set_bits(quantizers, 8)
+    set_bits(quantizers, None)
     rows.append(
         summary(
             "all rounded, network in float64",

@@ -1,6 +1,9 @@
 """Helpers shared by the test modules (import them from here: `from helpers import ...`; pytest puts tests/
 on sys.path). Fixtures stay in conftest.py."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -74,3 +77,11 @@ def nve(n_steps, **kw):
     from gaq_calc.md import MDSettings
 
     return MDSettings("nve", temperature_K=300.0, timestep_fs=0.5, n_steps=n_steps, log_every=5, seed=3, **kw)
+
+
+def load_script(path: Path, name: str):
+    """A script of the repository (benchmarks/, scripts/) imported as a module, without running its main."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

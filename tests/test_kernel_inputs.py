@@ -150,6 +150,10 @@ BAD = {
     "batch far out": _with("batch", 0, BIG),
     "n_graphs = 0": _set("n_graphs", 0),
     "n_graphs < 0": _set("n_graphs", -5),
+    # non-finite coordinates (the int8 engine would round a NaN activation to code 0: a finite energy)
+    "position NaN": _set("positions", lambda a: a["positions"].index_fill(0, torch.tensor([2]), float("nan"))),
+    "position inf": _set("positions", lambda a: a["positions"].index_fill(0, torch.tensor([0]), float("inf"))),
+    "shift NaN": _set("shifts", lambda a: a["shifts"].index_fill(0, torch.tensor([1]), float("nan"))),
     # lengths that do not match
     "senders short": _set("senders", lambda a: a["senders"][:-3]),
     "receivers short": _set("receivers", lambda a: a["receivers"][:-1]),
@@ -202,6 +206,9 @@ BAD = {
     "consts short": _set("consts", lambda a: a["consts"][:3]),
 }
 BAD_QUANTIZED = {
+    "position NaN, rounded activations": _set(
+        "positions", lambda a: a["positions"].index_fill(0, torch.tensor([2]), float("nan"))
+    ),
     "quantizer without its act": _weight("readout.out.act", None),
     "quantizer codes missing": _weight("layers.0.qk.codes", None),
     "quantizer codes transposed": _weight("layers.0.value.codes", lambda t: t.t().contiguous()),
@@ -319,8 +326,10 @@ def test_checks_name_the_problem():
             "layout version 1",
             "unknown weight name",
             "a layer's weight missing",
+            "position NaN",
         ]
     )
+    assert "must be finite" in results["position NaN"]["message"]
     assert "receivers" in results["receiver >= n_atoms"]["message"]
     assert "batch" in results["batch >= n_graphs"]["message"]
     assert "n_graphs" in results["n_graphs = 0"]["message"]

@@ -1,11 +1,10 @@
 """scripts/lee_flips.py: the float32 LEE of rounded activations, split by quantizer group and precision."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from helpers import calibrated_qat
+from helpers import calibrated_qat, load_script
 
 from gaq_calc.cli.report import lee_flips_table
 from gaq_calc.model.serialization import save_model
@@ -14,10 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lee_flips.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("lee_flips", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "lee_flips")
 
 
 def test_lee_flips_rows_and_report_table(tmp_path, ethanol_frames):
@@ -41,8 +37,13 @@ def test_lee_flips_rows_and_report_table(tmp_path, ethanol_frames):
     assert lee_flips_table(tmp_path / "none") == "(not run yet)"
 
 
-def test_lee_flips_refuses_a_model_without_activation_quantizers(tmp_path, ethanol_frames):
+@pytest.mark.parametrize(
+    "preset, message",
+    [("w4_weights_only", "no activation quantizers"), ("naive_int8", "not rounded in the local frame")],
+)
+def test_lee_flips_refuses_models_it_cannot_split(tmp_path, ethanol_frames, preset, message):
     path = tmp_path / "model.pt"
-    save_model(path, calibrated_qat(ethanol_frames, "w4_weights_only"), {"train_data": "ethanol"})
-    with pytest.raises(SystemExit, match="no activation quantizers"):
+    save_model(path, calibrated_qat(ethanol_frames, preset), {"train_data": "ethanol"})
+    with pytest.raises(SystemExit, match=message):
         _load().main(["--model", str(path), "--data", "ethanol", "--frames", "1", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x.json").exists()

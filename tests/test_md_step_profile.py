@@ -1,18 +1,15 @@
 """benchmarks/md_step_profile.py: the parts add up to the step, and every timing wrapper is put back."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "md_step_profile.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("md_step_profile", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "md_step_profile")
 
 
 profile = _load()

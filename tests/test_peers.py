@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "peers.py"
@@ -25,10 +26,7 @@ CONFIG = {
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("peers_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "peers_benchmark")
 
 
 peers = _load()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import threading
 from pathlib import Path
@@ -73,13 +74,25 @@ def int8_simd() -> bool:
     return bool(torch.ops.gaq.int8_simd())
 
 
+def _cpu_identity() -> bytes:
+    """The CPU's model name and feature flags (Linux), or the platform's processor string elsewhere."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep).encode()
+
+
 def build_spec() -> Tuple[str, List[str]]:
     """(extension name, compiler flags): one build folder per source version and flags, so a rebuild
     never overwrites a library that a running process (a long MD run) has loaded."""
     flags = ["-O3", "-fno-math-errno", "-fopenmp-simd"]
     if os.uname().machine in ("x86_64", "AMD64"):
         flags.append("-march=native")  # compiled on the machine that runs it
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    # -march=native compiles for this CPU: a build folder shared with another CPU (a shared home, an
+    # image) must not hand it instructions it lacks, so the CPU's identity is part of the key
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity()).hexdigest()[:12]
     return f"gaq_fused_cpu_{digest}", flags
 
 
@@ -349,7 +362,7 @@ class FusedEnergyForces:
     "int32" as int8 codes with int32 sums: vpdpbusd (64 products per instruction) where the kernel was
     built for a CPU with AVX512-VNNI (`int8_simd()`), a portable loop elsewhere. All give identical bits.
     "auto" (the default) takes "int32" where the SIMD loop exists and "float" elsewhere, the faster of
-    the two on each (benchmarks/deploy.py, the fused and fused-float-codes rows).
+    the two on each (benchmarks/quantized_speed.py; benchmarks/deploy.py's fused-float and fused-int32 rows).
     """
 
     INT_GEMMS = ("auto", "float", "int32")
@@ -369,7 +382,7 @@ class FusedEnergyForces:
         # checked and cast once; keeps one workspace per graph size across calls
         self.model = torch.classes.gaq.Model(LAYOUT_VERSION, self.weights, self.consts, dtype == torch.float64)
         self.rounds_activations = bool(self.model.quantized())
-        self.int8_simd = int_gemm == "int32" and int8_simd()
+        self.int8_simd = self.rounds_activations and int_gemm == "int32" and int8_simd()
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs: int):
         if positions.device.type != "cpu":

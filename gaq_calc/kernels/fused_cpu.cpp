@@ -224,8 +224,10 @@ void int8_simd_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q
   const int64_t K4 = in / 4, nb = (rows + 15) / 16;
   const int8_t* wp = q.simd_w.data_ptr<int8_t>() + g * nb * K4 * 64;
   const int32_t* corr = q.simd_corr.data_ptr<int32_t>() + g * nb * 16;
+  // rows split over torch's threads (each row's sums in one order: the same bits at any thread count)
+  at::parallel_for(0, m, 16, [&](int64_t i0, int64_t i1) {
   alignas(64) int32_t lanes[16];
-  for (int64_t i = 0; i < m; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const int8_t* xr = xc + i * in;
     for (int64_t b = 0; b < nb; ++b) {
       __m512i acc = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(corr + b * 16));
@@ -246,6 +248,7 @@ void int8_simd_linear(const int8_t* xc, int64_t m, int64_t in, const ActQuant& q
       }
     }
   }
+  });
 }
 #endif
 
@@ -643,6 +646,9 @@ void check_graph(const at::Tensor& positions, const at::Tensor& species, const a
   GAQ_CHECK(shifts.dim() == 2 && shifts.size(0) == E && shifts.size(1) == 3, "shifts must be [n_edges, 3] = [", E,
             ", 3], not ", shifts.sizes());
   GAQ_CHECK(n_graphs >= 1, "n_graphs must be >= 1, not ", n_graphs);
+  // a NaN would round to activation code 0 in the int8 engine and give a finite energy
+  GAQ_CHECK(positions.isfinite().all().item<bool>() && shifts.isfinite().all().item<bool>(),
+            "positions and shifts must be finite");
 }
 
 // ---- the graph's edge structure, built once per edge list and reused while it stays the same (MD steps
