@@ -2,8 +2,9 @@
 # Issue 12's MD measurements with rounded activations, one run after another on one core; every run is
 # resumable, so rerunning this script continues where a stop left it (finished runs return at once).
 #   CORE=1 scripts/issue12_md.sh            (several core-hours; pin it to a free core)
-# OUT_ROOT (default results/md) is where the runs go; a session that may stop them midway can use runs/md
-# (ignored by git) and copy the finished runs' folders to results/md.
+# OUT_ROOT (default results/md) is where the NVE run goes and NVT_ROOT (default results/md_nvt) the NVT runs; a
+# session that may stop them midway can use runs/md for both (ignored by git) and copy the finished runs'
+# summary.json and energies.png to results/md/ and results/md_nvt/.
 # 1. NVT sampling fidelity: Langevin at 300 K, 200 ps each, for FP32 (two seeds: the noise floor), the shipped
 #    mixed-precision W4A8 in quantized and conservative mode (same weights), and the shipped W4A8 in quantized
 #    mode; the most informative runs go first, so a stop midway leaves a usable comparison; then
@@ -13,21 +14,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 core=${CORE:-0}
 root=${OUT_ROOT:-results/md}
+nvt_root=${NVT_ROOT:-results/md_nvt}
 run() { taskset -c "$core" env OMP_NUM_THREADS=1 .venv/bin/python "$@" --threads 1 --no-progress --restart; }
 nvt() {  # OUT MODEL SEED [--mode M]
   local out=$1 model=$2 seed=$3
   shift 3
   run md_protocols/nvt.py --model "$model" --thermostat langevin --temperature 300 --time-ps 200 --seed "$seed" \
-    --out "$root/$out" "$@"
+    --out "$nvt_root/$out" "$@"
 }
 nvt nvt_azobenzene_fp32_seed0 azobenzene_fp32.pt 0
 nvt nvt_azobenzene_w4a8_mp_quantized azobenzene_w4a8_mp.pt 0 --mode quantized
 nvt nvt_azobenzene_fp32_seed1 azobenzene_fp32.pt 1
 nvt nvt_azobenzene_w4a8_mp_conservative azobenzene_w4a8_mp.pt 0 --mode conservative
 nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
-.venv/bin/python md_protocols/sampling.py "$root/nvt_azobenzene_w4a8_quantized" \
-  "$root/nvt_azobenzene_w4a8_mp_quantized" "$root/nvt_azobenzene_w4a8_mp_conservative" \
-  --reference "$root/nvt_azobenzene_fp32_seed0" --noise-floor "$root/nvt_azobenzene_fp32_seed1" \
+.venv/bin/python md_protocols/sampling.py "$nvt_root/nvt_azobenzene_w4a8_mp_quantized" \
+  "$nvt_root/nvt_azobenzene_w4a8_mp_conservative" "$nvt_root/nvt_azobenzene_w4a8_quantized" \
+  --reference "$nvt_root/nvt_azobenzene_fp32_seed0" --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed1" \
   --skip-ps 10 --out results/md/sampling
 run md_protocols/nve.py --model azobenzene_w4a8_mp.pt --mode quantized --time-ps 1000 --equilibrate-ps 2 \
   --out "$root/nve_azobenzene_w4a8_mp_quantized"

@@ -24,6 +24,7 @@ SCALING = ("<!-- scaling:start -->", "<!-- scaling:end -->")
 ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 LEE_FLIPS = ("<!-- lee-flips:start -->", "<!-- lee-flips:end -->")
+SAMPLING = ("<!-- sampling:start -->", "<!-- sampling:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -291,6 +292,14 @@ def lee_flips_table(root: Path) -> str:
     return "\n\n".join(f"**{p.stem}**: " + lee_flips_markdown(json.loads(p.read_text())) for p in paths)
 
 
+def sampling_table(path: Path) -> str:
+    """md_protocols/sampling.py's table (its .md beside the JSON) and histogram figure."""
+    if not path.with_suffix(".json").exists():
+        return "(not run yet)"
+    figure = path.with_suffix(".png").relative_to(REPO) if path.is_relative_to(REPO) else path.with_suffix(".png")
+    return path.with_suffix(".md").read_text().rstrip() + f"\n\n![NVT sampling: distributions]({figure})"
+
+
 def write_table(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
@@ -445,6 +454,10 @@ def update_readme(
         paths = sorted((REPO / "results" / "quant_sensitivity").glob("*.json"))
         body = "\n\n".join(f"**{p.stem}**: " + sensitivity_table(p) for p in paths) or "(not run yet)"
         text = replace_block(text, SENSITIVITY, body, "results/quant_sensitivity/*.json")
+    if SAMPLING[0] in text:
+        text = replace_block(
+            text, SAMPLING, sampling_table(REPO / "results" / "md" / "sampling"), "results/md/sampling.md"
+        )
     if LEE_FLIPS[0] in text:
         text = replace_block(
             text, LEE_FLIPS, lee_flips_table(REPO / "results" / "lee_flips"), "results/lee_flips/*.json"
