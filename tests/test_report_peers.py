@@ -1,4 +1,4 @@
-"""gaq-report's peers block, rendered from a synthetic benchmarks/peers.py JSON."""
+"""gaq-report blocks rendered from synthetic inputs: peers (benchmarks/peers.py JSON), NVT sampling."""
 
 import json
 
@@ -143,3 +143,13 @@ def test_packed_bytes_is_recomputed_from_the_cards_configs():
     assert report.packed_bytes({**card, "quantization": None}) == storage_bytes(GAQPotential(config))["packed_bytes"]
     assert report.packed_bytes({"size": {"packed_bytes": 7}}) == 7  # no configs: the card's own number
     assert report.packed_bytes({"artifact": True, "size": {"file_bytes": 5, "packed_bytes": 3}}) == 5
+
+
+def test_sampling_table_copies_the_table_and_links_the_figure(tmp_path):
+    out = tmp_path / "sampling"
+    assert report.sampling_table(out) == "(not run yet)"
+    out.with_suffix(".json").write_text("{}")
+    out.with_suffix(".md").write_text("`cmd`\n\n| run | bond |\n|---|---|\n| a | 0.1 (1.00x) |\n")
+    text = report.sampling_table(out)
+    assert text.startswith("`cmd`") and "| a | 0.1 (1.00x) |" in text
+    assert text.endswith(f"![NVT sampling: distributions]({out.with_suffix('.png')})")
