@@ -196,10 +196,12 @@ def _levers(card: dict) -> str:
 def ablation_table(
     models: Path, ablation: Path, fp32: str = "azobenzene_fp32", baseline: str = "azobenzene_w4a8"
 ) -> tuple[str, list[dict]]:
-    """Issue 12's QAT ablation: the FP32 model, the shipped W4A8 and each run in results/qat_ablation/NAME/
-    (card.json: quantized mode; card_conservative.json: conservative mode), with the targets' ratios."""
+    """Issue 12's QAT ablation: the FP32 model, the shipped W4A8, each run in results/qat_ablation/NAME/
+    (card.json: quantized mode; card_conservative.json: conservative mode) and the shipped W8A8 models (the
+    issue's "the same for W8A8"), with the targets' ratios."""
     entries = [(fp32, models / fp32), (baseline, models / baseline)]
     entries += [(p.name, p) for p in sorted(ablation.glob("*")) if (p / "card.json").exists()]
+    entries += [(p.name, p) for p in sorted(models.glob("azobenzene_w8a8*")) if (p / "card.json").exists()]
     ref = json.loads((models / fp32 / "card.json").read_text()) if (models / fp32 / "card.json").exists() else None
     rows = [
         "| run | levers | bits W(vec/scal) A(scal/vec) | E MAE (meV) | F MAE (meV/Å) | vs FP32 (E, F) | "
