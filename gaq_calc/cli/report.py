@@ -25,6 +25,7 @@ ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 LEE_FLIPS = ("<!-- lee-flips:start -->", "<!-- lee-flips:end -->")
 SAMPLING = ("<!-- sampling:start -->", "<!-- sampling:end -->")
+QUANTIZED_SPEED = ("<!-- quantized-speed:start -->", "<!-- quantized-speed:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -467,7 +468,7 @@ def update_readme(
     if qm9 is not None and QM9[0] in text:
         text = replace_block(text, QM9, qm9, "models/qm9_*/card*.json and log.csv")
     text = replace_block(text, MD, md, "results/md/*/summary.json")
-    for markers, name in ((DEPLOY, "deploy"), (KERNELS, "kernel_agreement")):
+    for markers, name in ((DEPLOY, "deploy"), (KERNELS, "kernel_agreement"), (QUANTIZED_SPEED, "quantized_speed")):
         path = REPO / "benchmarks" / "results" / f"{name}.json"
         if markers[0] in text:
             body = json.loads(path.read_text())["markdown"] if path.exists() else "(not run yet)"
