@@ -2,15 +2,17 @@
 """NVT sampling fidelity: distributions of bond lengths, bond angles, the C-N=N-C dihedral and the kinetic
 temperature of several runs against a reference run, as Wasserstein-1 distances, next to the distance
 between two reference runs that differ only in their seed (the noise floor). Example:
-    python md_protocols/sampling.py results/md/nvt_azobenzene_w4a8_mp_quantized \\
-        results/md/nvt_azobenzene_w4a8_mp_conservative \\
-        --reference results/md/nvt_azobenzene_fp32_seed0 --noise-floor results/md/nvt_azobenzene_fp32_seed1 \\
+    python md_protocols/sampling.py results/md_nvt/nvt_azobenzene_w4a8_mp_quantized \\
+        results/md_nvt/nvt_azobenzene_w4a8_mp_conservative \\
+        --reference results/md_nvt/nvt_azobenzene_fp32_seed1 --noise-floor results/md_nvt/nvt_azobenzene_fp32_seed0 \\
         --skip-ps 10 --out results/md/sampling
 writes OUT.png (histograms), OUT.json and OUT.md (the table). Bonds are those of the reference run's
-first frame; --skip-ps drops the start of every run (equilibration).
+first frame; --skip-ps drops the start of every run (equilibration). Every run must have a seed other than the
+reference's: Langevin runs that share a seed share their random forces and stay alike (refused).
 """
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -63,6 +65,15 @@ def plot(samples: dict[str, dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def run_seed(run_dir: Path):
+    """The seed of a run's initial velocities and thermostat noise (its checkpoint's settings), or None."""
+    for name in ("summary.json", "checkpoint.json"):
+        path = run_dir / name
+        if path.exists():
+            return json.loads(path.read_text()).get("settings", {}).get("seed")
+    return None
+
+
 def _ratio(x) -> str:
     return "–" if x is None else f"{x:.2f}x"
 
@@ -88,6 +99,15 @@ def main(argv=None) -> int:
         parser.error("--noise-floor must be a second reference run (another seed), not --reference itself")
     if len({run.name for run in runs}) < len(runs):
         parser.error("every run folder needs its own name (rows and histograms are labelled by it)")
+    # Langevin runs with the reference's seed share its start and its random forces, which keeps them close
+    # to it for a long time: their distance would come out below the noise floor of independent runs
+    ref_seed = run_seed(args.reference)
+    shared = [run.name for run in runs[1:] if ref_seed is not None and run_seed(run) == ref_seed]
+    if shared:
+        parser.error(
+            f"{', '.join(shared)} used the seed of --reference ({ref_seed}): the same thermostat noise makes "
+            "runs look alike; compare runs with seeds other than the reference's"
+        )
     loaded = {run.name: load_run(run, args.skip_ps) for run in runs}
     ref_positions, _, numbers, _ = loaded[args.reference.name]
     reference = Atoms(numbers=numbers, positions=ref_positions[0])

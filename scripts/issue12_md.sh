@@ -8,7 +8,8 @@
 # 1. NVT sampling fidelity: Langevin at 300 K, 200 ps each, for FP32 (two seeds: the noise floor), the shipped
 #    mixed-precision W4A8 in quantized and conservative mode (same weights), and the shipped W4A8 in quantized
 #    mode; the most informative runs go first, so a stop midway leaves a usable comparison; then
-#    md_protocols/sampling.py draws the distributions and writes the Wasserstein-1 table.
+#    md_protocols/sampling.py draws the distributions and writes the Wasserstein-1 table. The quantized runs use
+#    seed 0, so the reference is FP32 seed 1: a run with the reference's seed shares its thermostat noise.
 # 2. NVE, 1 ns, mixed-precision W4A8 in quantized mode, the protocol of results/md/nve_azobenzene_fp32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ nvt nvt_azobenzene_w4a8_mp_conservative azobenzene_w4a8_mp.pt 0 --mode conservat
 nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
 .venv/bin/python md_protocols/sampling.py "$nvt_root/nvt_azobenzene_w4a8_mp_quantized" \
   "$nvt_root/nvt_azobenzene_w4a8_mp_conservative" "$nvt_root/nvt_azobenzene_w4a8_quantized" \
-  --reference "$nvt_root/nvt_azobenzene_fp32_seed0" --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed1" \
+  --reference "$nvt_root/nvt_azobenzene_fp32_seed1" --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed0" \
   --skip-ps 10 --out results/md/sampling
 run md_protocols/nve.py --model azobenzene_w4a8_mp.pt --mode quantized --time-ps 1000 --equilibrate-ps 2 \
   --out "$root/nve_azobenzene_w4a8_mp_quantized"

@@ -78,12 +78,15 @@ def test_sampling_cli_on_short_runs(tmp_path, capsys):
     assert set(other["w1"]) == {"bond", "angle", "temperature"}  # ethanol has no azo group
     assert all(np.isfinite(v) and v > 0 for v in other["w1"].values())
     assert out.with_suffix(".png").stat().st_size > 0 and "run2" in out.with_suffix(".md").read_text()
-    # the reference cannot be its own noise floor (a zero floor), and rows need distinct folder names
+    # the reference cannot be its own noise floor (a zero floor), rows need distinct folder names, and no run may
+    # share the reference's seed (the same thermostat noise)
     (tmp_path / "other").mkdir()
     shutil.copytree(runs[2], tmp_path / "other" / "run2")
+    shutil.copytree(runs[0], tmp_path / "other" / "run0b")  # a run with the reference's seed
     for bad, message in (
         ([str(runs[2]), "--noise-floor", str(runs[0])], "noise-floor must be a second reference run"),
         ([str(tmp_path / "other" / "run2"), str(runs[2]), "--noise-floor", str(runs[1])], "its own name"),
+        ([str(tmp_path / "other" / "run0b"), "--noise-floor", str(runs[1])], "used the seed of --reference (0)"),
     ):
         with pytest.raises(SystemExit):
             main([*bad, "--reference", str(runs[0]), "--out", str(tmp_path / "bad")])
