@@ -5,12 +5,13 @@
 # OUT_ROOT (default results/md) is where the NVE run goes and NVT_ROOT (default results/md_nvt) the NVT runs; a
 # session that may stop them midway can use runs/md for both (ignored by git) and copy the finished runs'
 # summary.json and energies.png to results/md/ and results/md_nvt/.
-# 1. NVT sampling fidelity: Langevin at 300 K, 200 ps each, for FP32 (two seeds: the noise floor), the shipped
-#    mixed-precision W4A8 in quantized and conservative mode (same weights), and the shipped W4A8 in quantized
-#    mode; the most informative runs go first, so a stop midway leaves a usable comparison; then
-#    md_protocols/sampling.py draws the distributions and writes the Wasserstein-1 table. The quantized runs use
-#    seed 0, so the reference is FP32 seed 1: a run with the reference's seed shares its thermostat noise.
+# 1. NVT sampling fidelity: Langevin at 300 K, 200 ps each, for FP32 (two seeds: the noise floor) and the shipped
+#    mixed-precision W4A8 in quantized and conservative mode (same weights); md_protocols/sampling.py draws the
+#    distributions and writes the Wasserstein-1 table. The quantized runs use seed 0, so the reference is FP32
+#    seed 1: a run with the reference's seed shares its thermostat noise.
 # 2. NVE, 1 ns, mixed-precision W4A8 in quantized mode, the protocol of results/md/nve_azobenzene_fp32.
+# 3. NVT of the shipped W4A8 in quantized mode, and the table again with it. (Most informative runs first, so a
+#    stop midway leaves usable results.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 core=${CORE:-0}
@@ -23,14 +24,17 @@ nvt() {  # OUT MODEL SEED [--mode M]
   run md_protocols/nvt.py --model "$model" --thermostat langevin --temperature 300 --time-ps 200 --seed "$seed" \
     --out "$nvt_root/$out" "$@"
 }
+sampling() {  # RUN... : the table and figure of these runs against FP32 seed 1 (seed 0 is the noise floor)
+  .venv/bin/python md_protocols/sampling.py "$@" --reference "$nvt_root/nvt_azobenzene_fp32_seed1" \
+    --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed0" --skip-ps 10 --out results/md/sampling
+}
 nvt nvt_azobenzene_fp32_seed0 azobenzene_fp32.pt 0
 nvt nvt_azobenzene_w4a8_mp_quantized azobenzene_w4a8_mp.pt 0 --mode quantized
 nvt nvt_azobenzene_fp32_seed1 azobenzene_fp32.pt 1
 nvt nvt_azobenzene_w4a8_mp_conservative azobenzene_w4a8_mp.pt 0 --mode conservative
-nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
-.venv/bin/python md_protocols/sampling.py "$nvt_root/nvt_azobenzene_w4a8_mp_quantized" \
-  "$nvt_root/nvt_azobenzene_w4a8_mp_conservative" "$nvt_root/nvt_azobenzene_w4a8_quantized" \
-  --reference "$nvt_root/nvt_azobenzene_fp32_seed1" --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed0" \
-  --skip-ps 10 --out results/md/sampling
+sampling "$nvt_root/nvt_azobenzene_w4a8_mp_quantized" "$nvt_root/nvt_azobenzene_w4a8_mp_conservative"
 run md_protocols/nve.py --model azobenzene_w4a8_mp.pt --mode quantized --time-ps 1000 --equilibrate-ps 2 \
   --out "$root/nve_azobenzene_w4a8_mp_quantized"
+nvt nvt_azobenzene_w4a8_quantized azobenzene_w4a8.pt 0 --mode quantized
+sampling "$nvt_root/nvt_azobenzene_w4a8_mp_quantized" "$nvt_root/nvt_azobenzene_w4a8_mp_conservative" \
+  "$nvt_root/nvt_azobenzene_w4a8_quantized"
