@@ -86,7 +86,7 @@ def load_energy_forces(model="azobenzene_fp32", dtype="float32", device="cpu", m
     autograd forces (TorchScript for FP32 checkpoints with jit=True; for an artifact, the file's own
     TorchScript, which is a program: only for artifacts you trust like code); "eager" is the reference path
     without any TorchScript (gaq-eval). int_gemm: the fused kernel's integer engine in quantized mode
-    ("auto", "float" or "int32"; FusedEnergyForces).
+    ("auto", "float", "int32" or "int32-portable"; FusedEnergyForces).
     """
     from gaq_calc.export import is_artifact, load_artifact
     from gaq_calc.models_dir import resolve_model

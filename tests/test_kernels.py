@@ -103,6 +103,8 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
     fused = FusedEnergyForces(module.potential, int_gemm="float")  # integer GEMMs through sgemm, exact
     int32 = FusedEnergyForces(module.potential, int_gemm="int32")  # int8 codes, int32 sums (VNNI or a loop)
     auto = FusedEnergyForces(module.potential)  # the calculator's choice
+    portable = FusedEnergyForces(module.potential, int_gemm="int32-portable")  # int32 loop even with VNNI
+    assert not portable.int8_simd
     assert fused.rounds_activations
     codes = [k for k in fused.weights if k.endswith(".codes")]
     assert codes and all(fused.weights[k].dtype == torch.float32 for k in codes)  # every GEMM in sgemm
@@ -119,6 +121,8 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
         assert torch.equal(e_int, e_i32) and torch.equal(f_int, f_i32)  # the same integers, the same bits
         e_auto, f_auto = call(auto, b)
         assert torch.equal(e_int, e_auto) and torch.equal(f_int, f_auto)
+        e_port, f_port = call(portable, b)
+        assert torch.equal(e_int, e_port) and torch.equal(f_int, f_port)
         err = abs(e_int.item() - e_ref.item())
         close += err < 1e-4 and (f_int - f_ref).abs().max().item() < 1e-4
         worst = max(worst, err)

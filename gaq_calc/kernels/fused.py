@@ -363,9 +363,10 @@ class FusedEnergyForces:
     built for a CPU with AVX512-VNNI (`int8_simd()`), a portable loop elsewhere. All give identical bits.
     "auto" (the default) takes "int32" where the SIMD loop exists and "float" elsewhere, the faster of
     the two on each (benchmarks/quantized_speed.py; benchmarks/deploy.py's fused-float and fused-int32 rows).
+    "int32-portable" is "int32" without the SIMD loop (for tests: the same bits).
     """
 
-    INT_GEMMS = ("auto", "float", "int32")
+    INT_GEMMS = ("auto", "float", "int32", "int32-portable")
 
     def __init__(self, potential, dtype: torch.dtype = torch.float32, int_gemm: str = "auto"):
         if int_gemm not in self.INT_GEMMS:
@@ -382,6 +383,8 @@ class FusedEnergyForces:
         # checked and cast once; keeps one workspace per graph size across calls
         self.model = torch.classes.gaq.Model(LAYOUT_VERSION, self.weights, self.consts, dtype == torch.float64)
         self.rounds_activations = bool(self.model.quantized())
+        if int_gemm == "int32-portable":
+            self.model.drop_int8_simd()
         self.int8_simd = self.rounds_activations and int_gemm == "int32" and int8_simd()
 
     def __call__(self, species, positions, receivers, senders, shifts, batch, n_graphs: int):

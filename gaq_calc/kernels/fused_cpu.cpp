@@ -1615,6 +1615,21 @@ struct Model : torch::CustomClassHolder {
   }
 
   bool quantized() const { return dtype == at::kDouble ? wd.quantized : wf.quantized; }
+
+  // int_gemm "int32-portable": drop the VNNI repacking, so the int32 engine runs its portable loop (the same
+  // bits; tests compare the two on machines that have VNNI)
+  void drop_int8_simd() {
+    std::lock_guard<std::mutex> lock(mu);
+    drop_simd(wf);
+    drop_simd(wd);
+  }
+  template <typename T>
+  static void drop_simd(Weights<T>& w) {
+    auto drop = [](LinearW<T>& lin) { lin.q.simd_w = at::Tensor(); lin.q.simd_corr = at::Tensor(); lin.q.seg = 0; };
+    for (LinearW<T>* lin : {&w.r1, &w.r2, &w.ro1, &w.ro2}) drop(*lin);
+    for (auto& Ly : w.layers)
+      for (LinearW<T>* lin : {&Ly.qk, &Ly.value, &Ly.ex_in, &Ly.ex_out, &Ly.vmix}) drop(*lin);
+  }
   int64_t num_layers() const { return dtype == at::kDouble ? wd.L : wf.L; }
 };
 
@@ -1639,6 +1654,7 @@ TORCH_LIBRARY(gaq, m) {
       .def("set_profile", &Model::set_profile)
       .def("stage_seconds", &Model::stage_seconds)
       .def("quantized", &Model::quantized)
+      .def("drop_int8_simd", &Model::drop_int8_simd)
       .def("num_layers", &Model::num_layers);
   m.def("energy_forces(Tensor positions, Tensor species, Tensor receivers, Tensor senders, Tensor shifts, "
         "Tensor batch, int n_graphs, int layout_version, Dict(str, Tensor) weights, float[] consts) "
