@@ -299,14 +299,11 @@ void int_linear(const int8_t* xc, const T* xf, int64_t m, int64_t in, const ActQ
                 int64_t rows, T* y) {
   if (q.codes_fp.defined()) {
     linear_nt<T>(xf, m, in, q.codes_fp.template data_ptr<T>() + row0 * in, rows, nullptr, y);  // integer-valued
-  } else {
 #ifdef GAQ_INT8_SIMD
-    if (q.simd_w.defined() && row0 % q.seg == 0 && rows == q.seg) {
-      int8_simd_linear<T>(xc, m, in, q, row0 / q.seg, rows, y);
-      rescale_codes<T>(y, m, rows, T(q.step), q.wstep.template data_ptr<T>() + row0, bias);
-      return;
-    }
+  } else if (q.simd_w.defined() && row0 % q.seg == 0 && rows == q.seg) {
+    int8_simd_linear<T>(xc, m, in, q, row0 / q.seg, rows, y);
 #endif
+  } else {
     const int8_t* wc = q.codes.data_ptr<int8_t>() + row0 * in;
     for (int64_t i = 0; i < m; ++i) {
       const int8_t* __restrict__ xr = xc + i * in;
@@ -432,6 +429,14 @@ struct Weights {
   };
   std::vector<Layer> layers;
   at::Tensor ro_g, ro_b;
+
+  // f(lin) for every Linear: radial network, readout, then each layer's (r1 stays empty without a hidden layer)
+  template <typename Fn>
+  void each_linear(Fn f) {
+    for (LinearW<T>* lin : {&r1, &r2, &ro1, &ro2}) f(*lin);
+    for (auto& Ly : layers)
+      for (LinearW<T>* lin : {&Ly.qk, &Ly.value, &Ly.ex_in, &Ly.ex_out, &Ly.vmix}) f(*lin);
+  }
 };
 
 const at::Tensor& need(const Named& d, const std::string& key) {
@@ -593,17 +598,10 @@ Weights<T> weights_from_named(int64_t version, const Named& d, at::ArrayRef<doub
   }
 #ifdef GAQ_INT8_SIMD
   // engine 0's weight codes repacked for the AVX512-VNNI loop; the radial filter is used a layer (W rows) at a time
-  pack_int8_simd(w.r2.q, w.r2.out, w.r2.in, w.W);
-  for (LinearW<T>* lin : {&w.r1, &w.ro1, &w.ro2}) pack_int8_simd(lin->q, lin->out, lin->in, lin->out);
-  for (auto& Ly : w.layers)
-    for (LinearW<T>* lin : {&Ly.qk, &Ly.value, &Ly.ex_in, &Ly.ex_out, &Ly.vmix})
-      pack_int8_simd(lin->q, lin->out, lin->in, lin->out);
+  w.each_linear([&](LinearW<T>& lin) { pack_int8_simd(lin.q, lin.out, lin.in, &lin == &w.r2 ? w.W : lin.out); });
 #endif
-  auto rounds = [](const LinearW<T>& x) { return x.q.kind != 0; };
-  w.quantized = rounds(w.r2) || rounds(w.ro1) || rounds(w.ro2) || (w.hidden && rounds(w.r1));
-  for (const auto& Ly : w.layers)
-    w.quantized = w.quantized || rounds(Ly.qk) || rounds(Ly.value) || rounds(Ly.ex_in) || rounds(Ly.ex_out) ||
-                  rounds(Ly.vmix);
+  // (an empty r1, without a hidden radial layer, has kind 0)
+  w.each_linear([&](LinearW<T>& lin) { w.quantized = w.quantized || lin.q.kind != 0; });
   return w;
 }
 
@@ -1625,10 +1623,11 @@ struct Model : torch::CustomClassHolder {
   }
   template <typename T>
   static void drop_simd(Weights<T>& w) {
-    auto drop = [](LinearW<T>& lin) { lin.q.simd_w = at::Tensor(); lin.q.simd_corr = at::Tensor(); lin.q.seg = 0; };
-    for (LinearW<T>* lin : {&w.r1, &w.r2, &w.ro1, &w.ro2}) drop(*lin);
-    for (auto& Ly : w.layers)
-      for (LinearW<T>* lin : {&Ly.qk, &Ly.value, &Ly.ex_in, &Ly.ex_out, &Ly.vmix}) drop(*lin);
+    w.each_linear([](LinearW<T>& lin) {
+      lin.q.simd_w = at::Tensor();
+      lin.q.simd_corr = at::Tensor();
+      lin.q.seg = 0;
+    });
   }
   int64_t num_layers() const { return dtype == at::kDouble ? wd.L : wf.L; }
 };
