@@ -287,12 +287,15 @@ def lee_flips_markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+def tables_per_result(root: Path, table) -> str:
+    """One table per result JSON in root (table(path) -> markdown), each headed by its file's stem."""
+    paths = sorted(root.glob("*.json"))
+    return "\n\n".join(f"**{p.stem}**: " + table(p) for p in paths) or "(not run yet)"
+
+
 def lee_flips_table(root: Path) -> str:
     """Every results/lee_flips/*.json, one table each."""
-    paths = sorted(root.glob("*.json"))
-    if not paths:
-        return "(not run yet)"
-    return "\n\n".join(f"**{p.stem}**: " + lee_flips_markdown(json.loads(p.read_text())) for p in paths)
+    return tables_per_result(root, lambda p: lee_flips_markdown(json.loads(p.read_text())))
 
 
 def sampling_table(path: Path) -> str:
@@ -454,8 +457,7 @@ def update_readme(
     if ABLATION[0] in text:
         text = replace_block(text, ABLATION, ablation, "models/*/card*.json and results/qat_ablation/*/card*.json")
     if SENSITIVITY[0] in text:
-        paths = sorted((REPO / "results" / "quant_sensitivity").glob("*.json"))
-        body = "\n\n".join(f"**{p.stem}**: " + sensitivity_table(p) for p in paths) or "(not run yet)"
+        body = tables_per_result(REPO / "results" / "quant_sensitivity", sensitivity_table)
         text = replace_block(text, SENSITIVITY, body, "results/quant_sensitivity/*.json")
     if SAMPLING[0] in text:
         text = replace_block(
