@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -41,6 +40,7 @@ from gaq_calc.io import write_text_atomic
 from gaq_calc.loading import load_model
 from gaq_calc.metrics import random_rotations
 from gaq_calc.model.network import energy_and_forces
+from gaq_calc.quant.api import round_at_bits
 from gaq_calc.quant.modules import ActQuantizer, FrameQuantizer, IdentityQuantizer
 from gaq_calc.units import MEV_PER_EV
 
@@ -60,18 +60,6 @@ def pair_errors(model, dataset, rotations, dtype, rotate_in_float64: bool) -> np
             diff = forces_rot.detach().double() - forces.detach().double() @ rot.T  # [n_atoms, 3]
             errors.append(float(diff.norm(dim=-1).mean()) * MEV_PER_EV)
     return np.asarray(errors)
-
-
-def set_bits(quantizers, bits) -> None:
-    """Round at `bits` with each quantizer's clipping range (levels x step) unchanged; None restores the
-    model's own bits and steps."""
-    for q in quantizers:
-        if not hasattr(q, "_own"):
-            q._own = (q.bits, q.log_step.detach().clone(), q.levels())
-        own_bits, own_log_step, own_levels = q._own
-        q.bits = own_bits if bits is None else bits
-        with torch.no_grad():
-            q.log_step.copy_(own_log_step + math.log(own_levels / q.levels()))
 
 
 def summary(label: str, errors: np.ndarray, rounded: str, **extra) -> dict:
@@ -136,7 +124,8 @@ def main(argv=None) -> None:
         )
     )
     for bits in (10, 12):  # finer steps over the same clipping range, as scripts/quant_sensitivity.py
-        set_bits(quantizers, bits)
+        for q in quantizers:
+            round_at_bits(q, bits)
         rows.append(
             summary(
                 f"all rounded at A{bits} (same range)",
@@ -144,7 +133,8 @@ def main(argv=None) -> None:
                 rounded,
             )
         )
-    set_bits(quantizers, None)
+    for q in quantizers:
+        round_at_bits(q, None)
     rows.append(
         summary(
             "all rounded, network in float64",

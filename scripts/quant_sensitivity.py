@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from gaq_calc.io import write_text_atomic
 from gaq_calc.loading import load_model
 from gaq_calc.metrics import predict
 from gaq_calc.quant import ActKind, QuantLinear, set_mode
+from gaq_calc.quant.api import round_at_bits
 from gaq_calc.units import MEV_PER_EV
 
 GROUPS = {
@@ -62,12 +62,7 @@ def rounding(layers: dict, on: set, bits: int = 8) -> None:
         if q.kind == ActKind.NONE:
             continue
         q.enabled = name in on
-        if not hasattr(q, "_step8"):
-            q._step8, q._levels8 = q.log_step.detach().clone(), q.levels()
-        # same range (levels x step) with more levels: step x levels(8) / levels(bits)
-        q.bits = bits
-        with torch.no_grad():
-            q.log_step.copy_(q._step8 + math.log(q._levels8 / q.levels()))
+        round_at_bits(q, bits)  # same range (levels x step) with more levels
 
 
 def main(argv=None) -> None:

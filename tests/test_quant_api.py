@@ -322,3 +322,20 @@ def test_model_files_of_the_previous_layout_load_unchanged(fp_model, ethanol_fra
             e1, f1 = energy_and_forces(new, b)
             e2, f2 = energy_and_forces(legacy, b)
             assert e1.item() == e2.item() and torch.equal(f1, f2)
+
+
+def test_round_at_bits_keeps_the_range_and_restores_the_quantizer():
+    from gaq_calc.quant.api import round_at_bits
+    from gaq_calc.quant.modules import LinearQuantizer
+
+    q = LinearQuantizer(8)
+    with torch.no_grad():
+        q.log_step.fill_(-3.0)
+    own_step, own_levels = q.step_size().item(), q.levels()
+    round_at_bits(q, 10)
+    assert q.bits == 10 and q.levels() > own_levels
+    assert q.levels() * q.step_size().item() == pytest.approx(own_levels * own_step, rel=1e-6)  # same range
+    round_at_bits(q, 12)
+    assert q.levels() * q.step_size().item() == pytest.approx(own_levels * own_step, rel=1e-6)
+    round_at_bits(q, None)
+    assert q.bits == 8 and q.log_step.item() == -3.0

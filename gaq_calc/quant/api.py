@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -131,6 +133,18 @@ def fit_conservative_reference(model: nn.Module, batches, run) -> torch.Tensor:
         model.conservative_reference_energies.copy_(model.reference_energies + correction)
     set_mode(model, "quantized")
     return correction
+
+
+def round_at_bits(quantizer: ActQuantizer, bits: Optional[int]) -> None:
+    """Make a learned activation quantizer round at `bits` with its clipping range (levels x step) unchanged:
+    finer or coarser steps over the same range, for studies of the activation step (scripts/quant_sensitivity.py,
+    scripts/lee_flips.py). None restores its own bits and step, which the first call remembers."""
+    if not hasattr(quantizer, "_own_bits"):
+        quantizer._own_bits = (quantizer.bits, quantizer.log_step.detach().clone(), quantizer.levels())
+    own_bits, own_log_step, own_levels = quantizer._own_bits
+    quantizer.bits = own_bits if bits is None else int(bits)
+    with torch.no_grad():
+        quantizer.log_step.copy_(own_log_step + math.log(own_levels / quantizer.levels()))
 
 
 def calibrate(model: nn.Module, batches, run) -> nn.Module:
