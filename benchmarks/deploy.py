@@ -48,7 +48,7 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     import numpy as np
     import torch
     from ase import Atoms
-    from md_step import md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
+    from md_step import engine_calculator, md_steps_per_second, time_calls  # the same timing as benchmarks/md_step.py
 
     from gaq_calc import GAQCalculator
     from gaq_calc.data import GraphDataset, read_frames
@@ -57,12 +57,7 @@ def worker(name: str, mode: str, kernel: str, threads: int, repeats: int, md_ste
     path = REPO / "models" / f"azobenzene_{name}.pt"
     kwargs = {} if mode == "fp32" else {"mode": mode}
     if kernel.startswith("fused-"):  # the fused kernel with one integer engine in place of the calculator's
-        from gaq_calc.loading import load_energy_forces
-
-        calc = GAQCalculator(str(path), kernel="fused", **kwargs)
-        calc.energy_forces = load_energy_forces(
-            path, mode=kwargs.get("mode"), kernel="fused", int_gemm=kernel.split("-", 1)[1]
-        ).energy_forces
+        calc = engine_calculator(path, kwargs.get("mode"), kernel.split("-", 1)[1])
         kernel_name = kernel
     else:
         calc = GAQCalculator(str(path), kernel=kernel, **kwargs)

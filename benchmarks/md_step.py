@@ -24,6 +24,16 @@ from gaq_calc.data import read_frames
 from gaq_calc.io import write_text_atomic
 
 
+def engine_calculator(path, mode, int_gemm: str) -> GAQCalculator:
+    """GAQCalculator on the fused kernel with the integer engine `int_gemm` (kernels.FusedEnergyForces) in place
+    of its default; mode None: the file's own (FP32)."""
+    from gaq_calc.loading import load_energy_forces
+
+    calc = GAQCalculator(str(path), kernel="fused", **({} if mode is None else {"mode": mode}))
+    calc.energy_forces = load_energy_forces(path, mode=mode, kernel="fused", int_gemm=int_gemm).energy_forces
+    return calc
+
+
 def time_calls(calc: GAQCalculator, atoms: Atoms, repeats: int) -> float:
     """Median seconds of one fresh energy+forces evaluation (positions change every call)."""
     rng = np.random.default_rng(0)

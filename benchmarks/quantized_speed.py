@@ -38,17 +38,6 @@ VARIANTS = [
 ]
 
 
-def build(artifact: str, mode, int_gemm: str):
-    from gaq_calc import GAQCalculator
-    from gaq_calc.loading import load_energy_forces
-
-    path = REPO / "models" / artifact
-    calc = GAQCalculator(str(path), kernel="fused", **({} if mode is None else {"mode": mode}))
-    loaded = load_energy_forces(path, mode=mode, kernel="fused", int_gemm=int_gemm)
-    calc.energy_forces = loaded.energy_forces  # the calculator with this engine
-    return calc
-
-
 def block_mean(calc, atoms, calls: int, rng) -> float:
     base = atoms.positions.copy()
     t0 = time.perf_counter()
@@ -68,6 +57,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     import torch
     from ase import Atoms
+    from md_step import engine_calculator  # (benchmarks/, the script's folder)
 
     from gaq_calc.data import read_frames
     from gaq_calc.kernels.fused import int8_simd
@@ -75,7 +65,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)  # a benchmark process, not library code
     frames = read_frames("azobenzene", "test")
     atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0])
-    calcs = [build(a, m, e) for _, a, m, e in VARIANTS]
+    calcs = [engine_calculator(REPO / "models" / a, m, e) for _, a, m, e in VARIANTS]
     rng = np.random.default_rng(0)
     for calc in calcs:  # warm-up: workspaces, caches
         block_mean(calc, atoms, 20, rng)
