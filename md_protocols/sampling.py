@@ -12,7 +12,6 @@ reference's: Langevin runs that share a seed share their random forces and stay 
 """
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ def load_run(run_dir: Path, skip_ps: float):
         data["temperature"][keep],
         np.asarray(attrs["numbers"]),
         float(data["time_ps"][keep][-1] - data["time_ps"][keep][0]),
+        attrs.get("seed"),  # of the initial velocities and the thermostat noise
     )
 
 
@@ -63,15 +63,6 @@ def plot(samples: dict[str, dict], path: Path) -> None:
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
-
-
-def run_seed(run_dir: Path):
-    """The seed of a run's initial velocities and thermostat noise (its checkpoint's settings), or None."""
-    for name in ("summary.json", "checkpoint.json"):
-        path = run_dir / name
-        if path.exists():
-            return json.loads(path.read_text()).get("settings", {}).get("seed")
-    return None
 
 
 def _ratio(x) -> str:
@@ -99,20 +90,20 @@ def main(argv=None) -> int:
         parser.error("--noise-floor must be a second reference run (another seed), not --reference itself")
     if len({run.name for run in runs}) < len(runs):
         parser.error("every run folder needs its own name (rows and histograms are labelled by it)")
+    loaded = {run.name: load_run(run, args.skip_ps) for run in runs}
     # Langevin runs with the reference's seed share its start and its random forces, which keeps them close
     # to it for a long time: their distance would come out below the noise floor of independent runs
-    ref_seed = run_seed(args.reference)
-    shared = [run.name for run in runs[1:] if ref_seed is not None and run_seed(run) == ref_seed]
+    ref_seed = loaded[args.reference.name][4]
+    shared = [run.name for run in runs[1:] if ref_seed is not None and loaded[run.name][4] == ref_seed]
     if shared:
         parser.error(
             f"{', '.join(shared)} used the seed of --reference ({ref_seed}): the same thermostat noise makes "
             "runs look alike; compare runs with seeds other than the reference's"
         )
-    loaded = {run.name: load_run(run, args.skip_ps) for run in runs}
-    ref_positions, _, numbers, _ = loaded[args.reference.name]
+    ref_positions, _, numbers, *_ = loaded[args.reference.name]
     reference = Atoms(numbers=numbers, positions=ref_positions[0])
     samples = {}
-    for name, (positions, temperature, run_numbers, _) in loaded.items():
+    for name, (positions, temperature, run_numbers, *_) in loaded.items():
         if not np.array_equal(run_numbers, numbers):
             parser.error(f"{name} is not the same molecule as {args.reference.name}")
         samples[name] = observables(positions, temperature, reference)
