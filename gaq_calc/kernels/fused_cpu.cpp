@@ -628,6 +628,17 @@ void check_range(const at::Tensor& x, const char* name, int64_t hi, const char* 
             " = ", hi, ")");
 }
 
+// one pass over the values, no temporaries (it runs on every call)
+bool all_finite(const at::Tensor& t) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "all_finite", [&] {
+    const at::Tensor c = t.contiguous();
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = c.numel(); i < n; ++i)
+      if (!std::isfinite(static_cast<double>(p[i]))) return false;
+    return true;
+  });
+}
+
 void check_graph(const at::Tensor& positions, const at::Tensor& species, const at::Tensor& receivers,
                  const at::Tensor& senders, const at::Tensor& shifts, const at::Tensor& batch, int64_t n_graphs) {
   GAQ_CHECK(positions.device().is_cpu(), "gaq::energy_forces is a CPU kernel");
@@ -645,8 +656,7 @@ void check_graph(const at::Tensor& positions, const at::Tensor& species, const a
             ", 3], not ", shifts.sizes());
   GAQ_CHECK(n_graphs >= 1, "n_graphs must be >= 1, not ", n_graphs);
   // a NaN would round to activation code 0 in the int8 engine and give a finite energy
-  GAQ_CHECK(positions.isfinite().all().item<bool>() && shifts.isfinite().all().item<bool>(),
-            "positions and shifts must be finite");
+  GAQ_CHECK(all_finite(positions) && all_finite(shifts), "positions and shifts must be finite");
 }
 
 // ---- the graph's edge structure, built once per edge list and reused while it stays the same (MD steps
