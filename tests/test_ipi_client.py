@@ -128,7 +128,11 @@ def test_batched_exchange_is_one_call_for_the_whole_batch(calc):
 def test_a_wrong_atom_count_is_a_protocol_error(calc):
     client = Client(calc, load_structure("ethanol"))
     client.init()
-    client.server.sendposdata(np.eye(3) * 20.0, np.eye(3) / 20.0, np.zeros((5, 3)))
+    # One write, as i-PI does: the client may refuse (and close) as soon as it reads the count, so a
+    # second write of the positions would race it into a broken pipe.
+    h = np.eye(3) * 20.0 / units.Bohr
+    payload = b"POSDATA".ljust(12) + h.tobytes() + np.linalg.inv(h).tobytes() + np.int32(5).tobytes()
+    client.server_sock.sendall(payload + np.zeros((5, 3)).tobytes())
     error = client.finish()["error"]
     assert isinstance(error, ProtocolError) and "sent 5 atoms" in str(error) and "has 9" in str(error)
 
