@@ -134,6 +134,41 @@ def test_integer_kernel_matches_the_fake_quantized_artifact(tmp_path, ethanol_fr
         FusedEnergyForces(module.potential, int_gemm="int4")
 
 
+@pytest.mark.parametrize("bits", [6, 10])
+def test_fused_kernel_rounds_at_other_bit_widths_as_the_reference(ethanol_frames, bits):
+    """quant.api.round_at_bits on a converted model (the activation-step study of
+    scripts/heating_vs_act_bits.py): codes of up to 8 bits keep the integer engines, wider ones run in
+    floating-point units, exact; either way the fused kernel agrees with the reference path as at 8 bits."""
+    from gaq_calc.quant import convert
+    from gaq_calc.quant.api import round_at_bits
+
+    model = convert(calibrated_qat(ethanol_frames, "w4a8_frame", calibration=(0, 3, 4)))
+    set_mode(model, "quantized")
+    rounding = [m.act_quantizer for m in model.modules() if hasattr(m, "packed") and m.act_quantizer.kind != 0]
+    assert rounding
+    for q in rounding:
+        round_at_bits(q, bits)
+    fused = FusedEnergyForces(model)
+    codes = [k for k in fused.weights if k.endswith(".codes")]
+    assert codes and all(float(fused.weights[k[: -len(".codes")] + ".act"][2]) == 2 ** (bits - 1) - 1 for k in codes)
+    if bits > 8:  # not int8: every GEMM in floating-point units, whatever engine was asked for
+        assert all(fused.weights[k].dtype == torch.float32 for k in codes)
+    close, worst = 0, 0.0
+    for k in range(10, 20):
+        b = ethanol_batch(ethanol_frames, [k], torch.float32)
+        e_ref, f_ref = energy_and_forces(model, b)
+        e, f = call(fused, b)
+        err = abs(e.item() - e_ref.item())
+        close += err < 1e-4 and (f - f_ref).abs().max().item() < 1e-4
+        worst = max(worst, err)
+    assert close >= 7 and worst < 0.05
+    for q in rounding:  # 16 bits: sums of float32 products no longer exact, a clear refusal
+        round_at_bits(q, 16)
+    with pytest.raises(KernelUnavailable, match="not exact in torch.float32: use the reference kernel"):
+        FusedEnergyForces(model)
+    assert FusedEnergyForces(model, dtype=torch.float64).rounds_activations  # exact below 2^53
+
+
 def cpu_flags() -> set:
     """This CPU's feature flags as Linux names them (empty elsewhere)."""
     try:

@@ -339,3 +339,18 @@ def test_round_at_bits_keeps_the_range_and_restores_the_quantizer():
     assert q.levels() * q.step_size().item() == pytest.approx(own_levels * own_step, rel=1e-6)
     round_at_bits(q, None)
     assert q.bits == 8 and q.log_step.item() == -3.0
+
+
+def test_round_at_bits_on_the_inference_form_keeps_the_range_and_restores_it():
+    from gaq_calc.quant.api import round_at_bits
+    from gaq_calc.quant.modules import FrameQuantizer
+
+    q = FrameQuantizer(8, learned=False)
+    q.step.fill_(0.03)
+    own_step, own_range = q.step.item(), q.levels() * q.step.item()
+    round_at_bits(q, 10)
+    assert q.bits == 10 and q.levels() * q.step.item() == pytest.approx(own_range, rel=1e-6)
+    round_at_bits(q, 6)
+    assert q.bits == 6 and q.levels() * q.step.item() == pytest.approx(own_range, rel=1e-6)
+    round_at_bits(q, None)
+    assert q.bits == 8 and q.step.item() == own_step

@@ -334,7 +334,9 @@ def _cast_weights(weights: Dict[str, torch.Tensor], dtype: torch.dtype, float_co
     """Cast once, not per call: weights to the compute dtype (reference energies stay float64), quantizer
     meta to float64, and the weight codes to the compute dtype where the kernel may multiply them in
     floating-point units exactly, that is where every partial sum in * max|activation code| * max|weight
-    code| is an integer the dtype holds (else int8: the int32 loop)."""
+    code| is an integer the dtype holds (else int8: the int32 loop). Activation codes wider than int8 (qmax
+    above 127: a study of finer steps, quant.api.round_at_bits) run in floating-point units whatever
+    `float_codes` says, and only where that is exact."""
     exact_below = 2.0 ** (24 if dtype == torch.float32 else 53)
     out = {}
     for name, t in weights.items():
@@ -343,7 +345,13 @@ def _cast_weights(weights: Dict[str, torch.Tensor], dtype: torch.dtype, float_co
         elif name.endswith(".codes"):
             codes = t.to(torch.int8).contiguous()
             qmax = float(weights[name[: -len(".codes")] + ".act"][2])
-            if float_codes and codes.numel() and codes.shape[1] * qmax * float(codes.abs().max()) < exact_below:
+            exact = not codes.numel() or codes.shape[1] * qmax * float(codes.abs().max()) < exact_below
+            if qmax > 127 and not exact:
+                raise KernelUnavailable(
+                    f"{name[: -len('.codes')]}: {int(qmax)}-level activation codes are not int8, and their sums "
+                    f"are not exact in {dtype}: use the reference kernel"
+                )
+            if (float_codes or qmax > 127) and codes.numel() and exact:
                 codes = codes.to(dtype)
             out[name] = codes
         else:

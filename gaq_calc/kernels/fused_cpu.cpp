@@ -491,9 +491,13 @@ void take_linear(const Named& d, LinearW<T>& lin, const std::string& name, int64
   if (kind == 0) return;
   GAQ_CHECK(kind == 1 || frame_ok, "quantizer ", name, ": frame rounding (kind 2) applies to the vector mix only");
   GAQ_CHECK(std::isfinite(step) && step > 0, "quantizer ", name, ": the activation step must be > 0, not ", step);
-  GAQ_CHECK(qmax >= 1 && qmax <= 127 && qmax == std::floor(qmax), "quantizer ", name,
-            ": qmax must be an integer in [1, 127] (int8 codes), not ", qmax);
   const at::Tensor& codes = need(d, name + ".codes");
+  // int8 activation codes for the integer engines; wider codes (finer steps, for studies) only in engine 1,
+  // whose floating-point sums the caller checked to be exact
+  const double qmax_limit = codes.is_floating_point() ? double(1 << 23) : 127.0;
+  GAQ_CHECK(qmax >= 1 && qmax <= qmax_limit && qmax == std::floor(qmax), "quantizer ", name,
+            ": qmax must be an integer in [1, ", qmax_limit, "] (", codes.is_floating_point() ? "float" : "int8",
+            " weight codes), not ", qmax);
   const at::Tensor& steps = need(d, name + ".wstep");
   GAQ_CHECK(codes.scalar_type() == at::kChar || codes.is_floating_point(), "quantizer ", name,
             ": weight codes must be int8 or floating point, not ", codes.scalar_type());

@@ -136,15 +136,20 @@ def fit_conservative_reference(model: nn.Module, batches, run) -> torch.Tensor:
 
 
 def round_at_bits(quantizer: ActQuantizer, bits: Optional[int]) -> None:
-    """Make a learned activation quantizer round at `bits` with its clipping range (levels x step) unchanged:
+    """Make an activation quantizer round at `bits` with its clipping range (levels x step) unchanged:
     finer or coarser steps over the same range, for studies of the activation step (scripts/quant_sensitivity.py,
-    scripts/lee_flips.py). None restores its own bits and step, which the first call remembers."""
+    scripts/lee_flips.py on QAT models, scripts/heating_vs_act_bits.py on converted ones). Works on the learned
+    form (log_step) and the inference form (step buffer). None restores its own bits and step, which the first
+    call remembers."""
+    learned = hasattr(quantizer, "log_step")
+    param = quantizer.log_step if learned else quantizer.step
     if not hasattr(quantizer, "_own_bits"):
-        quantizer._own_bits = (quantizer.bits, quantizer.log_step.detach().clone(), quantizer.levels())
-    own_bits, own_log_step, own_levels = quantizer._own_bits
+        quantizer._own_bits = (quantizer.bits, param.detach().clone(), quantizer.levels())
+    own_bits, own_value, own_levels = quantizer._own_bits
     quantizer.bits = own_bits if bits is None else int(bits)
+    ratio = own_levels / quantizer.levels()
     with torch.no_grad():
-        quantizer.log_step.copy_(own_log_step + math.log(own_levels / quantizer.levels()))
+        param.copy_(own_value + math.log(ratio) if learned else own_value * ratio)
 
 
 def calibrate(model: nn.Module, batches, run) -> nn.Module:
