@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""How fast NVE heats with rounded activations, against the activation step (issue 12, item 4): the same
+weights, the same start and protocol as md_protocols/nve.py, with every rounded activation re-rounded at
+another bit width over its own clipping range (quant.api.round_at_bits: A6 has 4x A8's step, A10 a quarter
+of it), and the conservative mode (activations not rounded) as the limit of a vanishing step. Example:
+    python scripts/heating_vs_act_bits.py --model azobenzene_w4a8_mp.pt --bits 10 6 9 7 8 conservative \\
+        --time-ps 100 --equilibrate-ps 2 --threads 1 --no-progress --out results/md_heating
+One NVE run per entry in OUT/A{bits} (OUT/conservative), in the order given; each is resumable (rerun the
+same command) and a completed one returns at once. After every run the table of all completed or stopped
+runs is written, atomically, to OUT/heating.json, .md and .png (drift against bits). Wider codes than int8
+run in the fused kernel in floating-point units, exactly (A11 at most in float32 for 8-bit weights).
+"""
+
+import argparse
+import copy
+import dataclasses
+import math
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from gaq_calc import GAQCalculator
+from gaq_calc.io import write_json_atomic, write_text_atomic
+from gaq_calc.md.cli import (
+    add_common_arguments,
+    add_thermostat_arguments,
+    check_arguments,
+    n_steps,
+    settings_from_args,
+)
+from gaq_calc.md.protocols import load_structure, run_nve
+from gaq_calc.quant.api import convert, round_at_bits
+from gaq_calc.quant.kinds import ActKind
+
+
+def rounding_quantizers(potential) -> list:
+    """The activation quantizers that round in quantized mode (not those of unrounded inputs)."""
+    return [
+        m.act_quantizer for m in potential.modules() if hasattr(m, "packed") and m.act_quantizer.kind != ActKind.NONE
+    ]
+
+
+def calculator_at(base: GAQCalculator, entry: str) -> GAQCalculator:
+    """The base model with its rounded activations at `entry` bits, on the fused kernel, or its conservative
+    mode for entry "conservative"."""
+    if entry == "conservative":
+        return GAQCalculator(base.model, mode="conservative", kernel="fused")
+    model = copy.deepcopy(base.model)
+    for q in rounding_quantizers(model):
+        round_at_bits(q, int(entry))
+    return GAQCalculator(model, mode="quantized", kernel="fused")
+
+
+def row(entry: str, summary: dict, own_bits: int) -> dict:
+    bits = None if entry == "conservative" else int(entry)
+    return {
+        "activations": "not rounded (conservative mode)" if bits is None else f"A{bits}",
+        "act_bits": bits,
+        "step_vs_own": None if bits is None else (2 ** (own_bits - 1) - 1) / (2 ** (bits - 1) - 1),
+        "status": summary["status"],
+        "simulated_ps": summary.get("simulated_ps"),
+        "drift_meV_per_atom_per_ps": summary.get("energy_drift_meV_per_atom_per_ps"),
+        "drift_stderr_meV_per_atom_per_ps": summary.get("energy_drift_stderr_meV_per_atom_per_ps"),
+        "mean_temperature_K": summary.get("mean_temperature_K"),
+    }
+
+
+def fmt(x, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    own = result["own_act_bits"]
+    lines = [
+        f"| activations | step / A{own}'s | status | NVE ps | drift (meV/atom/ps) | std. error | mean T (K) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['activations']} | {fmt(r['step_vs_own'], '.3g')} | {r['status']} | "
+            f"{fmt(r['simulated_ps'], '.4g')} | "
+            f"{fmt(r['drift_meV_per_atom_per_ps'], '.3g')} | {fmt(r['drift_stderr_meV_per_atom_per_ps'], '.2g')} | "
+            f"{fmt(r['mean_temperature_K'], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
+
+    rows = [r for r in result["rows"] if r["act_bits"] is not None and r["drift_meV_per_atom_per_ps"] is not None]
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if rows:
+        ax.errorbar(
+            [r["act_bits"] for r in rows],
+            [r["drift_meV_per_atom_per_ps"] for r in rows],
+            yerr=[2 * (r["drift_stderr_meV_per_atom_per_ps"] or 0) for r in rows],
+            fmt="o",
+            capsize=3,
+            label="quantized mode (2 std. errors)",
+        )
+        ax.set_xticks(sorted({r["act_bits"] for r in rows}))
+    for r in result["rows"]:
+        if r["act_bits"] is None and r["drift_meV_per_atom_per_ps"] is not None:
+            ax.axhline(r["drift_meV_per_atom_per_ps"], color="gray", ls="--", label="conservative mode")
+    ax.axhline(0.15, color="red", ls=":", label="target 0.15")
+    ax.set_xlabel("activation bits (same clipping range)")
+    ax.set_ylabel("NVE energy drift (meV/atom/ps)")
+    ax.set_title(f"{result['model']}: {result['time_ps']:g} ps NVE per point", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--equilibrate-ps", type=float, default=2.0, help="NVT before each NVE run (default 2)")
+    add_thermostat_arguments(parser, prefix="equilibrate-")
+    parser.add_argument(
+        "--bits", nargs="+", required=True, help="activation bit widths (2-16) and/or 'conservative', run in this order"
+    )
+    args = parser.parse_args(argv)
+    for entry in args.bits:
+        if entry != "conservative" and not (entry.isdigit() and 2 <= int(entry) <= 16):
+            parser.error(f"--bits takes integers in [2, 16] or 'conservative', not {entry!r}")
+    check_arguments(args)
+    if args.out is None:
+        parser.error("--out is required")
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    base = GAQCalculator(args.model, mode="quantized", dtype=args.dtype)
+    if any(hasattr(m, "weight_quantizer") for m in base.model.modules()):  # a QAT checkpoint: its inference form
+        base = GAQCalculator(convert(base.model), mode="quantized", dtype=args.dtype)
+    own = {q.bits for q in rounding_quantizers(base.model)}
+    if len(own) != 1:
+        parser.error(f"--model must round its activations at one bit width, not {sorted(own) or 'none'}")
+    own_bits = own.pop()
+    settings = settings_from_args(args, "nve", None, args.time_ps)
+    equilibration = dataclasses.replace(
+        settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
+        n_steps=n_steps(args.equilibrate_ps, args.timestep),
+    )
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds through the runner, which flushes and writes the summary
+
+    signal.signal(signal.SIGTERM, stop)
+    out = Path(args.out)
+    rows = []
+    for entry in args.bits:
+        name = "conservative" if entry == "conservative" else f"A{int(entry)}"
+        calc = calculator_at(base, entry)
+        atoms = load_structure(args.structure, args.frame)
+        atoms.calc = calc
+        metadata = {
+            "model": str(args.model),
+            "act_bits": None if entry == "conservative" else int(entry),
+            "mode": calc.mode,
+            "kernel": calc.kernel,
+            "dtype": args.dtype,
+            "torch_threads": torch.get_num_threads(),
+            "command": shlex.join(sys.argv),
+        }
+        summary = run_nve(
+            atoms,
+            settings,
+            out / name,
+            equilibration=equilibration,
+            restart=True,
+            progress=not args.no_progress,
+            metadata=metadata,
+        )
+        rows.append(row(entry, summary, own_bits))
+        result = {
+            "model": str(args.model),
+            "own_act_bits": own_bits,
+            "time_ps": args.time_ps,
+            "equilibrate_ps": args.equilibrate_ps,
+            "temperature_K": args.temperature,
+            "timestep_fs": args.timestep,
+            "command": shlex.join(["python", "scripts/heating_vs_act_bits.py", *sys.argv[1:]]),
+            "rows": rows,
+        }
+        write_json_atomic(out / "heating.json", result)
+        write_text_atomic(out / "heating.md", markdown(result) + "\n")
+        plot(result, out / "heating.png")
+        print(f"{name}: {summary['status']}, drift {fmt(rows[-1]['drift_meV_per_atom_per_ps'], '.3g')} meV/atom/ps")
+        if summary["status"].startswith("interrupted"):
+            return 130
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
