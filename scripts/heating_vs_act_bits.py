@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--bits", nargs="+", required=True, help="activation bit widths (2-16) and/or 'conservative', run in this order"
     )
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "scripts/heating_vs_act_bits.py", *argv])
     for entry in args.bits:
         if entry != "conservative" and not (entry.isdigit() and 2 <= int(entry) <= 16):
             parser.error(f"--bits takes integers in [2, 16] or 'conservative', not {entry!r}")
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
             "kernel": calc.kernel,
             "dtype": args.dtype,
             "torch_threads": torch.get_num_threads(),
-            "command": shlex.join(sys.argv),
+            "command": command,
         }
         summary = run_nve(
             atoms,
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
             "equilibrate_ps": args.equilibrate_ps,
             "temperature_K": args.temperature,
             "timestep_fs": args.timestep,
-            "command": shlex.join(["python", "scripts/heating_vs_act_bits.py", *sys.argv[1:]]),
+            "command": command,
             "rows": rows,
         }
         write_json_atomic(out / "heating.json", result)

@@ -45,6 +45,13 @@ def test_heating_study_runs_each_bit_width_and_resumes(tmp_path, ethanol_frames,
         summary = json.loads((out / name / "summary.json").read_text())
         assert (summary["act_bits"], summary["mode"], summary["kernel"]) == (bits, mode, "fused")
     assert (out / "heating.md").read_text().count("\n") == 5 and (out / "heating.png").stat().st_size > 0
+    from gaq_calc.cli.report import heating_table
+
+    block = heating_table(out)  # what gaq-report copies into README
+    assert (
+        block.startswith("`python scripts/heating_vs_act_bits.py --model ") and "| A10 | 0.249 | completed |" in block
+    )
+    assert block.endswith(f"({out / 'heating.png'})") and heating_table(tmp_path) == "(not run yet)"
     before = frames(out)
     assert study.main(argv) == 0  # every run completed: nothing runs again, every frame stays as it was
     after = frames(out)

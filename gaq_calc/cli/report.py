@@ -25,6 +25,7 @@ ABLATION = ("<!-- ablation:start -->", "<!-- ablation:end -->")
 SENSITIVITY = ("<!-- sensitivity:start -->", "<!-- sensitivity:end -->")
 LEE_FLIPS = ("<!-- lee-flips:start -->", "<!-- lee-flips:end -->")
 SAMPLING = ("<!-- sampling:start -->", "<!-- sampling:end -->")
+HEATING = ("<!-- heating:start -->", "<!-- heating:end -->")
 QUANTIZED_SPEED = ("<!-- quantized-speed:start -->", "<!-- quantized-speed:end -->")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -306,6 +307,19 @@ def sampling_table(path: Path) -> str:
     return path.with_suffix(".md").read_text().rstrip() + f"\n\n![NVT sampling: distributions]({figure})"
 
 
+def heating_table(root: Path) -> str:
+    """scripts/heating_vs_act_bits.py's table (heating.md beside heating.json), its command and figure."""
+    path = root / "heating.json"
+    if not path.exists():
+        return "(not run yet)"
+    result = json.loads(path.read_text())
+    figure = _relative(root / "heating.png")
+    return (
+        f"`{result['command']}`\n\n{(root / 'heating.md').read_text().rstrip()}\n\n"
+        f"![NVE energy drift against the activation bits]({figure})"
+    )
+
+
 def write_table(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
@@ -463,6 +477,9 @@ def update_readme(
         text = replace_block(
             text, SAMPLING, sampling_table(REPO / "results" / "md" / "sampling"), "results/md/sampling.md"
         )
+    if HEATING[0] in text:
+        body = heating_table(REPO / "results" / "md_heating")
+        text = replace_block(text, HEATING, body, "results/md_heating/heating.json")
     if LEE_FLIPS[0] in text:
         text = replace_block(
             text, LEE_FLIPS, lee_flips_table(REPO / "results" / "lee_flips"), "results/lee_flips/*.json"
