@@ -17,6 +17,8 @@ cd "$(dirname "$0")/.."
 core=${CORE:-0}
 root=${OUT_ROOT:-results/md}
 nvt_root=${NVT_ROOT:-results/md_nvt}
+# the committed table (results/md/sampling) is drawn from committed runs only; runs elsewhere get their own
+if [ "$nvt_root" = results/md_nvt ]; then sampling_out=results/md/sampling; else sampling_out=$nvt_root/sampling; fi
 run() { taskset -c "$core" env OMP_NUM_THREADS=1 .venv/bin/python "$@" --threads 1 --no-progress --restart; }
 nvt() {  # OUT MODEL SEED [--mode M]
   local out=$1 model=$2 seed=$3
@@ -26,7 +28,7 @@ nvt() {  # OUT MODEL SEED [--mode M]
 }
 sampling() {  # RUN... : the table and figure of these runs against FP32 seed 1 (seed 0 is the noise floor)
   .venv/bin/python md_protocols/sampling.py "$@" --reference "$nvt_root/nvt_azobenzene_fp32_seed1" \
-    --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed0" --skip-ps 10 --out results/md/sampling
+    --noise-floor "$nvt_root/nvt_azobenzene_fp32_seed0" --skip-ps 10 --out "$sampling_out"
 }
 nvt nvt_azobenzene_fp32_seed0 azobenzene_fp32.pt 0
 nvt nvt_azobenzene_w4a8_mp_quantized azobenzene_w4a8_mp.pt 0 --mode quantized
