@@ -6,14 +6,16 @@ of it), and the conservative mode (activations not rounded) as the limit of a va
     python scripts/heating_vs_act_bits.py --model azobenzene_w4a8_mp.pt --bits 10 6 9 7 8 conservative \\
         --time-ps 100 --equilibrate-ps 2 --threads 1 --no-progress --out results/md_heating
 One NVE run per entry in OUT/A{bits} (OUT/conservative), in the order given; each is resumable (rerun the
-same command) and a completed one returns at once. After every run the table of all completed or stopped
-runs is written, atomically, to OUT/heating.json, .md and .png (drift against bits). Wider codes than int8
-run in the fused kernel in floating-point units, exactly (A11 at most in float32 for 8-bit weights).
+same command) and a completed one returns at once. Every calculator is built and every restart checked
+before the first run starts. After every run the table of all runs of this model in OUT is written,
+atomically, to OUT/heating.json, .md and .png (drift against bits). Wider codes than int8 run in the fused
+kernel in floating-point units, exactly (A11 at most in float32 for 8-bit weights; --dtype float64 for more).
 """
 
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import shlex
 import signal
@@ -22,14 +24,18 @@ from pathlib import Path
 
 from gaq_calc import GAQCalculator
 from gaq_calc.io import write_json_atomic, write_text_atomic
+from gaq_calc.kernels import KernelUnavailable
 from gaq_calc.md.cli import (
+    UsageError,
     add_common_arguments,
     add_thermostat_arguments,
     check_arguments,
     n_steps,
+    run_main,
     settings_from_args,
 )
 from gaq_calc.md.protocols import load_structure, run_nve
+from gaq_calc.md.runner import check_restart
 from gaq_calc.quant.api import convert, round_at_bits
 from gaq_calc.quant.kinds import ActKind
 
@@ -41,19 +47,54 @@ def rounding_quantizers(potential) -> list:
     ]
 
 
-def calculator_at(base: GAQCalculator, entry: str) -> GAQCalculator:
+def parse_entries(values: list[str]) -> list[str]:
+    """--bits: bit widths in [2, 16] and/or "conservative", each once; UsageError otherwise."""
+    for entry in values:
+        if entry != "conservative" and not (entry.isascii() and entry.isdigit() and 2 <= int(entry) <= 16):
+            raise UsageError(f"--bits takes integers in [2, 16] or 'conservative', not {entry!r}")
+    entries = ["conservative" if e == "conservative" else str(int(e)) for e in values]
+    if len(set(entries)) != len(entries):
+        raise UsageError(f"--bits names an entry twice: {' '.join(values)}")
+    return entries
+
+
+def run_name(entry: str) -> str:
+    return "conservative" if entry == "conservative" else f"A{entry}"
+
+
+def load_base(model: str, dtype: str) -> GAQCalculator:
+    """The model in quantized mode, as its inference network (a QAT checkpoint is converted)."""
+    from gaq_calc.model.serialization import ModelFileError
+
+    try:
+        base = GAQCalculator(model, mode="quantized", dtype=dtype)
+    except (ModelFileError, ValueError) as err:
+        raise UsageError(f"--model {model}: {err}") from err
+    if any(hasattr(m, "weight_quantizer") for m in base.model.modules()):  # a QAT checkpoint
+        path = base.model_path
+        base = GAQCalculator(convert(base.model), mode="quantized", dtype=dtype)
+        base.model_path = path
+    return base
+
+
+def calculator_at(base: GAQCalculator, entry: str, dtype: str) -> GAQCalculator:
     """The base model with its rounded activations at `entry` bits, on the fused kernel, or its conservative
-    mode for entry "conservative"."""
+    mode for entry "conservative". UsageError where the fused kernel cannot run it exactly."""
     if entry == "conservative":
-        return GAQCalculator(base.model, mode="conservative", kernel="fused")
+        return GAQCalculator(base.model, mode="conservative", kernel="fused", dtype=dtype)
     model = copy.deepcopy(base.model)
     for q in rounding_quantizers(model):
         round_at_bits(q, int(entry))
-    return GAQCalculator(model, mode="quantized", kernel="fused")
+    try:
+        return GAQCalculator(model, mode="quantized", kernel="fused", dtype=dtype)
+    except KernelUnavailable as err:
+        raise UsageError(
+            f"--bits {entry}: {err}. This study runs the fused kernel: fewer bits, or --dtype float64"
+        ) from err
 
 
-def row(entry: str, summary: dict, own_bits: int) -> dict:
-    bits = None if entry == "conservative" else int(entry)
+def row(summary: dict, own_bits: int) -> dict:
+    bits = summary.get("act_bits")
     return {
         "activations": "not rounded (conservative mode)" if bits is None else f"A{bits}",
         "act_bits": bits,
@@ -64,6 +105,16 @@ def row(entry: str, summary: dict, own_bits: int) -> dict:
         "drift_stderr_meV_per_atom_per_ps": summary.get("energy_drift_stderr_meV_per_atom_per_ps"),
         "mean_temperature_K": summary.get("mean_temperature_K"),
     }
+
+
+def rows_in(out: Path, model_path: str, own_bits: int) -> list[dict]:
+    """A row for every run in out of this model (its summary.json), by bits, the conservative mode last."""
+    rows = []
+    for path in sorted(out.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        if summary.get("model_path") == model_path and "act_bits" in summary:
+            rows.append(row(summary, own_bits))
+    return sorted(rows, key=lambda r: (r["act_bits"] is None, r["act_bits"] or 0))
 
 
 def fmt(x, spec: str) -> str:
@@ -129,42 +180,42 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     command = shlex.join(["python", "scripts/heating_vs_act_bits.py", *argv])
-    for entry in args.bits:
-        if entry != "conservative" and not (entry.isdigit() and 2 <= int(entry) <= 16):
-            parser.error(f"--bits takes integers in [2, 16] or 'conservative', not {entry!r}")
+    return run_main(lambda: study(args, command))
+
+
+def study(args, command: str) -> int:
+    entries = parse_entries(args.bits)
     check_arguments(args)
+    if not args.time_ps > 0:
+        raise UsageError(f"--time-ps must be > 0 ps, not {args.time_ps}")
     if args.out is None:
-        parser.error("--out is required")
+        raise UsageError("--out is required")
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    base = GAQCalculator(args.model, mode="quantized", dtype=args.dtype)
-    if any(hasattr(m, "weight_quantizer") for m in base.model.modules()):  # a QAT checkpoint: its inference form
-        base = GAQCalculator(convert(base.model), mode="quantized", dtype=args.dtype)
+    base = load_base(args.model, args.dtype)
     own = {q.bits for q in rounding_quantizers(base.model)}
     if len(own) != 1:
-        parser.error(f"--model must round its activations at one bit width, not {sorted(own) or 'none'}")
-    own_bits = own.pop()
+        raise UsageError(f"--model {args.model} must round its activations at one bit width, not {sorted(own)}")
+    own_bits, model_path = own.pop(), str(base.model_path)
+    out = Path(args.out)
+    table = out / "heating.json"
+    if table.exists() and json.loads(table.read_text()).get("model_path") != model_path:
+        raise UsageError(f"{table} is the table of another model; give another --out")
     settings = settings_from_args(args, "nve", None, args.time_ps)
     equilibration = dataclasses.replace(
         settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
         n_steps=n_steps(args.equilibrate_ps, args.timestep),
     )
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)  # unwinds through the runner, which flushes and writes the summary
-
-    signal.signal(signal.SIGTERM, stop)
-    out = Path(args.out)
-    rows = []
-    for entry in args.bits:
-        name = "conservative" if entry == "conservative" else f"A{int(entry)}"
-        calc = calculator_at(base, entry)
+    plans = []  # every calculator built and every restart checked before the first run writes anything
+    for entry in entries:
+        calc = calculator_at(base, entry, args.dtype)
         atoms = load_structure(args.structure, args.frame)
         atoms.calc = calc
         metadata = {
             "model": str(args.model),
+            "model_path": model_path,
             "act_bits": None if entry == "conservative" else int(entry),
             "mode": calc.mode,
             "kernel": calc.kernel,
@@ -172,33 +223,45 @@ def main(argv=None) -> int:
             "torch_threads": torch.get_num_threads(),
             "command": command,
         }
-        summary = run_nve(
-            atoms,
-            settings,
-            out / name,
-            equilibration=equilibration,
-            restart=True,
-            progress=not args.no_progress,
-            metadata=metadata,
-        )
-        rows.append(row(entry, summary, own_bits))
-        result = {
-            "model": str(args.model),
-            "own_act_bits": own_bits,
-            "time_ps": args.time_ps,
-            "equilibrate_ps": args.equilibrate_ps,
-            "temperature_K": args.temperature,
-            "timestep_fs": args.timestep,
-            "command": command,
-            "rows": rows,
-        }
-        write_json_atomic(out / "heating.json", result)
-        write_text_atomic(out / "heating.md", markdown(result) + "\n")
-        plot(result, out / "heating.png")
-        print(f"{name}: {summary['status']}, drift {fmt(rows[-1]['drift_meV_per_atom_per_ps'], '.3g')} meV/atom/ps")
-        if summary["status"].startswith("interrupted"):
-            return 130
-    print(markdown(result))
+        check_restart(out / run_name(entry), "equilibration", atoms, equilibration, metadata)
+        check_restart(out / run_name(entry), "trajectory", atoms, settings, metadata)
+        plans.append((entry, atoms, metadata))
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds through the runner, which flushes and writes the summary
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for entry, atoms, metadata in plans:
+            summary = run_nve(
+                atoms,
+                settings,
+                out / run_name(entry),
+                equilibration=equilibration,
+                restart=True,
+                progress=not args.no_progress,
+                metadata=metadata,
+            )
+            drift = fmt(summary.get("energy_drift_meV_per_atom_per_ps"), ".3g")
+            print(f"{run_name(entry)}: {summary['status']}, drift {drift} meV/atom/ps", flush=True)
+    finally:  # also after a stop: the table of every run in OUT, the stopped one included
+        if out.exists():
+            result = {
+                "model": str(args.model),
+                "model_path": model_path,
+                "own_act_bits": own_bits,
+                "time_ps": args.time_ps,
+                "equilibrate_ps": args.equilibrate_ps,
+                "temperature_K": args.temperature,
+                "timestep_fs": args.timestep,
+                "dtype": args.dtype,
+                "command": command,
+                "rows": rows_in(out, model_path, own_bits),
+            }
+            write_json_atomic(table, result)
+            write_text_atomic(out / "heating.md", markdown(result) + "\n")
+            plot(result, out / "heating.png")
+            print(markdown(result))
     return 0
 
 

@@ -212,6 +212,13 @@ def has_saved_state(out_dir: str | os.PathLike, name: str = "trajectory") -> boo
         return True
 
 
+def check_restart(out_dir: str | os.PathLike, name: str, atoms: Atoms, settings: MDSettings, metadata: dict) -> None:
+    """The checks a restart of phase `name` in out_dir makes before it writes anything (same settings, model
+    setup and system; readable files), run on their own: a program that will start several runs one after
+    another can refuse a later one before the first is started. Reads only; raises RestartError."""
+    _saved_state(phase_paths(out_dir, name), atoms, settings, metadata)
+
+
 def refresh_summary(run_dir: str | os.PathLike, phase: str = "trajectory") -> dict:
     """Recompute the physics fields of a finished or stopped run's summary, and its energy plot, from
     its HDF5 trajectory with the current analysis code (new estimators for old runs). Status, timing
