@@ -230,7 +230,27 @@ def study(args, command: str) -> int:
     def stop(signum, frame):
         raise SystemExit(128 + signum)  # unwinds through the runner, which flushes and writes the summary
 
+    def write_table() -> str:
+        """The table of every run of this model in OUT (a stopped one included), atomically."""
+        result = {
+            "model": str(args.model),
+            "model_path": model_path,
+            "own_act_bits": own_bits,
+            "time_ps": args.time_ps,
+            "equilibrate_ps": args.equilibrate_ps,
+            "temperature_K": args.temperature,
+            "timestep_fs": args.timestep,
+            "dtype": args.dtype,
+            "command": command,
+            "rows": rows_in(out, model_path, own_bits),
+        }
+        write_json_atomic(table, result)
+        write_text_atomic(out / "heating.md", markdown(result) + "\n")
+        plot(result, out / "heating.png")
+        return markdown(result)
+
     signal.signal(signal.SIGTERM, stop)
+    done = False
     try:
         for entry, atoms, metadata in plans:
             summary = run_nve(
@@ -244,24 +264,12 @@ def study(args, command: str) -> int:
             )
             drift = fmt(summary.get("energy_drift_meV_per_atom_per_ps"), ".3g")
             print(f"{run_name(entry)}: {summary['status']}, drift {drift} meV/atom/ps", flush=True)
-    finally:  # also after a stop: the table of every run in OUT, the stopped one included
-        if out.exists():
-            result = {
-                "model": str(args.model),
-                "model_path": model_path,
-                "own_act_bits": own_bits,
-                "time_ps": args.time_ps,
-                "equilibrate_ps": args.equilibrate_ps,
-                "temperature_K": args.temperature,
-                "timestep_fs": args.timestep,
-                "dtype": args.dtype,
-                "command": command,
-                "rows": rows_in(out, model_path, own_bits),
-            }
-            write_json_atomic(table, result)
-            write_text_atomic(out / "heating.md", markdown(result) + "\n")
-            plot(result, out / "heating.png")
-            print(markdown(result))
+            write_table()
+        done = True
+    finally:
+        if not done and out.exists():  # a stop: the stopped run's summary is written by now
+            write_table()
+    print(write_table())
     return 0
 
 
