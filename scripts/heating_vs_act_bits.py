@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from gaq_calc import GAQCalculator
 from gaq_calc.io import write_json_atomic, write_text_atomic
 from gaq_calc.kernels import KernelUnavailable
@@ -121,6 +123,37 @@ def fmt(x, spec: str) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def power_law(rows: list[dict], min_sigmas: float = 3.0) -> dict | None:
+    """drift = c x (step / own step)^p, by weighted least squares of log drift against log step over the rows
+    whose drift is above min_sigmas standard errors (the others are not resolved from zero). None below two
+    such rows. The exponent's standard error comes from the drifts' standard errors."""
+    used = [
+        r
+        for r in rows
+        if r["act_bits"] is not None
+        and r["drift_stderr_meV_per_atom_per_ps"]
+        and (r["drift_meV_per_atom_per_ps"] or 0) > min_sigmas * r["drift_stderr_meV_per_atom_per_ps"]
+    ]
+    if len(used) < 2:
+        return None
+    x = np.log([r["step_vs_own"] for r in used])
+    y = np.log([r["drift_meV_per_atom_per_ps"] for r in used])
+    w = np.array([(r["drift_meV_per_atom_per_ps"] / r["drift_stderr_meV_per_atom_per_ps"]) ** 2 for r in used])
+    xm = (w * x).sum() / w.sum()
+    sxx = (w * (x - xm) ** 2).sum()
+    if sxx == 0:
+        return None
+    slope = (w * (x - xm) * (y - (w * y).sum() / w.sum())).sum() / sxx
+    intercept = (w * y).sum() / w.sum() - slope * xm
+    return {
+        "exponent": float(slope),
+        "exponent_stderr": float(np.sqrt(1.0 / sxx)),
+        "drift_at_own_step": float(np.exp(intercept)),
+        "rows_used": [r["activations"] for r in used],
+        "min_sigmas": min_sigmas,
+    }
+
+
 def markdown(result: dict) -> str:
     own = result["own_act_bits"]
     lines = [
@@ -133,6 +166,13 @@ def markdown(result: dict) -> str:
             f"{fmt(r['simulated_ps'], '.4g')} | "
             f"{fmt(r['drift_meV_per_atom_per_ps'], '.3g')} | {fmt(r['drift_stderr_meV_per_atom_per_ps'], '.2g')} | "
             f"{fmt(r['mean_temperature_K'], '.0f')} |"
+        )
+    fit = result.get("fit")
+    if fit:
+        lines.append(
+            f"\nFit over {', '.join(fit['rows_used'])} (drift above {fit['min_sigmas']:g} standard errors): "
+            f"drift = {fit['drift_at_own_step']:.3g} meV/atom/ps x (step / A{own}'s)^p, "
+            f"p = {fit['exponent']:.2f} ± {fit['exponent_stderr']:.2f}."
         )
     return "\n".join(lines)
 
@@ -154,7 +194,15 @@ def plot(result: dict, path: Path) -> None:
             capsize=3,
             label="quantized mode (2 std. errors)",
         )
-        ax.set_xticks(sorted({r["act_bits"] for r in rows}))
+        bits = sorted({r["act_bits"] for r in rows})
+        ax.set_xticks(bits)
+        fit, own = result.get("fit"), result["own_act_bits"]
+        if fit:
+            b = np.linspace(bits[0], bits[-1], 100)
+            ratio = (2 ** (own - 1) - 1) / (2 ** (b - 1) - 1)
+            ax.plot(b, fit["drift_at_own_step"] * ratio ** fit["exponent"], color="C0", lw=0.8,
+                    label=f"fit: step^{fit['exponent']:.2f}")  # fmt: skip
+    ax.set_yscale("symlog", linthresh=0.01)
     for r in result["rows"]:
         if r["act_bits"] is None and r["drift_meV_per_atom_per_ps"] is not None:
             ax.axhline(r["drift_meV_per_atom_per_ps"], color="gray", ls="--", label="conservative mode")
@@ -244,6 +292,7 @@ def study(args, command: str) -> int:
             "command": command,
             "rows": rows_in(out, model_path, own_bits),
         }
+        result["fit"] = power_law(result["rows"])
         write_json_atomic(table, result)
         write_text_atomic(out / "heating.md", markdown(result) + "\n")
         plot(result, out / "heating.png")

@@ -66,7 +66,8 @@ def test_heating_study_runs_each_bit_width_and_resumes(tmp_path, models, study):
         summary = json.loads((out / name / "summary.json").read_text())
         assert (summary["act_bits"], summary["mode"], summary["kernel"]) == (bits, mode, "fused")
         assert summary["model_path"] == str(models[0])
-    assert (out / "heating.md").read_text().count("\n") == 5 and (out / "heating.png").stat().st_size > 0
+    table = [line for line in (out / "heating.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 5 and (out / "heating.png").stat().st_size > 0
     block = heating_table(out)  # what gaq-report copies into README
     assert (
         block.startswith("`python scripts/heating_vs_act_bits.py --model ") and "| A10 | 0.249 | completed |" in block
@@ -113,3 +114,21 @@ def test_heating_study_runs_in_the_dtype_it_records(tmp_path, models, study):
     import torch
 
     assert study.calculator_at(base, "16", "float64").dtype == torch.float64
+
+
+def test_power_law_fit_recovers_the_exponent_and_skips_unresolved_drifts(study):
+    def row(bits, drift, stderr):
+        ratio = 127 / (2 ** (bits - 1) - 1)
+        return {"act_bits": bits, "activations": f"A{bits}", "step_vs_own": ratio,
+                "drift_meV_per_atom_per_ps": drift, "drift_stderr_meV_per_atom_per_ps": stderr}  # fmt: skip
+
+    rows = [row(b, 0.12 * (127 / (2 ** (b - 1) - 1)) ** 2, 0.01) for b in (6, 7, 8)]
+    rows += [row(10, -0.01, 0.01), row(9, 0.02, 0.01)]  # not resolved from zero at 3 standard errors: left out
+    rows.append({**row(8, 0.0, 0.0), "act_bits": None, "activations": "conservative"})
+    fit = study.power_law(rows)
+    assert fit["rows_used"] == ["A6", "A7", "A8"]
+    assert fit["exponent"] == pytest.approx(2.0, rel=1e-9) and fit["drift_at_own_step"] == pytest.approx(0.12)
+    assert 0 < fit["exponent_stderr"] < 0.1
+    assert study.power_law(rows[:1] + rows[3:]) is None  # one resolved row: no fit
+    text = study.markdown({"own_act_bits": 8, "rows": [], "fit": fit})
+    assert "Fit over A6, A7, A8" in text and "p = 2.00 ±" in text
