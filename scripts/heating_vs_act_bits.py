@@ -198,7 +198,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(bits)
         fit, own = result.get("fit"), result["own_act_bits"]
         if fit:
-            b = np.linspace(bits[0], bits[-1], 100)
+            fitted = [r["act_bits"] for r in rows if r["activations"] in fit["rows_used"]]
+            b = np.linspace(min(fitted), max(fitted), 100)  # drawn where it was fitted
             ratio = (2 ** (own - 1) - 1) / (2 ** (b - 1) - 1)
             ax.plot(b, fit["drift_at_own_step"] * ratio ** fit["exponent"], color="C0", lw=0.8,
                     label=f"fit: step^{fit['exponent']:.2f}")  # fmt: skip
