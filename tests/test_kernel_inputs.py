@@ -122,6 +122,17 @@ def _weight(name, value):
     return f
 
 
+def _weights(changes: dict):
+    """Several named weights replaced at once (value "int8": the tensor cast to int8)."""
+
+    def f(a):
+        a["weights"] = dict(a["weights"])
+        for name, value in changes.items():
+            a["weights"][name] = a["weights"][name].to(torch.int8) if value == "int8" else value
+
+    return f
+
+
 def _with(key, i, v):
     def f(t):
         t = t.clone()
@@ -214,7 +225,13 @@ BAD_QUANTIZED = {
     "quantizer codes transposed": _weight("layers.0.value.codes", lambda t: t.t().contiguous()),
     "quantizer codes short": _weight("layers.0.exchange_in.codes", lambda t: t[:-1]),
     "quantizer steps short": _weight("layers.0.qk.wstep", lambda t: t[:-1]),
-    "quantizer qmax above int8": _weight("layers.0.qk.act", torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64)),
+    "quantizer qmax above int8 with int8 codes": _weights(
+        {"layers.0.qk.act": torch.tensor([1.0, 0.05, 300.0], dtype=torch.float64), "layers.0.qk.codes": "int8"}
+    ),
+    "float codes whose sums are not exact": _weight(
+        "layers.0.qk.act", torch.tensor([1.0, 0.05, float(1 << 22)], dtype=torch.float64)
+    ),
+    "float codes that are not integers": _weight("layers.0.value.codes", lambda t: t + 0.5),
     "quantizer step zero": _weight("layers.0.qk.act", torch.tensor([1.0, 0.0, 127.0], dtype=torch.float64)),
     "frame rounding on a scalar Linear": _weight(
         "layers.0.qk.act", torch.tensor([2.0, 0.05, 127.0], dtype=torch.float64)

@@ -492,8 +492,7 @@ void take_linear(const Named& d, LinearW<T>& lin, const std::string& name, int64
   GAQ_CHECK(kind == 1 || frame_ok, "quantizer ", name, ": frame rounding (kind 2) applies to the vector mix only");
   GAQ_CHECK(std::isfinite(step) && step > 0, "quantizer ", name, ": the activation step must be > 0, not ", step);
   const at::Tensor& codes = need(d, name + ".codes");
-  // int8 activation codes for the integer engines; wider codes (finer steps, for studies) only in engine 1,
-  // whose floating-point sums the caller checked to be exact
+  // int8 activation codes for the integer engines; wider codes (finer steps, for studies) only in engine 1
   const double qmax_limit = codes.is_floating_point() ? double(1 << 23) : 127.0;
   GAQ_CHECK(qmax >= 1 && qmax <= qmax_limit && qmax == std::floor(qmax), "quantizer ", name,
             ": qmax must be an integer in [1, ", qmax_limit, "] (", codes.is_floating_point() ? "float" : "int8",
@@ -503,6 +502,15 @@ void take_linear(const Named& d, LinearW<T>& lin, const std::string& name, int64
             ": weight codes must be int8 or floating point, not ", codes.scalar_type());
   GAQ_CHECK(codes.dim() == 2 && codes.size(0) == out && codes.size(1) == in, "quantizer ", name,
             ": weight codes of shape ", codes.sizes(), " do not match the weight [", out, ", ", in, "]");
+  if (codes.is_floating_point()) {  // engine 1 is an integer GEMM only if its sums are exact in the dtype
+    const at::Tensor c = codes.to(at::kDouble);
+    GAQ_CHECK(at::equal(c, c.round()), "quantizer ", name, ": floating-point weight codes must be integers");
+    const double cmax = c.numel() ? c.abs().max().item<double>() : 0.0;
+    const bool single = dtype == at::kFloat;
+    GAQ_CHECK(double(in) * qmax * cmax < (single ? 16777216.0 : 9007199254740992.0), "quantizer ", name, ": ", in,
+              " inputs x qmax ", qmax, " x max |weight code| ", cmax, " is not below 2^", single ? 24 : 53,
+              ", so the integer sums would not be exact in ", dtype);
+  }
   GAQ_CHECK(steps.is_floating_point() && steps.numel() == out, "quantizer ", name, ": ", out,
             " floating-point weight steps expected, got ", steps.scalar_type(), " ", steps.sizes());
   lin.q.kind = static_cast<int>(kind);
