@@ -14,7 +14,6 @@ kernel in floating-point units, exactly (A11 at most in float32 for 8-bit weight
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import shlex
@@ -32,9 +31,8 @@ from gaq_calc.md.cli import (
     add_common_arguments,
     add_thermostat_arguments,
     check_arguments,
-    n_steps,
+    nve_settings,
     run_main,
-    settings_from_args,
 )
 from gaq_calc.md.protocols import load_structure, run_nve
 from gaq_calc.md.runner import check_restart
@@ -252,11 +250,7 @@ def study(args, command: str) -> int:
     table = out / "heating.json"
     if table.exists() and json.loads(table.read_text()).get("model_path") != model_path:
         raise UsageError(f"{table} is the table of another model; give another --out")
-    settings = settings_from_args(args, "nve", None, args.time_ps)
-    equilibration = dataclasses.replace(
-        settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
-        n_steps=n_steps(args.equilibrate_ps, args.timestep),
-    )
+    settings, equilibration = nve_settings(args)
     plans = []  # every calculator built and every restart checked before the first run writes anything
     for entry in entries:
         calc = calculator_at(base, entry, args.dtype)

@@ -10,7 +10,6 @@ continue its run with --restart.
 """
 
 import argparse
-import dataclasses
 import sys
 
 from gaq_calc.cli.md_common import run_protocol
@@ -19,9 +18,8 @@ from gaq_calc.md.cli import (
     add_common_arguments,
     add_thermostat_arguments,
     check_arguments,
-    n_steps,
+    nve_settings,
     run_main,
-    settings_from_args,
 )
 from gaq_calc.md.protocols import run_nve
 
@@ -40,11 +38,7 @@ def main(argv=None) -> int:
 
     def go() -> int:
         check_arguments(args)
-        settings = settings_from_args(args, "nve", None, args.time_ps)
-        equilibration = dataclasses.replace(
-            settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
-            n_steps=n_steps(args.equilibrate_ps, args.timestep),
-        )
+        settings, equilibration = nve_settings(args)
         return run_protocol(
             args,
             "nve",

@@ -7,6 +7,7 @@ the library modules, which may run inside someone else's process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -178,6 +179,17 @@ def settings_from_args(args, ensemble: str, thermostat: str | None, time_ps: flo
         flush_every=args.flush_every,
         flush_seconds=args.flush_seconds,
     )
+
+
+def nve_settings(args) -> tuple[MDSettings, MDSettings]:
+    """(NVE production, NVT equilibration) settings of gaq-nve's options (--time-ps, --equilibrate-ps,
+    --equilibrate-thermostat and the common ones): one place, so every NVE program runs the same protocol."""
+    production = settings_from_args(args, "nve", None, args.time_ps)
+    equilibration = dataclasses.replace(
+        settings_from_args(args, "nvt", args.equilibrate_thermostat, args.equilibrate_ps),
+        n_steps=n_steps(args.equilibrate_ps, args.timestep),
+    )
+    return production, equilibration
 
 
 def _raise_on_sigterm(signum, frame):
