@@ -419,6 +419,8 @@ def run_phase(
             }
             data, _ = read_trajectory(paths["h5"])  # once, for both the summary and the plot
             summary = _summary(data, masses, settings, status, metadata, timing, completed, start, summary_extra)
+            if completed == start and summary_path is not None and summary_path.exists():
+                summary = _keep_last_speed(summary, read_json(summary_path))
             if summary_path is not None:
                 write_json_atomic(summary_path, summary)
             if plot_path is not None:
@@ -565,6 +567,18 @@ def _check_restart_settings(saved: dict, settings: MDSettings) -> None:
     changed = [f"{k}: {saved.get(k)!r} -> {new[k]!r}" for k in RESTART_INVARIANT if saved.get(k) != new[k]]
     if changed:
         raise RestartError("cannot restart with different settings (" + "; ".join(changed) + ")")
+
+
+SPEED_FIELDS = ("steps_this_session", "steps_per_second", "ns_per_day", "overhead_fraction",
+                "integrator_overhead_fraction", "timing")  # fmt: skip
+
+
+def _keep_last_speed(summary: dict, previous: dict) -> dict:
+    """A restart that integrates no step (the run was already complete) keeps the speed of the last session
+    that did, instead of replacing it with nothing measured."""
+    if not previous.get("steps_per_second"):
+        return summary
+    return {**summary, **{k: previous[k] for k in SPEED_FIELDS if k in previous}}
 
 
 def _summary(
