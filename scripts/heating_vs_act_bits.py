@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -33,11 +32,13 @@ from gaq_calc.md.cli import (
     check_arguments,
     nve_settings,
     run_main,
+    stop_cleanly_on_sigterm,
 )
 from gaq_calc.md.protocols import load_structure, run_nve
 from gaq_calc.md.runner import check_restart
 from gaq_calc.quant.api import convert, round_at_bits
 from gaq_calc.quant.kinds import ActKind
+from gaq_calc.quant.primitives import qrange
 
 
 def rounding_quantizers(potential) -> list:
@@ -98,7 +99,7 @@ def row(summary: dict, own_bits: int) -> dict:
     return {
         "activations": "not rounded (conservative mode)" if bits is None else f"A{bits}",
         "act_bits": bits,
-        "step_vs_own": None if bits is None else (2 ** (own_bits - 1) - 1) / (2 ** (bits - 1) - 1),
+        "step_vs_own": None if bits is None else qrange(own_bits)[1] / qrange(bits)[1],  # same range
         "status": summary["status"],
         "simulated_ps": summary.get("simulated_ps"),
         "drift_meV_per_atom_per_ps": summary.get("energy_drift_meV_per_atom_per_ps"),
@@ -270,9 +271,6 @@ def study(args, command: str) -> int:
         check_restart(out / run_name(entry), "trajectory", atoms, settings, metadata)
         plans.append((entry, atoms, metadata))
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)  # unwinds through the runner, which flushes and writes the summary
-
     def write_table() -> str:
         """The table of every run of this model in OUT (a stopped one included), atomically."""
         result = {
@@ -293,8 +291,8 @@ def study(args, command: str) -> int:
         plot(result, out / "heating.png")
         return markdown(result)
 
-    signal.signal(signal.SIGTERM, stop)
-    done = False
+    stop_cleanly_on_sigterm()
+    text = None
     try:
         for entry, atoms, metadata in plans:
             summary = run_nve(
@@ -308,12 +306,12 @@ def study(args, command: str) -> int:
             )
             drift = fmt(summary.get("energy_drift_meV_per_atom_per_ps"), ".3g")
             print(f"{run_name(entry)}: {summary['status']}, drift {drift} meV/atom/ps", flush=True)
+            text = write_table()
+    except BaseException:
+        if out.exists():  # a stop: the stopped run's summary is written by now, and goes in the table
             write_table()
-        done = True
-    finally:
-        if not done and out.exists():  # a stop: the stopped run's summary is written by now
-            write_table()
-    print(write_table())
+        raise
+    print(text)
     return 0
 
 

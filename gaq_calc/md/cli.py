@@ -196,6 +196,12 @@ def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through run_phase, which flushes and writes the summary
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends an MD program the way Ctrl-C does: the running phase flushes its frames and writes its
+    summary (status "interrupted") on the way out. For programs' main(), not library code."""
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+
 def setup(args, protocol: str):
     """Structure, threads, SIGTERM handling and calculator. Returns (atoms, out_dir, metadata).
     A structure or model that cannot be loaded is a UsageError."""
@@ -211,7 +217,7 @@ def setup(args, protocol: str):
         raise UsageError(f"--structure {args.structure or 'azobenzene'} --frame {args.frame}: {err}") from err
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_cleanly_on_sigterm()
     try:
         calc = GAQCalculator(model=args.model, device=args.device, dtype=args.dtype, mode=args.mode, kernel=args.kernel)
     except (ModelFileError, ValueError) as err:
